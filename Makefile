@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make repro   build/refresh .venv, pull the embedded data (DVC, offline), run the whole pipeline
+#   make test    build/refresh .venv, run every test (slow end-to-end ones included)
+# .venv is rebuilt only when requirements.lock or pyproject.toml change.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.coordexp-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: venv repro test data clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+data: venv
+	dvc pull --quiet
+
+repro: data
+	dvc repro
+	@dvc status
+
+test: venv
+	python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,47 @@
+"""The ``coordexp`` command: small user-facing entry points beside the DVC stages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from coordexp.config import ConfigError, load_params
+
+    try:
+        load_params(args.path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("ok")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from coordexp import synth
+
+    return synth.main(args.rest) or 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="coordexp", description="CoordExp workbench utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a params file (exit 0: ok, exit 2: the problems)")
+    p.add_argument("path", nargs="?", type=Path, default=None, help="params file (default: the project's)")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("synth", help="generate the embedded synthetic shapes data set (COCO format)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_synth)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

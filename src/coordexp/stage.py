@@ -1,0 +1,45 @@
+"""What every DVC stage script shares: validate all of ``params.yaml`` first, then work.
+
+A stage that fails prints one ``error:`` line naming the file/line/field and exits 2, instead of a
+traceback that buries the cause; ``COORDEXP_DEBUG=1`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from coordexp import paths
+from coordexp.config import Params, load_params
+from coordexp.tracking import TrackingError
+
+# Errors caused by the user's input or setup, not by a bug here (ConfigError, ContractError and
+# CocoFormatError are ValueErrors): print them as one readable message.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, TrackingError)
+
+
+def stage_main(name: str) -> Callable[[Callable[[Params, Path], Any]], Callable[[], None]]:
+    def wrap(fn: Callable[[Params, Path], Any]) -> Callable[[], None]:
+        @functools.wraps(fn)
+        def run() -> None:
+            root = paths.project_root()
+            t0 = time.time()
+            try:
+                params = load_params(paths.params_file(root))
+                fn(params, root)
+            except USER_ERRORS as exc:
+                if os.environ.get("COORDEXP_DEBUG"):
+                    raise
+                msg = str(exc).strip() or type(exc).__name__
+                print(f"error: [{name}] {msg}", file=sys.stderr)
+                sys.exit(2)
+            print(f"[{name}] done in {time.time() - t0:.1f}s")
+
+        return run
+
+    return wrap

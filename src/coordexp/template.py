@@ -1,0 +1,187 @@
+"""THE conversation template: one builder for training and inference, and the ms-swift template.
+
+Why one builder: the original implementation put the image before the text in training
+and the text before the image at inference, so the model was evaluated on a prompt it
+never saw (DESIGN §3, defects). :func:`build_messages` is the only place a record turns
+into a conversation; training (``with_answer=True``) and inference (``with_answer=False``)
+both call it, and :func:`encode_record` runs it through ms-swift's template.
+
+Why a project template: ms-swift's stock ``qwen3_vl`` template hard-codes the image /
+video token ids of the real Qwen vocabulary (151655 / 151656). The tiny tokenizer built by
+``build_base`` has its own, small ids. :class:`CoordExpQwen3VLTemplate` (registered as
+``coordexp_qwen3_vl``) is the stock template with the ids read from the tokenizer; on a
+real Qwen checkpoint it is identical to the stock one. ``coordexp_qwen2_5_vl`` does the
+same for Qwen2.5-VL checkpoints.
+
+Usage with the CLI: ``swift sft --model DIR --model_type qwen3_vl --template
+coordexp_qwen3_vl --external_plugins <a plugin that calls register_swift_template()>``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PROMPT = "Detect all objects. Answer in JSON with desc and bbox_2d/poly/line as coord tokens."
+"""The user instruction; the image comes first, then this text (training and inference alike)."""
+
+IMAGE_TAG = "<image>"
+"""ms-swift's placeholder for an image inside a message; replaced by the vision tokens."""
+
+TEMPLATE_NAME = "coordexp_qwen3_vl"
+TEMPLATE_NAME_QWEN2_5_VL = "coordexp_qwen2_5_vl"
+
+_TEMPLATE_FOR_MODEL_TYPE = {"qwen3_vl": TEMPLATE_NAME, "qwen2_5_vl": TEMPLATE_NAME_QWEN2_5_VL}
+
+
+def template_name_for(model_type: str) -> str:
+    """The project template to pass as ``--template`` for a swift ``--model_type``."""
+    try:
+        return _TEMPLATE_FOR_MODEL_TYPE[model_type]
+    except KeyError:
+        raise ValueError(
+            f"no coordexp template for model_type {model_type!r}; supported: {sorted(_TEMPLATE_FOR_MODEL_TYPE)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# conversation
+
+
+def _field(record: Any, name: str) -> Any:
+    return record[name] if isinstance(record, Mapping) else getattr(record, name)
+
+
+def build_messages(record: Any, image_root: str | Path, with_answer: bool) -> dict[str, Any]:
+    """ms-swift row for a contract record: ``{"messages": [...], "images": [absolute path]}``.
+
+    The user turn is ``<image>`` followed by :data:`PROMPT`; with ``with_answer`` the
+    assistant turn holds the rendered JSON answer (coord tokens as text, which the
+    tokenizer maps to single tokens). ``record`` is a contract ``Record`` or its dict;
+    ``image_root`` is the folder the record's relative image paths start from (the JSONL
+    file's folder).
+    """
+    from coordexp.contract import render_answer
+
+    images = list(_field(record, "images"))
+    if len(images) != 1:
+        raise ValueError(f"record {_field(record, 'id')!r}: expected exactly one image, got {len(images)}")
+    image = Path(images[0])
+    path = image if image.is_absolute() else Path(image_root) / image
+    messages: list[dict[str, str]] = [{"role": "user", "content": IMAGE_TAG + PROMPT}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": render_answer(list(_field(record, "objects")))})
+    return {"messages": messages, "images": [str(Path(path).resolve())]}
+
+
+def encode_record(template: Any, record: Any, image_root: str | Path, *, with_answer: bool = True) -> dict[str, Any]:
+    """Encode a record with a swift template: ``input_ids``, ``labels`` (-100 on prompt and image
+    positions), ``attention_mask`` and the image tensors (``pixel_values``, ``image_grid_thw``).
+
+    For training the template should be in ``train`` mode (``template.set_mode('train')``);
+    for inference use ``with_answer=False``, which ends the prompt with the assistant header.
+    """
+    row = build_messages(record, image_root, with_answer)
+    if not with_answer:
+        row["messages"].append({"role": "assistant", "content": None})
+    encoded = dict(template.encode(row))
+    if "attention_mask" not in encoded:
+        encoded["attention_mask"] = [1] * len(encoded["input_ids"])
+    return encoded
+
+
+# --------------------------------------------------------------------------------------------
+# ms-swift template
+
+
+def _own_token_ids(template: Any, processor: Any) -> None:
+    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    ids: dict[str, int] = {}
+    for tok in ("<|image_pad|>", "<|video_pad|>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is None or i == getattr(tokenizer, "unk_token_id", None) or tokenizer.convert_ids_to_tokens(i) != tok:
+            raise ValueError(
+                f"tokenizer of this checkpoint has no {tok} token; it is not a Qwen-VL checkpoint "
+                "(build it with the build_base stage)"
+            )
+        ids[tok] = int(i)
+    template.image_token_id = ids["<|image_pad|>"]
+    template.video_token_id = ids["<|video_pad|>"]
+    # swift mutates ``placeholder_tokens`` in place; give each instance its own list.
+    template.placeholder_tokens = ["<|image_pad|>", "<|video_pad|>"]
+
+
+def _template_classes() -> tuple[type, type]:
+    from swift.template.templates.qwen import Qwen2_5VLTemplate, Qwen3VLTemplate
+
+    class CoordExpQwen3VLTemplate(Qwen3VLTemplate):
+        """Stock ms-swift Qwen3-VL template with the image/video token ids taken from the tokenizer."""
+
+        def init_processor(self, processor: Any) -> None:
+            if processor is not None and not self._processor_inited:
+                _own_token_ids(self, processor)
+            super().init_processor(processor)
+
+    class CoordExpQwen2_5VLTemplate(Qwen2_5VLTemplate):
+        """Stock ms-swift Qwen2.5-VL template with the image/video token ids taken from the tokenizer."""
+
+        def init_processor(self, processor: Any) -> None:
+            if processor is not None and not self._processor_inited:
+                _own_token_ids(self, processor)
+            super().init_processor(processor)
+
+    return CoordExpQwen3VLTemplate, CoordExpQwen2_5VLTemplate
+
+
+def register_swift_template() -> str:
+    """Register ``coordexp_qwen3_vl`` and ``coordexp_qwen2_5_vl`` with ms-swift (idempotent); returns the Qwen3-VL name."""
+    from swift.template import TEMPLATE_MAPPING, register_template
+    from swift.template.templates.qwen import QwenTemplateMeta
+
+    if TEMPLATE_NAME in TEMPLATE_MAPPING and TEMPLATE_NAME_QWEN2_5_VL in TEMPLATE_MAPPING:
+        return TEMPLATE_NAME
+    qwen3, qwen2_5 = _template_classes()
+    # Same metadata as swift's own qwen3_vl / qwen2_5_vl registrations.
+    register_template(
+        QwenTemplateMeta(TEMPLATE_NAME, template_cls=qwen3, default_system=None, thinking_prefix="<think>\n"),
+        exist_ok=True,
+    )
+    register_template(QwenTemplateMeta(TEMPLATE_NAME_QWEN2_5_VL, template_cls=qwen2_5), exist_ok=True)
+    return TEMPLATE_NAME
+
+
+def _checkpoint_model_type(checkpoint_dir: Path) -> str:
+    import json
+
+    cfg = checkpoint_dir / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: no config.json; build the base checkpoint first (build_base stage)")
+    return str(json.loads(cfg.read_text(encoding="utf-8")).get("model_type"))
+
+
+def load_template(
+    checkpoint_dir: str | Path,
+    *,
+    mode: str = "train",
+    max_length: int | None = None,
+    max_pixels: int | None = None,
+) -> Any:
+    """Processor + project template for a local checkpoint, the way ``swift sft --model DIR`` loads it.
+
+    Loads only the processor (no weights). ``mode`` is swift's template mode: ``train`` for
+    training/evaluation encoding, ``transformers`` for generation.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from swift.model import get_processor
+    from swift.template import get_template
+
+    checkpoint_dir = Path(checkpoint_dir).resolve()
+    model_type = _checkpoint_model_type(checkpoint_dir)
+    name = template_name_for(model_type)
+    register_swift_template()
+    processor = get_processor(str(checkpoint_dir), model_type=model_type, download_model=False)
+    template = get_template(processor, template_type=name, max_length=max_length, max_pixels=max_pixels)
+    template.set_mode(mode)
+    return template

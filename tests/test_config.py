@@ -1,0 +1,83 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coordexp.config import ConfigError, Params, load_params, validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_are_valid_and_spec_defaults():
+    p = load_params(ROOT / "params.yaml")
+    c = p.train.coord_soft_ce_w1
+    assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 1.0, 1.0, 1.0)
+    assert (c.temperature, c.target_sigma, c.target_truncate) == (1.0, 2.0, 16)
+    # the file spells out every default the schema has: nothing hidden
+    assert p == Params()
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+            assert f.description, f"{model.__name__}.{name} has no docstring"
+
+    walk(Params)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda r: r["train"].__setitem__("coord_loss", {"l1": 1.0}), "train.coord_loss: the legacy"),
+        (lambda r: r.__setitem__("coord_loss", {}), "coord_loss: the legacy"),
+        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("w1_weigth", 1), "did you mean 'w1_weight'"),
+        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("temperature", 0), "temperature: Input should be greater than 0"),
+        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("target_sigma", -1), "target_sigma: Input should be greater than 0"),
+        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("gate_weight", -0.5), "gate_weight: Input should be greater than or equal to 0"),
+        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("target_truncate", 1000), "target_truncate: Input should be less than or equal to 999"),
+        (lambda r: r["train"].__setitem__("max_steps", "many"), "train.max_steps: Input should be a valid integer"),
+        (lambda r: r["preprocess"].__setitem__("object_ordering", "area"), "preprocess.object_ordering: Input should be 'sorted' or 'random'"),
+        (lambda r: r.__setitem__("trian", {}), "trian: unknown key; did you mean 'train'?"),
+        (lambda r: r["preprocess"]["splits"].pop("val"), "splits must define ['val']"),
+        (lambda r: r["build_base"].__setitem__("mode", "expand"), "expand.source is not set"),
+    ],
+)
+def test_errors_name_the_key(mutate, expected):
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(ConfigError) as exc:
+        validate_params(raw)
+    assert expected in str(exc.value)
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        validate_params([1, 2])
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"p\.yaml:\d+:\d+: not valid YAML"):
+        load_params(f)
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_check_config_command(tmp_path):
+    exe = Path(sys.executable).parent / "coordexp"
+    ok = subprocess.run([exe, "check-config", str(ROOT / "params.yaml")], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok"
+    raw = _raw()
+    raw["train"]["coord_loss"] = {"enabled": True}
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    res = subprocess.run([exe, "check-config", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "train.coord_loss" in res.stderr and "train.coord_soft_ce_w1" in res.stderr
