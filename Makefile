@@ -25,7 +25,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 data: venv
-	dvc pull --quiet
+	dvc pull --quiet data.dvc
 
 repro: data
 	dvc repro

@@ -1,53 +1,50 @@
-"""Stage-1 loss: full-vocab CE on text targets + softCE, W1 and a vocab gate on coord targets.
+"""Stage-1 loss: text CE + coord softCE + W1 + coord-vocab gate, from one set of logits.
 
-The formulas (DESIGN.md section 3, spec ``stage1-softce-w1.md``), with ``z`` the full-vocab
-logits of one position upcast to fp32, ``s = z[coord ids in bin order]`` and temperature ``T``:
+Notation follows ``spec/stage1-softce-w1.md`` §3 and DESIGN §3. ``z`` is a row of full-vocab
+logits (upcast to fp32), ``K = 1000`` coord bins, ``T`` the temperature, ``k*`` the target bin.
 
-    text CE   = logsumexp(z) - z[y]                       (non-coord targets only)
-    p         = softmax(s / T)
-    q         = truncated Gaussian around the target bin k*, normalised
-    softCE    = -sum_i q_i log p_i
-    W1        = sum_i |CDF_p(i) - CDF_q(i)| / (K - 1)
-    gate      = logsumexp(z / T) - logsumexp(s / T)   (>= 0, = -log coord-vocab mass)
-    total     = text CE + w_ce softCE + w_w1 W1 + w_gate gate
+* text rows (target is a non-coord id):  CE   = lse(z) - z[y]
+* coord rows (target is ``<|coord_k*|>``):
+    s = z[coord ids in bin order],  p = softmax(s / T)
+    q_i ∝ exp(-0.5 ((i - k*) / sigma)^2) for |i - k*| <= truncate, else 0   (truncate 0 = one-hot)
+    softCE = -sum_i q_i log p_i            = lse(s/T) - sum_i q_i s_i / T
+    W1     = sum_i |CDF_p(i) - CDF_q(i)| / (K - 1)
+    gate   = lse(z/T) - lse(s/T)  >= 0     (= -log coord-vocab mass; round-off clamped at 0)
+    coord_vocab_mass = exp(-gate)
+* total = CE_text + soft_ce_weight softCE + w1_weight W1 + gate_weight gate
 
-Why it is shaped the way it is:
+Why a custom autograd Function: the only ``[N, V]`` work is one logsumexp per supervised row
+(``lse(z)`` for text rows, ``lse(z/T)`` for coord rows, shared by CE and gate), plus gathering
+the target logit and the 1000-column coord slice. :class:`_RowStats` does exactly that, row-chunk
+by row-chunk so that no ``[N, V]`` fp32 temporary is ever allocated, and saves only the logits
+(by reference) and one float per row. Its backward rebuilds ``softmax(z/T)`` chunk by chunk and
+writes the gradient straight into a single ``[N, V]`` buffer. Everything downstream of the row
+statistics (softCE, W1, gate on ``[n_coord, K]``) is ordinary autograd on small tensors, so
+gradients stay exact. Plain ``F.cross_entropy`` by contrast materialises the ``[N, V]``
+log-softmax and a dense ``[N, V]`` NLL gradient.
 
-* **One full-vocab pass per row.** Everything that touches all ``V`` logits of a row is one
-  ``logsumexp`` (of ``z`` for text rows, of ``z / T`` for coord rows). It lives in a single
-  autograd Function, :class:`_FullVocabTerms`, that also hands out the ``[Nc, K]`` coord
-  slice, so autograd never materialises extra ``[N, V]`` gradients for the gathers. Its
-  backward writes the ``[N, V]`` gradient once, ``softmax(z a) * a * g`` row by row, then
-  adds the sparse parts (the one-hot of the anchor and the coord-slice gradient). Rows are
-  processed in small chunks so the fp32 temporaries stay in cache and a bf16/fp16 input
-  is never upcast as a whole. On a 2-core CPU this is about 2x faster than
-  ``F.cross_entropy`` forward+backward on the same logits (see ``bench/RESULTS.md``).
-* **Precision at large logits.** ``logsumexp`` is kept relative to an *anchor* logit
-  ``z[t]`` of the row: ``rel = logsumexp(z a) - a z[t] = a (max z - z[t]) + log sum
-  exp(a (z - max z))``. With ``t`` the label, ``rel`` *is* the text CE; with ``t`` the
-  argmax of the coord slice, ``gate = rel - logsumexp(a (s - s[t]))``. Differences of
-  nearby fp32 numbers are exact (Sterbenz), so no term loses digits to a large common
-  offset: with logits of magnitude 1e4 and ``T = 0.05`` values and gradients still match a
-  float64 reference to about 1e-5 relative (``tests/test_losses.py``), where the naive
-  ``logsumexp(z / T)`` in fp32 would be off by ``ulp(2e5) ~ 0.016`` absolute.
-* **Reduction.** Every term also comes back as a raw sum so that a trainer can divide by
-  the token counts of the *global* batch (all micro-batches, all ranks): see
-  :class:`GlobalCounts`, :func:`global_counts` and the ``normalizer`` argument.
+Global reduction (gradient accumulation x data parallel), see :func:`global_counts`: each term is
+a mean over the tokens of its kind in the *global* batch. The trainer counts tokens over all its
+micro-batches, all-reduces the counts (unconditionally, on every rank), and passes the result as
+``normalizer=``; then ``total`` of a micro-batch is
+
+    world_size * (text_ce_sum / n_text + w_ce softCE_sum / n_coord + w_w1 W1_sum / n_coord
+                  + w_gate gate_sum / n_coord),   n_* = global counts clamped at >= 1
+
+whose gradients, summed over micro-batches and averaged over ranks (as DDP does), equal the
+gradient of the global-batch mean on one rank.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from coordexp.codec import K
-
-IGNORE_INDEX = -100
 
 __all__ = [
     "IGNORE_INDEX",
@@ -58,326 +55,301 @@ __all__ = [
     "global_counts",
     "soft_target_table",
     "stage1_loss",
-    "validate_stage1_inputs",
 ]
 
+IGNORE_INDEX: int = -100
+"""Label value of unsupervised positions (the HF / ms-swift convention)."""
 
-# --------------------------------------------------------------------------------------
-# results and global normalisation
+_CHUNK_ELEMS = 1 << 22
+"""Elements per row chunk (~16 MB of fp32): big enough to amortise kernel launches, small
+enough that the chunk's temporaries stay near cache and memory never grows with N."""
 
 
-@dataclass
-class Stage1LossResult:
-    """Output of :func:`stage1_loss`.
-
-    ``total`` is what to call ``backward()`` on. The per-term fields are means over this
-    call's own tokens (0, still attached to the graph, when there are none) and are meant
-    for logging; the ``*_sum`` fields are the raw sums used for global normalisation.
-    """
-
-    total: Tensor
-    text_ce: Tensor
-    soft_ce: Tensor
-    w1: Tensor
-    gate: Tensor
-    coord_vocab_mass: Tensor
-    coord_tokens: int
-    text_tokens: int
-    text_ce_sum: Tensor
-    soft_ce_sum: Tensor
-    w1_sum: Tensor
-    gate_sum: Tensor
-    mass_sum: Tensor
+# --------------------------------------------------------------------------------------------
+# Results and global normalisation
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GlobalCounts:
-    """Supervised token counts of the whole optimiser step (all micro-batches, all ranks).
+    """Token counts of a whole optimizer step (all micro-batches, all ranks).
 
-    ``world_size`` is the number of data-parallel ranks whose gradients DDP *averages*; the
-    loss of a micro-batch is ``sum / count * world_size`` so that the average of the ranks'
-    summed gradients equals the gradient of the global token mean.
+    ``world_size`` is the data-parallel degree the counts were reduced over: DDP *averages*
+    gradients over ranks, so each rank's loss is multiplied by it to recover a global sum.
     """
 
-    text: int
-    coord: int
+    text_tokens: int
+    coord_tokens: int
     world_size: int = 1
 
-    def __post_init__(self) -> None:
-        if self.text < 0 or self.coord < 0 or self.world_size < 1:
-            raise ValueError(f"GlobalCounts needs text, coord >= 0 and world_size >= 1, got {self}")
+    @property
+    def text_denominator(self) -> float:
+        """Global text-token count clamped at 1 (a step without text tokens gives 0, not NaN)."""
+        return float(max(self.text_tokens, 1))
+
+    @property
+    def coord_denominator(self) -> float:
+        """Global coord-token count clamped at 1."""
+        return float(max(self.coord_tokens, 1))
 
 
-def count_tokens(labels: Tensor, coord_id_map: Tensor) -> tuple[int, int]:
-    """``(text, coord)``: supervised non-coord and coord targets in ``labels`` (any shape)."""
-    text, coord = _count_tensor(labels, coord_id_map).tolist()
-    return int(text), int(coord)
+@dataclass
+class Stage1LossResult:
+    """All the numbers a trainer needs from one call.
+
+    The per-term means (``text_ce``, ``soft_ce``, ``w1``, ``gate``, ``coord_vocab_mass``) are
+    over this call's own tokens, 0 (attached to the graph) when it has none; they are for
+    logging. ``total`` is the loss to backpropagate: the batch-local weighted sum of means, or,
+    with ``normalizer=``, this micro-batch's share of the globally normalised loss. The ``*_sum``
+    fields are the raw sums over this call's tokens, for callers that reduce themselves.
+    """
+
+    total: torch.Tensor
+    text_ce: torch.Tensor
+    soft_ce: torch.Tensor
+    w1: torch.Tensor
+    gate: torch.Tensor
+    coord_vocab_mass: torch.Tensor
+    coord_tokens: int
+    text_tokens: int
+    text_ce_sum: torch.Tensor
+    soft_ce_sum: torch.Tensor
+    w1_sum: torch.Tensor
+    gate_sum: torch.Tensor
+    mass_sum: torch.Tensor
+
+    def log_dict(self, prefix: str = "coord_softce_w1/") -> dict[str, float]:
+        """Detached floats under the spec's metric names (``coord_softce_w1/...``)."""
+        return {
+            f"{prefix}loss": float(self.total.detach()),
+            f"{prefix}text_ce": float(self.text_ce.detach()),
+            f"{prefix}soft_ce": float(self.soft_ce.detach()),
+            f"{prefix}w1": float(self.w1.detach()),
+            f"{prefix}gate": float(self.gate.detach()),
+            f"{prefix}coord_vocab_mass": float(self.coord_vocab_mass.detach()),
+            f"{prefix}coord_tokens": float(self.coord_tokens),
+        }
 
 
-def _count_tensor(labels: Tensor, coord_id_map: Tensor) -> Tensor:
-    labels = labels.reshape(-1)
-    supervised = labels != IGNORE_INDEX
-    cmap = coord_id_map.to(labels.device)
-    is_coord = supervised & (cmap[labels.clamp(min=0)] >= 0)
-    n_sup = supervised.sum()
-    n_coord = is_coord.sum()
-    return torch.stack([n_sup - n_coord, n_coord]).to(torch.int64)
+# --------------------------------------------------------------------------------------------
+# Vocabulary map, soft targets, token counts
+# --------------------------------------------------------------------------------------------
+
+
+def coord_ids_in_bin_order(coord_id_map: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Token ids of ``<|coord_0|>`` .. ``<|coord_999|>`` in bin order, after validating the map.
+
+    ``coord_id_map`` must be an integer tensor of shape ``[V]`` holding each bin 0..K-1 exactly
+    once and -1 everywhere else; anything else is a ``ValueError`` naming the problem.
+    """
+    if not isinstance(coord_id_map, torch.Tensor) or coord_id_map.dim() != 1:
+        raise ValueError("coord_id_map must be a 1-D LongTensor of size V")
+    if coord_id_map.dtype.is_floating_point or coord_id_map.dtype == torch.bool:
+        raise ValueError(f"coord_id_map must be an integer tensor, got {coord_id_map.dtype}")
+    if vocab_size is not None and coord_id_map.numel() != vocab_size:
+        raise ValueError(
+            f"coord_id_map has {coord_id_map.numel()} entries but the logits have V={vocab_size}"
+        )
+    cmap = coord_id_map.long()
+    if bool(((cmap < -1) | (cmap >= K)).any()):
+        raise ValueError(f"coord_id_map values must be -1 or a bin in [0, {K - 1}]")
+    ids = torch.nonzero(cmap >= 0).flatten()
+    if ids.numel() != K:
+        raise ValueError(f"coord_id_map must hold exactly {K} coord bins, found {ids.numel()}")
+    bins = cmap[ids]
+    ordered = torch.full((K,), -1, dtype=torch.long, device=cmap.device)
+    ordered[bins] = ids
+    if bool((ordered < 0).any()):
+        raise ValueError(f"coord_id_map must map each bin 0..{K - 1} exactly once")
+    return ordered
+
+
+@functools.lru_cache(maxsize=32)
+def _soft_target_table_cached(sigma: float, truncate: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    i = torch.arange(K, dtype=torch.float64)
+    d = i[None, :] - i[:, None]  # d[k*, i] = i - k*
+    w = torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= truncate)
+    q = w / w.sum(dim=1, keepdim=True)
+    cdf = torch.cumsum(q, dim=1)
+    return q.float().to(device), cdf.float().to(device)
+
+
+def soft_target_table(sigma: float, truncate: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, CDF_Q)``, both ``[K, K]`` fp32: row ``k*`` is the soft target ``q`` for bin ``k*`` and
+    its CDF. Built in fp64 once per ``(sigma, truncate, device)`` and cached (8 MB per entry), so
+    a training step only gathers rows."""
+    if not sigma > 0 or not math.isfinite(sigma):
+        raise ValueError(f"target_sigma must be a positive finite number, got {sigma}")
+    if int(truncate) != truncate or truncate < 0:
+        raise ValueError(f"target_truncate must be an integer >= 0, got {truncate}")
+    return _soft_target_table_cached(float(sigma), int(truncate), str(torch.device(device)))
+
+
+def _masks(labels: torch.Tensor, cmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(supervised, coord, bin) for labels of any shape; ``bin`` is -1 off coord positions."""
+    sup = labels != IGNORE_INDEX
+    safe = torch.where(sup, labels, torch.zeros_like(labels))
+    bins = torch.where(sup, cmap.to(labels.device)[safe], torch.full_like(labels, -1))
+    return sup, bins >= 0, bins
+
+
+def count_tokens(labels: torch.Tensor, coord_id_map: torch.Tensor) -> tuple[int, int]:
+    """``(text_tokens, coord_tokens)`` of ALIGNED labels: supervised (!= -100) positions whose
+    target is a non-coord id, and those whose target is a coord id."""
+    sup, is_coord, _ = _masks(labels.long(), coord_id_map.long())
+    n_coord = int(is_coord.sum())
+    return int(sup.sum()) - n_coord, n_coord
 
 
 def global_counts(
-    labels_list: list[Tensor] | tuple[Tensor, ...],
-    coord_id_map: Tensor,
+    labels_list: Sequence[torch.Tensor] | torch.Tensor,
+    coord_id_map: torch.Tensor,
     *,
+    all_reduce: bool = True,
     group: object | None = None,
-    device: torch.device | str | None = None,
 ) -> GlobalCounts:
-    """Count the text/coord targets of all this rank's micro-batches, summed over all ranks.
+    """Count text and coord tokens over all micro-batches of an optimizer step, then sum over
+    data-parallel ranks.
 
-    Call it once per optimiser step *before* the micro-batch forwards. When
-    ``torch.distributed`` is initialised the counts are all-reduced **unconditionally**:
-    every rank makes exactly one ``all_reduce`` here, whatever its data, so a rank with no
-    coord tokens can neither hang the others nor divide by zero (denominators are clamped
-    to 1 in :func:`stage1_loss`). ``device`` is where the reduction happens (it must suit
-    the backend: CUDA for NCCL); by default the labels' device.
+    Call it on EVERY rank before the step's first micro-batch. When ``all_reduce`` is true and
+    torch.distributed is initialised it issues exactly one ``all_reduce`` whatever the local
+    counts (a rank with no coord tokens still participates, so no rank can hang), and
+    ``world_size`` is the group's size; otherwise counts are local and ``world_size`` is 1.
     """
-    if device is None:
-        device = labels_list[0].device if len(labels_list) else coord_id_map.device
-    totals = torch.zeros(2, dtype=torch.int64, device=device)
+    if isinstance(labels_list, torch.Tensor):
+        labels_list = [labels_list]
+    text = coord = 0
     for labels in labels_list:
-        totals += _count_tensor(labels, coord_id_map).to(device)
-    world_size = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals, group=group)
-        world_size = torch.distributed.get_world_size(group)
-    text, coord = totals.tolist()
-    return GlobalCounts(text=int(text), coord=int(coord), world_size=world_size)
+        t, c = count_tokens(labels, coord_id_map)
+        text += t
+        coord += c
+    world = 1
+    import torch.distributed as dist
+
+    if all_reduce and dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        buf = torch.tensor([text, coord], dtype=torch.float64 if backend != "nccl" else torch.float32, device=device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        text, coord = int(round(float(buf[0]))), int(round(float(buf[1])))
+        world = dist.get_world_size(group)
+    return GlobalCounts(text_tokens=text, coord_tokens=coord, world_size=world)
 
 
-# --------------------------------------------------------------------------------------
-# validation
+# --------------------------------------------------------------------------------------------
+# The one [N, V] pass
+# --------------------------------------------------------------------------------------------
 
 
-def _check_hparams(temperature: float, target_sigma: float, target_truncate: int, weights: dict) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not (isinstance(target_sigma, (int, float)) and math.isfinite(target_sigma) and target_sigma > 0):
-        raise ValueError(f"target_sigma must be a finite number > 0 (in bins), got {target_sigma!r}")
-    if isinstance(target_truncate, bool) or not isinstance(target_truncate, int) or target_truncate < 0:
-        raise ValueError(
-            f"target_truncate must be an int >= 0 (radius in bins; 0 = one-hot), got {target_truncate!r}"
-        )
-    for name, w in weights.items():
-        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+def _chunks(n: int, v: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK_ELEMS // max(v, 1))
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def validate_stage1_inputs(logits: Tensor, labels: Tensor, coord_id_map: Tensor) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the argument if the inputs cannot be used.
+class _RowStats(torch.autograd.Function):
+    """The only ``[N, V]`` work: one anchored logsumexp per supervised row.
 
-    Checks shapes and dtypes, that ``labels`` hold ``-100`` or a vocab id, and that
-    ``coord_id_map`` maps exactly one vocab id to each bin ``0..K-1`` and ``-1`` elsewhere.
-    (Value checks read the tensors, i.e. they synchronise with the GPU.)
-    """
-    if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {tuple(logits.shape)}")
-    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"labels must be an int64/int32 tensor, got {getattr(labels, 'dtype', type(labels))}")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal logits shape without the vocab dim "
-            f"{tuple(logits.shape[:-1])}; labels must already be aligned (shifted) to the logits"
-        )
-    V = logits.shape[-1]
-    if not isinstance(coord_id_map, Tensor) or coord_id_map.dtype != torch.int64 or coord_id_map.dim() != 1:
-        raise TypeError("coord_id_map must be a 1-D int64 tensor of size V (bin index at coord ids, -1 elsewhere)")
-    if coord_id_map.numel() != V:
-        raise ValueError(
-            f"coord_id_map has {coord_id_map.numel()} entries but the logits have V={V}; "
-            "build it from the same tokenizer/model vocabulary (including added tokens)"
-        )
-    if labels.numel():
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"labels{list(idx)} = {int(labels[idx])} is neither {IGNORE_INDEX} (ignore) nor a vocab id in [0, {V})"
-            )
-    cmap = coord_id_map
-    if bool(((cmap < -1) | (cmap >= K)).any()):
-        raise ValueError(f"coord_id_map values must be -1 or a bin in [0, {K - 1}]")
-    bins = cmap[cmap >= 0]
-    if bins.numel() != K or not torch.equal(torch.sort(bins).values, torch.arange(K, device=cmap.device)):
-        raise ValueError(
-            f"coord_id_map must map exactly one vocab id to each of the {K} bins; it has {bins.numel()} "
-            f"non-negative entries (missing or duplicate coord tokens in the vocabulary?)"
-        )
+    For flat logits ``z2 [N, V]`` (any float dtype), returns fp32
 
+    * ``rel_text [n_text]``  = lse(z_r) - z_r[y_r]                      (= text CE of row r)
+    * ``rel_crd  [n_coord]`` = lse(z_r / T) - s_r[t_r] / T,  t_r = argmax s_r
+    * ``s        [n_coord, K]`` = z_r[coord ids in bin order]          (raw, not divided by T)
+    * ``anchor   [n_coord]`` = t_r (a bin index; not differentiable)
 
-# --------------------------------------------------------------------------------------
-# cached tables
+    Why anchored: ``lse(a z) - a z[t]`` is computed as ``a (m - z[t]) + log sum exp(a (z - m))``
+    with ``m = max z``; ``m - z[t]`` and ``z - m`` near the maximum are exact in fp32, so the
+    result carries a relative error of a few ulp even when ``|z| / T`` is 2e5 and the plain
+    ``lse(z / T)`` would already be off by ``ulp(2e5) ~ 0.016``. Text CE needs nothing else;
+    the gate is ``rel_crd - log sum exp((s - s[t]) / T)``, a difference of two small numbers.
 
-
-def coord_ids_in_bin_order(coord_id_map: Tensor) -> Tensor:
-    """Vocab ids of ``<|coord_0|>..<|coord_{K-1}|>`` in bin order (LongTensor ``[K]``)."""
-    ids = (coord_id_map >= 0).nonzero().squeeze(1)
-    return ids[torch.argsort(coord_id_map[ids])]
-
-
-@functools.lru_cache(maxsize=16)
-def _target_tables(sigma: float, truncate: int, device: str) -> tuple[Tensor, Tensor]:
-    i = torch.arange(K, dtype=torch.float64)
-    d = i[None, :] - i[:, None]  # [k*, i]
-    w = torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= truncate)
-    q = w / w.sum(dim=1, keepdim=True)  # centre weight is 1, so the sum is >= 1
-    return q.to(device, torch.float32), q.cumsum(dim=1).to(device, torch.float32)
-
-
-def soft_target_table(sigma: float, truncate: int, device: torch.device | str = "cpu") -> Tensor:
-    """``[K, K]`` fp32 table, row ``k*`` = soft target ``q`` for target bin ``k*``.
-
-    Built in float64 once per ``(sigma, truncate, device)`` and cached (with its CDF).
-    """
-    return _target_tables(float(sigma), int(truncate), str(torch.device(device)))[0]
-
-
-# --------------------------------------------------------------------------------------
-# the full-vocab autograd Function
-
-
-def _chunk_rows(V: int, device: torch.device) -> int:
-    """Rows per chunk: small enough for the fp32 temporaries to stay in cache on a CPU,
-    large enough that kernel-launch overhead vanishes on a GPU."""
-    budget = (256 << 20) if device.type == "cuda" else (2 << 20)
-    return max(1, budget // (4 * V))
-
-
-class _RowAccess:
-    """Read rows of ``[N, V]`` or ``[B, L, V]`` logits by flat row index without copying
-    the whole tensor (a shifted ``logits[:, :-1]`` is not viewable as ``[N, V]``)."""
-
-    def __init__(self, z: Tensor):
-        self.z = z
-        self.V = z.shape[-1]
-        self.flat = None
-        try:
-            self.flat = z.view(-1, self.V)
-        except RuntimeError:
-            self.L = z.shape[1]
-
-    def gather(self, rows: Tensor, cols: Tensor | None = None) -> Tensor:
-        """Whole rows (``cols=None``), or ``[rows, cols]`` without touching other columns."""
-        if cols is not None:
-            rows, cols = rows[:, None], cols[None, :]
-            if self.flat is not None:
-                return self.flat[rows, cols]
-            return self.z[rows // self.L, rows % self.L, cols]
-        if self.flat is not None:
-            return self.flat.index_select(0, rows)
-        return self.z[rows // self.L, rows % self.L]
-
-    def elements(self, rows: Tensor, cols: Tensor) -> Tensor:
-        """``z[rows[i], cols[i]]`` for each i."""
-        if self.flat is not None:
-            return self.flat[rows, cols]
-        return self.z[rows // self.L, rows % self.L, cols]
-
-    def rows(self, lo: int, hi: int, rows: Tensor) -> Tensor:
-        """Rows ``rows`` (known to be the contiguous range ``lo..hi-1`` if ``hi > lo``)."""
-        if self.flat is not None and hi > lo:
-            return self.flat[lo:hi]
-        return self.gather(rows)
-
-
-class _FullVocabTerms(torch.autograd.Function):
-    """Per supervised row ``r``: ``rel_r = logsumexp(a_r z_r) - a_r z_r[t_r]``; plus the
-    coord slice ``s = z[coord_rows][:, coord_ids]`` in fp32.
-
-    Gradients are exact: ``d rel_r / d z_r = a_r (softmax(a_r z_r) - onehot(t_r))`` and
-    the slice gradient is scattered back into the coord columns.
+    Backward, exact: d rel / d z = a softmax(a z) - a e_t (``a = 1`` or ``1/T``), rebuilt
+    chunk by chunk from the saved per-row ``m`` and ``log sum``; the gathered slice ``s``
+    scatters back. Rows not supervised get exactly zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, z, rows, scale, anchor, coord_rows, coord_ids, rows_cpu, scaled_cpu):
-        acc = _RowAccess(z)
-        R = rows.numel()
-        m = torch.empty(R, dtype=torch.float32, device=z.device)
-        log_s = torch.empty(R, dtype=torch.float32, device=z.device)
-        chunks = _plan_chunks(rows_cpu, _chunk_rows(acc.V, z.device))
-        for i0, i1, lo, hi in chunks:
-            x = acc.rows(lo, hi, rows[i0:i1]).float()
-            mx = x.amax(dim=1)
-            t = x - mx[:, None]
-            if bool(scaled_cpu[i0:i1].any()):
-                t.mul_(scale[i0:i1, None])
-            log_s[i0:i1] = t.exp_().sum(dim=1).log_()
-            m[i0:i1] = mx
-        # rel = a (max - z[t]) + log sum exp(a (z - max)); exact differences, see module doc
-        z_anchor = acc.elements(rows, anchor).float()
-        rel = scale * (m - z_anchor) + log_s
-        s = acc.gather(coord_rows, coord_ids).float()
-        ctx.save_for_backward(z, rows, scale, anchor, coord_rows, coord_ids, m, log_s)
-        ctx.chunks = chunks
-        ctx.scaled_cpu = scaled_cpu
-        return rel, s
+    def forward(ctx, z2, text_rows, text_tgt, coord_rows, coord_ids, inv_t: float):  # type: ignore[override]
+        v = z2.shape[1]
+        dev = z2.device
+        n_t, n_c = text_rows.numel(), coord_rows.numel()
+        m_text = torch.empty(n_t, dtype=torch.float32, device=dev)
+        ls_text = torch.empty_like(m_text)
+        rel_text = torch.empty_like(m_text)
+        for a, b in _chunks(n_t, v):
+            x = z2.index_select(0, text_rows[a:b]).float()  # a fresh copy: in place is safe
+            m = x.amax(dim=1, keepdim=True)
+            zt = x.gather(1, text_tgt[a:b, None])
+            ls = x.sub_(m).exp_().sum(dim=1).log_()
+            m_text[a:b] = m.squeeze(1)
+            ls_text[a:b] = ls
+            rel_text[a:b] = (m - zt).squeeze(1) + ls
+        m_crd = torch.empty(n_c, dtype=torch.float32, device=dev)
+        ls_crd = torch.empty_like(m_crd)
+        rel_crd = torch.empty_like(m_crd)
+        s = torch.empty(n_c, K, dtype=torch.float32, device=dev)
+        anchor = torch.empty(n_c, dtype=torch.long, device=dev)
+        for a, b in _chunks(n_c, v):
+            x = z2.index_select(0, coord_rows[a:b]).float()
+            sc = x.index_select(1, coord_ids)
+            s_max, t = sc.max(dim=1, keepdim=True)
+            m = x.amax(dim=1, keepdim=True)
+            x.sub_(m)
+            if inv_t != 1.0:
+                x.mul_(inv_t)
+            ls = x.exp_().sum(dim=1).log_()
+            s[a:b] = sc
+            anchor[a:b] = t.squeeze(1)
+            m_crd[a:b] = m.squeeze(1)
+            ls_crd[a:b] = ls
+            rel_crd[a:b] = (m - s_max).squeeze(1) * inv_t + ls
+        ctx.save_for_backward(z2, text_rows, text_tgt, coord_rows, coord_ids, anchor, m_text, ls_text, m_crd, ls_crd)
+        ctx.inv_t = inv_t
+        ctx.mark_non_differentiable(anchor)
+        return rel_text, rel_crd, s, anchor
 
     @staticmethod
-    def backward(ctx, g_rel, g_s):
-        z, rows, scale, anchor, coord_rows, coord_ids, m, log_s = ctx.saved_tensors
-        acc = _RowAccess(z)
-        grad = torch.empty(z.shape, dtype=z.dtype, device=z.device)  # contiguous
-        gflat = grad.view(-1, acc.V)
-        gfac = g_rel * scale
-        covered = torch.zeros(gflat.shape[0], dtype=torch.bool)
-        for i0, i1, lo, hi in ctx.chunks:
-            x = acc.rows(lo, hi, rows[i0:i1])
-            direct = hi > lo and grad.dtype == torch.float32
-            out = gflat[lo:hi] if direct else torch.empty(x.shape, dtype=torch.float32, device=z.device)
-            torch.sub(x, m[i0:i1, None], out=out)  # upcasts a bf16/fp16 x chunk
-            if bool(ctx.scaled_cpu[i0:i1].any()):
-                out.mul_(scale[i0:i1, None])
-            out.sub_(log_s[i0:i1, None]).exp_().mul_(gfac[i0:i1, None])
-            if not direct:
-                if hi > lo:
-                    gflat[lo:hi].copy_(out)
-                else:
-                    gflat.index_copy_(0, rows[i0:i1], out.to(grad.dtype))
-            if hi > lo:
-                covered[lo:hi] = True
-            else:
-                covered[rows[i0:i1].cpu()] = True
-        if not bool(covered.all()):
-            gflat.index_fill_(0, (~covered).nonzero().squeeze(1).to(z.device), 0)
-        if rows.numel():
-            gflat.index_put_((rows, anchor), (-gfac).to(grad.dtype), accumulate=True)
-        if coord_rows.numel():
-            gflat.index_put_((coord_rows[:, None], coord_ids[None, :]), g_s.to(grad.dtype), accumulate=True)
-        return grad, None, None, None, None, None, None, None
+    def backward(ctx, g_text, g_crd, g_s, _g_anchor):  # type: ignore[override]
+        z2, text_rows, text_tgt, coord_rows, coord_ids, anchor, m_text, ls_text, m_crd, ls_crd = ctx.saved_tensors
+        inv_t = ctx.inv_t
+        n, v = z2.shape
+        grad = torch.empty(z2.shape, dtype=z2.dtype, device=z2.device)
+        if text_rows.numel() + coord_rows.numel() < n:
+            unsup = torch.ones(n, dtype=torch.bool, device=z2.device)
+            unsup[text_rows] = False
+            unsup[coord_rows] = False
+            grad.index_fill_(0, torch.nonzero(unsup).flatten(), 0)
+        for a, b in _chunks(text_rows.numel(), v):
+            rows = text_rows[a:b]
+            g = g_text[a:b, None]
+            # g (softmax(z) - e_y) = g exp(z - m - ls) - g e_y
+            x = z2.index_select(0, rows).float()
+            x.sub_(m_text[a:b, None]).sub_(ls_text[a:b, None]).exp_().mul_(g)
+            x.scatter_add_(1, text_tgt[a:b, None], -g)
+            grad.index_copy_(0, rows, x.to(grad.dtype))
+        for a, b in _chunks(coord_rows.numel(), v):
+            rows = coord_rows[a:b]
+            ga = g_crd[a:b, None] * inv_t
+            # g a (softmax(a z) - e_t) + scatter of g_s onto the coord columns
+            x = z2.index_select(0, rows).float()
+            x.sub_(m_crd[a:b, None])
+            if inv_t != 1.0:
+                x.mul_(inv_t)
+            x.sub_(ls_crd[a:b, None]).exp_().mul_(ga)
+            gs = g_s[a:b].scatter_add(1, anchor[a:b, None], -ga)
+            x.index_add_(1, coord_ids, gs)
+            grad.index_copy_(0, rows, x.to(grad.dtype))
+        return grad, None, None, None, None, None
 
 
-def _plan_chunks(rows_cpu: Tensor, per: int) -> list[tuple[int, int, int, int]]:
-    """``(i0, i1, lo, hi)``: rows[i0:i1] per chunk, and the flat range ``lo:hi`` they fill
-    when contiguous (else ``lo == hi``, meaning "gather")."""
-    out = []
-    r = rows_cpu.tolist()
-    i0 = 0
-    while i0 < len(r):
-        i1 = min(i0 + per, len(r))
-        lo, hi = r[i0], r[i1 - 1] + 1
-        out.append((i0, i1, lo, hi) if hi - lo == i1 - i0 else (i0, i1, 0, 0))
-        i0 = i1
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# the loss
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
 
 
 def stage1_loss(
-    logits: Tensor,
-    labels: Tensor,
-    coord_id_map: Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    coord_id_map: torch.Tensor,
     *,
     soft_ce_weight: float = 1.0,
     w1_weight: float = 1.0,
@@ -386,88 +358,79 @@ def stage1_loss(
     target_sigma: float = 2.0,
     target_truncate: int = 16,
     normalizer: GlobalCounts | None = None,
-    validate: bool = True,
 ) -> Stage1LossResult:
-    """Stage-1 loss on already aligned ``logits`` (``[N, V]`` or ``[B, L, V]``) and ``labels``.
+    """Stage-1 loss of ALIGNED ``logits [N, V] | [B, L, V]`` and ``labels [N] | [B, L]``.
 
-    ``labels[..., i]`` is the target of ``logits[..., i, :]`` (the caller shifts); ``-100``
-    is ignored. ``coord_id_map`` (LongTensor ``[V]``) holds the bin at coord token ids and
-    -1 elsewhere. All arithmetic is fp32 whatever the logits' dtype.
-
-    Without ``normalizer`` the total is the sum of per-call means. With a
-    :class:`GlobalCounts` for the optimiser step it is
-    ``world_size * (text_ce_sum / text + sum_j w_j term_j_sum / coord)`` (counts clamped to
-    >= 1), so that summing ``backward()`` over micro-batches and averaging over DDP ranks
-    gives the gradient of the global token mean. The logged per-term means are local either
-    way. ``validate=False`` skips :func:`validate_stage1_inputs` (it synchronises a GPU).
+    "Aligned" means the logit at a position predicts the label at the same position: the caller
+    shifts (``logits[:, :-1]`` against ``labels[:, 1:]``). ``-100`` labels are ignored.
+    All arithmetic is fp32 whatever the logits' dtype; the gradient has the logits' dtype.
+    See the module docstring for the formulas and for ``normalizer``.
     """
-    _check_hparams(
-        temperature,
-        target_sigma,
-        target_truncate,
-        {"soft_ce_weight": soft_ce_weight, "w1_weight": w1_weight, "gate_weight": gate_weight},
-    )
-    if validate:
-        validate_stage1_inputs(logits, labels, coord_id_map)
-    device = logits.device
-    flat_labels = labels.reshape(-1).to(device=device, dtype=torch.int64)
-    cmap = coord_id_map.to(device)
-    coord_ids = coord_ids_in_bin_order(cmap)
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {tuple(getattr(logits, 'shape', ()))}")
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(getattr(labels, 'shape', ()))} does not match logits "
+            f"{tuple(logits.shape)} (expected {tuple(logits.shape[:-1])}; labels must be aligned)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, w in (("soft_ce_weight", soft_ce_weight), ("w1_weight", w1_weight), ("gate_weight", gate_weight)):
+        if not w >= 0:
+            raise ValueError(f"{name} must be >= 0, got {w}")
+    v = logits.shape[-1]
+    coord_ids = coord_ids_in_bin_order(coord_id_map.to(logits.device), v)
+    q_table, cdf_table = soft_target_table(target_sigma, target_truncate, logits.device)
 
-    # Which rows are supervised, and how: text rows (a = 1, anchor = label) and coord rows
-    # (a = 1/T, anchor = argmax of the coord slice). One host sync here.
-    supervised = flat_labels != IGNORE_INDEX
-    target_bin = torch.where(supervised, cmap[flat_labels.clamp(min=0)], -1)
-    is_coord = target_bin >= 0
-    rows = supervised.nonzero().squeeze(1)
-    row_is_coord = is_coord[rows]
-    coord_rows = rows[row_is_coord]
+    z2 = logits.reshape(-1, v)  # a view for contiguous logits; a copy otherwise
+    flat = labels.reshape(-1).to(device=logits.device, dtype=torch.long)
+    bad = (flat != IGNORE_INDEX) & ((flat < 0) | (flat >= v))
+    if bool(bad.any()):
+        raise ValueError(f"labels must be -100 or a token id in [0, {v}), got {int(flat[bad][0])}")
+    sup, is_coord, bins = _masks(flat, coord_id_map.to(logits.device).long())
+    text_rows = torch.nonzero(sup & ~is_coord).flatten()
+    coord_rows = torch.nonzero(is_coord).flatten()
+    text_tgt = flat[text_rows]
+    k_star = bins[coord_rows]
     inv_t = 1.0 / float(temperature)
-    scale = torch.where(row_is_coord, inv_t, 1.0).to(torch.float32)
-    with torch.no_grad():
-        s_det = _RowAccess(logits).gather(coord_rows, coord_ids)
-        j = s_det.argmax(dim=1)
-    anchor = flat_labels[rows].clone()
-    anchor[row_is_coord] = coord_ids[j]
-    rows_cpu = rows.cpu()
-    scaled_cpu = row_is_coord.cpu() if inv_t != 1.0 else torch.zeros(rows.numel(), dtype=torch.bool)
 
-    rel, s = _FullVocabTerms.apply(logits, rows, scale, anchor, coord_rows, coord_ids, rows_cpu, scaled_cpu)
+    rel_text, rel_crd, s, anchor = _RowStats.apply(z2, text_rows, text_tgt, coord_rows, coord_ids, inv_t)
 
-    # text rows: rel is the CE
-    text_ce_sum = rel[~row_is_coord].sum()
-    n_text = int(rows.numel() - coord_rows.numel())
-    n_coord = int(coord_rows.numel())
+    # text rows: CE = lse(z) - z[y], which is exactly the anchored rel_text
+    text_ce_sum = rel_text.sum()
+    # coord rows, all on [n_coord, K]; d = (s - s[t]) / T <= 0 keeps every value small
+    d = (s - s.gather(1, anchor[:, None])) * inv_t
+    lse_d = torch.logsumexp(d, dim=1)  # = lse(s/T) - s[t]/T
+    log_p = d - lse_d[:, None]  # log_softmax(s/T)
+    q = q_table[k_star]
+    soft_ce_rows = -(q * log_p).sum(dim=1)
+    w1_rows = (torch.cumsum(log_p.exp(), dim=1) - cdf_table[k_star]).abs().sum(dim=1) / (K - 1)
+    gate_rows = (rel_crd - lse_d).clamp_min(0.0)  # lse(z/T) - lse(s/T), round-off clamped
+    mass_rows = torch.exp(-gate_rows)
 
-    # coord rows: everything else lives on the small [Nc, K] slice
-    q_table, cdf_table = _target_tables(float(target_sigma), int(target_truncate), str(device))
-    k_star = target_bin[coord_rows]
-    s_max = s.gather(1, j[:, None])  # = z[anchor]; keeps the argmax's gradient
-    logits_c = (s - s_max) * inv_t
-    log_p = torch.log_softmax(logits_c, dim=1)
-    soft_ce_sum = -(q_table[k_star] * log_p).sum()
-    cdf_p = torch.cumsum(log_p.exp(), dim=1)
-    w1_sum = (cdf_p - cdf_table[k_star]).abs().sum() / (K - 1)
-    gate_rows = (rel[row_is_coord] - torch.logsumexp(logits_c, dim=1)).clamp(min=0)
-    gate_sum = gate_rows.sum()
-    mass_sum = torch.exp(-gate_rows).sum()
-
-    def mean(x: Tensor, n: int) -> Tensor:
-        return x / max(n, 1)
+    soft_ce_sum, w1_sum, gate_sum, mass_sum = soft_ce_rows.sum(), w1_rows.sum(), gate_rows.sum(), mass_rows.sum()
+    n_text, n_coord = int(text_rows.numel()), int(coord_rows.numel())
+    dt, dc = float(max(n_text, 1)), float(max(n_coord, 1))
+    text_ce, soft_ce, w1, gate, mass = text_ce_sum / dt, soft_ce_sum / dc, w1_sum / dc, gate_sum / dc, mass_sum / dc
 
     if normalizer is None:
-        nt, nc, ws = n_text, n_coord, 1
+        total = text_ce + soft_ce_weight * soft_ce + w1_weight * w1 + gate_weight * gate
     else:
-        nt, nc, ws = normalizer.text, normalizer.coord, normalizer.world_size
-    coord_part = soft_ce_weight * soft_ce_sum + w1_weight * w1_sum + gate_weight * gate_sum
-    total = ws * (mean(text_ce_sum, nt) + mean(coord_part, nc))
+        coord_sum = soft_ce_weight * soft_ce_sum + w1_weight * w1_sum + gate_weight * gate_sum
+        total = normalizer.world_size * (
+            text_ce_sum / normalizer.text_denominator + coord_sum / normalizer.coord_denominator
+        )
     return Stage1LossResult(
         total=total,
-        text_ce=mean(text_ce_sum, n_text),
-        soft_ce=mean(soft_ce_sum, n_coord),
-        w1=mean(w1_sum, n_coord),
-        gate=mean(gate_sum, n_coord),
-        coord_vocab_mass=mean(mass_sum, n_coord),
+        text_ce=text_ce,
+        soft_ce=soft_ce,
+        w1=w1,
+        gate=gate,
+        coord_vocab_mass=mass,
         coord_tokens=n_coord,
         text_tokens=n_text,
         text_ce_sum=text_ce_sum,

@@ -1,0 +1,150 @@
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from coordexp import codec
+from coordexp.config import Params
+from coordexp.contract import read_jsonl
+from coordexp.preprocess import CocoFormatError, run
+
+
+def _png(path: Path, w=100, h=80):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (w, h), (240, 240, 240)).save(path)
+
+
+def _coco(tmp: Path, split: str, images, annotations):
+    cats = [{"id": 1, "name": "red circle"}, {"id": 2, "name": "blue triangle"}, {"id": 3, "name": "green line"}]
+    f = tmp / f"{split}.json"
+    f.write_text(json.dumps({"images": images, "annotations": annotations, "categories": cats}))
+    return f
+
+
+def _params(tmp: Path, **pre) -> Params:
+    return Params.model_validate({
+        "preprocess": {
+            "splits": {
+                "train": {"annotations": str(tmp / "train.json"), "images": str(tmp / "img")},
+                "val": {"annotations": str(tmp / "val.json"), "images": str(tmp / "img")},
+            },
+            "out_dir": str(tmp / "out"),
+            **pre,
+        }
+    })
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    for name in ["a.png", "b.png", "c.png", "e.png", "big.png"]:
+        _png(tmp_path / "img" / name)
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _png(tmp_path / "outside.png")
+    images = [
+        {"id": 1, "file_name": "a.png", "width": 100, "height": 80},
+        {"id": 2, "file_name": "b.png", "width": 100, "height": 80},
+        {"id": 3, "file_name": "missing.png", "width": 100, "height": 80},
+        {"id": 4, "file_name": "corrupt.png", "width": 100, "height": 80},
+        {"id": 5, "file_name": "../outside.png", "width": 100, "height": 80},
+        {"id": 6, "file_name": "c.png", "width": 100, "height": 80},
+        {"id": 7, "file_name": "e.png", "width": 100, "height": 80},
+        {"id": 8, "file_name": "big.png", "width": 640, "height": 480},
+    ]
+    anns = [
+        # image 1: a valid box, polygon and line, given out of order
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 40, 20, 10]},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [10, 5, 20, 20], "segmentation": [[10, 5, 30, 5, 20, 25]]},
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 60, 99, 4], "line": [0, 62, 99, 62]},
+        # image 2: degenerate, outside, unknown category, crowd, RLE, one valid box touching the border
+        {"id": 4, "image_id": 2, "category_id": 1, "bbox": [10, 10, 0.5, 5]},
+        {"id": 5, "image_id": 2, "category_id": 1, "bbox": [90, 10, 20, 5]},
+        {"id": 6, "image_id": 2, "category_id": 9, "bbox": [10, 10, 5, 5]},
+        {"id": 7, "image_id": 2, "category_id": 1, "bbox": [10, 10, 5, 5], "iscrowd": 1},
+        {"id": 8, "image_id": 2, "category_id": 1, "bbox": [20, 20, 10, 10], "segmentation": {"size": [80, 100], "counts": "abc"}},
+        {"id": 9, "image_id": 2, "category_id": 1, "bbox": [80, 60, 20, 20]},
+        # images 3-5 have an object each, but their files are missing / corrupt / escaping
+        {"id": 10, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 11, "image_id": 4, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"id": 12, "image_id": 5, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        # image 6: every object rejected -> the image is rejected too
+        {"id": 13, "image_id": 6, "category_id": 1, "bbox": [1, 1, 0, 0]},
+        # image 7: no annotations at all -> kept with an empty answer
+        # orphan annotation
+        {"id": 14, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        # image 8: COCO size disagrees with the file
+        {"id": 15, "image_id": 8, "category_id": 1, "bbox": [1, 1, 5, 5]},
+    ]
+    _coco(tmp_path, "train", images, anns)
+    _coco(tmp_path, "val", images[:1], anns[:3])
+    return tmp_path
+
+
+def test_conversion_counts_every_reject(dataset):
+    m = run(_params(dataset), root=dataset)
+    tr = m["splits"]["train"]
+    assert tr["records_in"] == 8 and tr["records_out"] == 3  # images 1, 2, 7
+    assert tr["objects_in"] == 15 and tr["objects_out"] == 5
+    assert tr["geometry"] == {"bbox_2d": 3, "poly": 1, "line": 1}  # RLE kept as its box (rle: bbox)
+    expected = {"crowd": 1, "degenerate_box": 2, "outside_image": 1, "unknown_category": 1, "missing_image": 1,
+                "unreadable_image": 1, "image_path_escapes_root": 1, "no_valid_objects": 1,
+                "unknown_image_id": 1, "size_mismatch": 1}
+    assert tr["rejects"] == expected
+    rejects = [json.loads(line) for line in (dataset / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == sum(expected.values()) and m["splits"]["val"]["rejects"] == {}
+    assert all({"split", "reason"} <= set(r) for r in rejects)
+    written = json.loads((dataset / "reports" / "metrics" / "preprocess.json").read_text())
+    assert written == m
+
+
+def test_records_are_ordered_and_encoded(dataset):
+    run(_params(dataset), root=dataset)
+    recs = {r.id: r for r in read_jsonl(dataset / "out" / "train.jsonl")}
+    assert sorted(recs) == [1, 2, 7]
+    r1 = recs[1]
+    # sorted by top-left: triangle (y=5), box (y=40), line (y=62)
+    assert [o.desc for o in r1.objects] == ["blue triangle", "red circle", "green line"]
+    assert r1.objects[0].poly == codec.encode_xy([10, 5, 30, 5, 20, 25], 100, 80)
+    assert r1.objects[1].bbox_2d == codec.encode_xy([50, 40, 70, 50], 100, 80)
+    assert r1.objects[2].line == codec.encode_xy([0, 62, 99, 62], 100, 80)
+    assert recs[2].objects[-1].bbox_2d[2:] == ["<|coord_999|>", "<|coord_999|>"]  # border edge clamps
+    assert recs[7].objects == []
+    assert (dataset / "out" / r1.images[0]).is_file()
+
+
+def test_rle_reject_and_random_order_is_seeded(dataset):
+    m = run(_params(dataset, rle="reject", object_ordering="random"), root=dataset)
+    assert m["splits"]["train"]["rejects"]["rle_segmentation"] == 1
+    first = (dataset / "out" / "train.jsonl").read_text()
+    run(_params(dataset, rle="reject", object_ordering="random"), root=dataset)
+    assert (dataset / "out" / "train.jsonl").read_text() == first
+
+
+def test_resize_rescales_coordinates(dataset):
+    run(_params(dataset, max_side=50), root=dataset)
+    r1 = next(r for r in read_jsonl(dataset / "out" / "train.jsonl") if r.id == 1)
+    assert (r1.width, r1.height) == (50, 40)
+    with Image.open(dataset / "out" / r1.images[0]) as im:
+        assert im.size == (50, 40)
+    # the box [50, 40, 70, 50] in 100x80 is [25, 20, 35, 25] in 50x40
+    assert r1.objects[1].bbox_2d == codec.encode_xy([25, 20, 35, 25], 50, 40)
+
+
+def test_bad_coco_file_is_named(dataset):
+    (dataset / "train.json").write_text("{broken")
+    with pytest.raises(CocoFormatError, match=r"train\.json:1: not valid JSON"):
+        run(_params(dataset), root=dataset)
+    (dataset / "train.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(CocoFormatError, match="'annotations' list is missing"):
+        run(_params(dataset), root=dataset)
+    # nothing half-written is left where the output goes
+    assert not (dataset / "out").exists()
+
+
+def test_empty_split_fails_and_keeps_previous_output(dataset):
+    run(_params(dataset), root=dataset)
+    before = (dataset / "out" / "train.jsonl").read_text()
+    _coco(dataset, "val", [], [])
+    with pytest.raises(ValueError, match=r"preprocess\.splits\.val: no record survived"):
+        run(_params(dataset), root=dataset)
+    assert (dataset / "out" / "train.jsonl").read_text() == before
