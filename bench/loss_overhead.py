@@ -92,7 +92,8 @@ def child(n: int, vocab: int, coord_frac: float, method: str, temperature: float
 
 def measure_memory(n, vocab, coord_frac, method, temperature) -> float:
     cmd = [sys.executable, __file__, "--child", str(n), method, "--vocab", str(vocab),
-           "--coord-frac", str(coord_frac), "--temperature", str(temperature)]
+           "--coord-frac", str(coord_frac), "--temperature", str(temperature),
+           "--threads", str(torch.get_num_threads())]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_gib"]
 
@@ -125,10 +126,15 @@ def main() -> None:
     ap.add_argument("--coord-frac", type=float, default=0.2)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0 = torch default). On a shared, oversubscribed CPU, "
+                         "1 thread avoids OpenMP barrier stalls that swamp the comparison")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-config memory subprocesses")
     ap.add_argument("--write", action="store_true", help=f"write the '{SECTION}' section of {RESULTS.name}")
     ap.add_argument("--child", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(int(args.child[0]), args.vocab, args.coord_frac, args.child[1], args.temperature)
         return
@@ -170,7 +176,8 @@ def main() -> None:
             f"- command: `{cmd}`\n"
             f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()}-core CPU "
             f"({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; shared machine (other jobs running)\n"
+            f"{torch.get_num_threads()} threads; shared machine, 1-min load average at the end "
+            f"{os.getloadavg()[0]:.1f}\n"
             f"- fp32 logits, {args.coord_frac:.0%} coord targets, T={args.temperature}, sigma=2, truncate=16; "
             f"median of {args.repeats} interleaved repeats after one warm-up\n"
             f"- peak memory: growth of ru_maxrss over one fwd+bwd in a fresh subprocess per cell\n"

@@ -159,7 +159,7 @@ def test_tiny_rejects_bad_dims(data, tmp_path):
 def _load(ckpt: Path):
     from transformers import Qwen3VLForConditionalGeneration
 
-    return Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt))
+    return Qwen3VLForConditionalGeneration.from_pretrained(str(ckpt)).requires_grad_(False)
 
 
 def _n_real(plain: Path) -> int:
@@ -363,3 +363,67 @@ def test_stage_script(tmp_path):
     assert res.returncode == 2
     assert "error: [build_base]" in res.stderr and "does not exist" in res.stderr
     coord_id_map(out)  # the previous checkpoint survived
+
+
+def _plain_qwen2_5_vl(data: Path, out: Path) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint (no coord tokens), standing in for Qwen2.5-VL-3B."""
+    from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    from coordexp.contract import read_jsonl
+    from coordexp.tiny_model import CHAT_TEMPLATE, bpe_corpus, build_tokenizer
+
+    tok = build_tokenizer(bpe_corpus(read_jsonl(data)), 512, coord_tokens=False)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, out_hidden_size=32,
+                           window_size=112, fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    model.save_pretrained(out)
+    common = dict(patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 3136, "longest_edge": 200704})
+    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tok,
+                        video_processor=Qwen2VLVideoProcessor(**common), chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    return out
+
+
+def test_expand_qwen2_5_vl(data, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from coordexp.expand import expand_checkpoint
+
+    src = _plain_qwen2_5_vl(data, tmp_path / "q25")
+    out = expand_checkpoint(src, tmp_path / "exp", init="ordinal")
+    cmap = coord_id_map(out)
+    old = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).requires_grad_(False)
+    new = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out)).requires_grad_(False)
+    n_real = old.get_input_embeddings().weight.shape[0]
+    assert torch.equal(old.get_input_embeddings().weight, new.get_input_embeddings().weight[:n_real])
+    assert torch.equal(old.get_output_embeddings().weight, new.get_output_embeddings().weight[:n_real])
+    assert cmap.shape[0] == new.get_output_embeddings().weight.shape[0]
+    proc = AutoProcessor.from_pretrained(str(out))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Detect all objects."}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + "<|coord_7|>"
+    inputs = proc(text=[text], images=[Image.new("RGB", (112, 112))], return_tensors="pt")
+    assert int(inputs["input_ids"][0, -1]) == int((cmap == 7).nonzero())
+    assert torch.isfinite(new(**inputs).logits).all()
+    # ms-swift's Qwen2.5-VL path through the project template encodes a record with an image
+    from coordexp.contract import read_jsonl
+    from coordexp.template import TEMPLATE_NAME_QWEN2_5_VL, encode_record, load_template
+
+    tmpl = load_template(out)
+    assert tmpl.template_meta.template_type == TEMPLATE_NAME_QWEN2_5_VL
+    rec = read_jsonl(data)[0]
+    enc = encode_record(tmpl, rec, data.parent)
+    n_img = sum(1 for t in enc["input_ids"] if t == new.config.image_token_id)
+    assert n_img == int(enc["image_grid_thw"].prod()) // 4 > 0
+    lab = torch.tensor(enc["labels"])
+    assert int((cmap[lab.clamp(min=0)][lab >= 0] >= 0).sum()) == sum(len(o.values) for o in rec.objects)

@@ -35,7 +35,7 @@ def test_stage_run_tags_and_failure_status(mlflow_store):
     assert got.info.status == "FINISHED"
     assert got.data.tags["coordexp.stage"] == "unit"
     assert got.data.tags["coordexp.params_hash"] == tracking.params_hash(p)
-    assert got.data.params["train.coord_soft_ce_w1.w1_weight"] == "1.0"
+    assert got.data.params["cfg.train.coord_soft_ce_w1.w1_weight"] == "1.0"
     with pytest.raises(RuntimeError):
         with tracking.stage_run(p, "unit") as run2:
             raise RuntimeError("boom")

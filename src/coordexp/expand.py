@@ -83,9 +83,10 @@ def check_source(source: str | Path) -> str:
 def ordinal_code(num_bins: int, dim: int) -> "torch.Tensor":  # noqa: F821
     """``[num_bins, dim]`` smooth sinusoidal code of the bin index with unit RMS per row.
 
-    Frequencies are geometric from 0.5 to ``num_bins / 16`` cycles over the whole range, so
-    the fastest feature turns by about 0.2 rad between neighbouring bins: adjacent bins
-    are close, and distance grows with the bin gap at every scale.
+    Feature pairs are ``(sin, cos)(pi * f * k / (num_bins - 1))`` with ``f`` geometric in
+    ``[0.5, num_bins / 16]``: the fastest pair turns by about 0.2 rad between neighbouring
+    bins and the slowest by a quarter turn over the whole range, so adjacent bins are close
+    and the distance grows with the bin gap.
     """
     import torch
 

@@ -60,9 +60,10 @@ __all__ = [
 IGNORE_INDEX: int = -100
 """Label value of unsupervised positions (the HF / ms-swift convention)."""
 
-_CHUNK_ELEMS = 1 << 22
-"""Elements per row chunk (~16 MB of fp32): big enough to amortise kernel launches, small
-enough that the chunk's temporaries stay near cache and memory never grows with N."""
+_CHUNK_ELEMS = 1 << 23
+"""Elements per row chunk (~32 MB of fp32, ~55 rows at V = 152k): big enough to amortise per-op
+overhead and keep both threads of a row-parallel kernel busy, small enough that the two
+workspaces stay small and memory never grows with N."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,103 +242,137 @@ def global_counts(
 # --------------------------------------------------------------------------------------------
 
 
-def _chunks(n: int, v: int) -> list[tuple[int, int]]:
+def _plan(rows: torch.Tensor, v: int) -> list[tuple[int, int, int | None]]:
+    """Chunks ``(a, b, r0)`` of the sorted supervised-row list: positions ``a..b`` of ``rows``;
+    ``r0`` is the first row when ``rows[a:b]`` are consecutive (the chunk is then a view of the
+    logits, no copy), else ``None`` (the chunk is gathered into a workspace)."""
     step = max(1, _CHUNK_ELEMS // max(v, 1))
-    return [(a, min(a + step, n)) for a in range(0, n, step)]
+    idx = rows.tolist()
+    out: list[tuple[int, int, int | None]] = []
+    for a in range(0, len(idx), step):
+        b = min(a + step, len(idx))
+        out.append((a, b, idx[a] if idx[b - 1] - idx[a] == b - a - 1 else None))
+    return out
+
+
+def _load(z2: torch.Tensor, rows: torch.Tensor, a: int, b: int, r0: int | None, ws: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows[a:b]`` of ``z2`` as fp32 ``[b - a, V]``: a view when possible, else a copy
+    into the workspace ``ws`` (so no allocation per chunk)."""
+    n = b - a
+    if r0 is not None:
+        view = z2[r0 : r0 + n]
+        return view if view.dtype == torch.float32 else ws[:n].copy_(view)
+    if z2.dtype == torch.float32:
+        return torch.index_select(z2, 0, rows[a:b], out=ws[:n])
+    return ws[:n].copy_(z2.index_select(0, rows[a:b]))
 
 
 class _RowStats(torch.autograd.Function):
-    """The only ``[N, V]`` work: one anchored logsumexp per supervised row.
+    """The only ``[N, V]`` work: one log-softmax per supervised row, read at one "anchor" column.
 
-    For flat logits ``z2 [N, V]`` (any float dtype), returns fp32
+    Inputs: flat logits ``z2 [N, V]`` (any float dtype), the sorted supervised rows, which of
+    them are coord rows, the text targets. With ``a = 1`` for text rows and ``1/T`` for coord
+    rows, returns fp32
 
-    * ``rel_text [n_text]``  = lse(z_r) - z_r[y_r]                      (= text CE of row r)
-    * ``rel_crd  [n_coord]`` = lse(z_r / T) - s_r[t_r] / T,  t_r = argmax s_r
-    * ``s        [n_coord, K]`` = z_r[coord ids in bin order]          (raw, not divided by T)
-    * ``anchor   [n_coord]`` = t_r (a bin index; not differentiable)
+    * ``rel [n_sup]`` = lse(a z_r) - a z_r[c_r] = -log_softmax(a z_r)[c_r], with anchor column
+      ``c_r = y_r`` for text rows (so ``rel`` IS the text CE) and ``c_r = coord id of argmax s_r``
+      for coord rows (so ``gate = rel - lse((s - s[t]) / T)``, a difference of small numbers)
+    * ``s [n_coord, K]`` = z_r[coord ids in bin order] (raw, not divided by T)
+    * ``anchor [n_coord]`` = argmax bin of ``s_r`` (not differentiable)
 
-    Why anchored: ``lse(a z) - a z[t]`` is computed as ``a (m - z[t]) + log sum exp(a (z - m))``
-    with ``m = max z``; ``m - z[t]`` and ``z - m`` near the maximum are exact in fp32, so the
-    result carries a relative error of a few ulp even when ``|z| / T`` is 2e5 and the plain
-    ``lse(z / T)`` would already be off by ``ulp(2e5) ~ 0.016``. Text CE needs nothing else;
-    the gate is ``rel_crd - log sum exp((s - s[t]) / T)``, a difference of two small numbers.
+    Why log-softmax read at an anchor: it is torch's fused row kernel (max, sum-exp, write in one
+    pass over a cache-resident row), and ``(a z_c - max) - log sum`` keeps a relative error of a
+    few ulp even when ``|z| / T`` is 2e5, where a plain fp32 ``lse(z / T)`` is already off by
+    ``ulp(2e5) ~ 0.016``. Rows go through in chunks of ~``_CHUNK_ELEMS`` elements, as views of
+    the logits where the rows are consecutive, with two reused workspaces: nothing ``[N, V]`` is
+    allocated or saved in the forward (the logits are saved by reference).
 
-    Backward, exact: d rel / d z = a softmax(a z) - a e_t (``a = 1`` or ``1/T``), rebuilt
-    chunk by chunk from the saved per-row ``m`` and ``log sum``; the gathered slice ``s``
-    scatters back. Rows not supervised get exactly zero gradient.
+    Backward, exact: for text rows d rel / d z = softmax(z) - e_y. For coord rows the anchor is a
+    constant: d rel / d z = softmax(z / T) / T; the caller subtracts the same constant from
+    ``lse(s / T)`` (and log_softmax is shift-invariant), so it cancels in every term, and not
+    differentiating it on either side avoids an ``eps * sum|grad|`` round-off spike at the argmax.
+    Each chunk's softmax is written straight into the ``[N, V]`` gradient (a fused kernel again);
+    the gathered slice ``s`` scatters back; rows not supervised get exactly zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, z2, text_rows, text_tgt, coord_rows, coord_ids, inv_t: float):  # type: ignore[override]
-        v = z2.shape[1]
+    def forward(ctx, z2, rows, is_coord, text_tgt, coord_ids, inv_t: float):  # type: ignore[override]
+        n_rows, v = z2.shape
         dev = z2.device
-        n_t, n_c = text_rows.numel(), coord_rows.numel()
-        m_text = torch.empty(n_t, dtype=torch.float32, device=dev)
-        ls_text = torch.empty_like(m_text)
-        rel_text = torch.empty_like(m_text)
-        for a, b in _chunks(n_t, v):
-            x = z2.index_select(0, text_rows[a:b]).float()  # a fresh copy: in place is safe
-            m = x.amax(dim=1, keepdim=True)
-            zt = x.gather(1, text_tgt[a:b, None])
-            ls = x.sub_(m).exp_().sum(dim=1).log_()
-            m_text[a:b] = m.squeeze(1)
-            ls_text[a:b] = ls
-            rel_text[a:b] = (m - zt).squeeze(1) + ls
-        m_crd = torch.empty(n_c, dtype=torch.float32, device=dev)
-        ls_crd = torch.empty_like(m_crd)
-        rel_crd = torch.empty_like(m_crd)
+        n = rows.numel()
+        plan = _plan(rows, v)
+        cum = [0] + torch.cumsum(is_coord.long(), 0).tolist()
+        n_c = cum[-1]
+        scaled = inv_t != 1.0 and n_c > 0
+        scale = torch.where(is_coord, inv_t, 1.0).to(torch.float32)[:, None]
+        tcol = text_tgt.clone()  # anchor column per supervised row; coord rows filled below
+        shift = torch.zeros(n, 1, dtype=torch.float32, device=dev)  # s_max on coord rows
+        rel = torch.empty(n, dtype=torch.float32, device=dev)
         s = torch.empty(n_c, K, dtype=torch.float32, device=dev)
         anchor = torch.empty(n_c, dtype=torch.long, device=dev)
-        for a, b in _chunks(n_c, v):
-            x = z2.index_select(0, coord_rows[a:b]).float()
-            sc = x.index_select(1, coord_ids)
-            s_max, t = sc.max(dim=1, keepdim=True)
-            m = x.amax(dim=1, keepdim=True)
-            x.sub_(m)
-            if inv_t != 1.0:
-                x.mul_(inv_t)
-            ls = x.exp_().sum(dim=1).log_()
-            s[a:b] = sc
-            anchor[a:b] = t.squeeze(1)
-            m_crd[a:b] = m.squeeze(1)
-            ls_crd[a:b] = ls
-            rel_crd[a:b] = (m - s_max).squeeze(1) * inv_t + ls
-        ctx.save_for_backward(z2, text_rows, text_tgt, coord_rows, coord_ids, anchor, m_text, ls_text, m_crd, ls_crd)
-        ctx.inv_t = inv_t
+        rows_per = max((b - a for a, b, _ in plan), default=0)
+        ws_in = torch.empty(rows_per, v, dtype=torch.float32, device=dev)
+        ws_out = torch.empty_like(ws_in)
+        for a, b, r0 in plan:
+            x = _load(z2, rows, a, b, r0, ws_in)
+            ca, cb = cum[a], cum[b]
+            if cb > ca:
+                local = torch.nonzero(is_coord[a:b]).flatten()
+                sc = x.index_select(1, coord_ids)[local]
+                s_max, t = sc.max(dim=1)
+                shift[a + local, 0] = s_max
+                s[ca:cb] = sc
+                anchor[ca:cb] = t
+                tcol[a + local] = coord_ids[t]
+            if scaled:
+                # (z - s_max) / T, not z / T - s_max / T: the difference first is exact near the
+                # maximum, so the exponent's error is eps * (its own size), not eps * |z| / T
+                y = torch.sub(x, shift[a:b], out=ws_out[: b - a]).mul_(scale[a:b])
+                lsm = torch.log_softmax(y, 1, out=ws_in[: b - a])
+            else:
+                lsm = torch.log_softmax(x, 1, out=ws_out[: b - a])
+            rel[a:b] = lsm.gather(1, tcol[a:b, None]).squeeze(1).neg_()
+        ctx.save_for_backward(z2, rows, is_coord, tcol, coord_ids, scale, shift)
+        ctx.plan, ctx.cum, ctx.scaled = plan, cum, scaled
         ctx.mark_non_differentiable(anchor)
-        return rel_text, rel_crd, s, anchor
+        return rel, s, anchor
 
     @staticmethod
-    def backward(ctx, g_text, g_crd, g_s, _g_anchor):  # type: ignore[override]
-        z2, text_rows, text_tgt, coord_rows, coord_ids, anchor, m_text, ls_text, m_crd, ls_crd = ctx.saved_tensors
-        inv_t = ctx.inv_t
-        n, v = z2.shape
-        grad = torch.empty(z2.shape, dtype=z2.dtype, device=z2.device)
-        if text_rows.numel() + coord_rows.numel() < n:
-            unsup = torch.ones(n, dtype=torch.bool, device=z2.device)
-            unsup[text_rows] = False
-            unsup[coord_rows] = False
+    def backward(ctx, g_rel, g_s, _g_anchor):  # type: ignore[override]
+        z2, rows, is_coord, tcol, coord_ids, scale, shift = ctx.saved_tensors
+        plan, cum, scaled = ctx.plan, ctx.cum, ctx.scaled
+        n_rows, v = z2.shape
+        grad = torch.empty((n_rows, v), dtype=z2.dtype, device=z2.device)
+        if rows.numel() < n_rows:
+            unsup = torch.ones(n_rows, dtype=torch.bool, device=z2.device)
+            unsup[rows] = False
             grad.index_fill_(0, torch.nonzero(unsup).flatten(), 0)
-        for a, b in _chunks(text_rows.numel(), v):
-            rows = text_rows[a:b]
-            g = g_text[a:b, None]
-            # g (softmax(z) - e_y) = g exp(z - m - ls) - g e_y
-            x = z2.index_select(0, rows).float()
-            x.sub_(m_text[a:b, None]).sub_(ls_text[a:b, None]).exp_().mul_(g)
-            x.scatter_add_(1, text_tgt[a:b, None], -g)
-            grad.index_copy_(0, rows, x.to(grad.dtype))
-        for a, b in _chunks(coord_rows.numel(), v):
-            rows = coord_rows[a:b]
-            ga = g_crd[a:b, None] * inv_t
-            # g a (softmax(a z) - e_t) + scatter of g_s onto the coord columns
-            x = z2.index_select(0, rows).float()
-            x.sub_(m_crd[a:b, None])
-            if inv_t != 1.0:
-                x.mul_(inv_t)
-            x.sub_(ls_crd[a:b, None]).exp_().mul_(ga)
-            gs = g_s[a:b].scatter_add(1, anchor[a:b, None], -ga)
-            x.index_add_(1, coord_ids, gs)
-            grad.index_copy_(0, rows, x.to(grad.dtype))
+        if rows.numel() == 0:
+            return grad, None, None, None, None, None
+        coef = (g_rel[:, None] * scale).contiguous()  # g for text rows, g / T for coord rows
+        minus_g_text = torch.where(is_coord, 0.0, -g_rel)[:, None]
+        rows_per = max(b - a for a, b, _ in plan)
+        ws_in = torch.empty(rows_per, v, dtype=torch.float32, device=z2.device)
+        ws_out = torch.empty_like(ws_in)
+        for a, b, r0 in plan:
+            n = b - a
+            x = _load(z2, rows, a, b, r0, ws_in)
+            if scaled:
+                x = torch.sub(x, shift[a:b], out=ws_out[:n]).mul_(scale[a:b])
+            direct = r0 is not None and grad.dtype == torch.float32
+            dest = grad[r0 : r0 + n] if direct else (ws_in[:n] if scaled else ws_out[:n])
+            torch._softmax(x, 1, False, out=dest)  # fused softmax, written in place of the grad
+            dest.mul_(coef[a:b])
+            dest.scatter_add_(1, tcol[a:b, None], minus_g_text[a:b])
+            ca, cb = cum[a], cum[b]
+            if cb > ca:
+                local = torch.nonzero(is_coord[a:b]).flatten()
+                dest.index_put_((local[:, None], coord_ids[None, :]), g_s[ca:cb], accumulate=True)
+            if not direct:
+                if r0 is not None:
+                    grad[r0 : r0 + n].copy_(dest)
+                else:
+                    grad.index_copy_(0, rows[a:b], dest.to(grad.dtype))
         return grad, None, None, None, None, None
 
 
@@ -392,18 +427,20 @@ def stage1_loss(
     if bool(bad.any()):
         raise ValueError(f"labels must be -100 or a token id in [0, {v}), got {int(flat[bad][0])}")
     sup, is_coord, bins = _masks(flat, coord_id_map.to(logits.device).long())
-    text_rows = torch.nonzero(sup & ~is_coord).flatten()
-    coord_rows = torch.nonzero(is_coord).flatten()
-    text_tgt = flat[text_rows]
-    k_star = bins[coord_rows]
+    rows = torch.nonzero(sup).flatten()  # sorted supervised rows
+    row_is_coord = is_coord[rows]
+    text_tgt = torch.where(row_is_coord, 0, flat[rows])
+    k_star = bins[rows[row_is_coord]]
     inv_t = 1.0 / float(temperature)
 
-    rel_text, rel_crd, s, anchor = _RowStats.apply(z2, text_rows, text_tgt, coord_rows, coord_ids, inv_t)
+    rel, s, anchor = _RowStats.apply(z2, rows, row_is_coord, text_tgt, coord_ids, inv_t)
+    rel_text, rel_crd = rel[~row_is_coord], rel[row_is_coord]
 
     # text rows: CE = lse(z) - z[y], which is exactly the anchored rel_text
     text_ce_sum = rel_text.sum()
     # coord rows, all on [n_coord, K]; d = (s - s[t]) / T <= 0 keeps every value small
-    d = (s - s.gather(1, anchor[:, None])) * inv_t
+    # the anchor s[t] is a constant here exactly as inside _RowStats (it cancels in every term)
+    d = (s - s.gather(1, anchor[:, None]).detach()) * inv_t
     lse_d = torch.logsumexp(d, dim=1)  # = lse(s/T) - s[t]/T
     log_p = d - lse_d[:, None]  # log_softmax(s/T)
     q = q_table[k_star]
@@ -413,7 +450,8 @@ def stage1_loss(
     mass_rows = torch.exp(-gate_rows)
 
     soft_ce_sum, w1_sum, gate_sum, mass_sum = soft_ce_rows.sum(), w1_rows.sum(), gate_rows.sum(), mass_rows.sum()
-    n_text, n_coord = int(text_rows.numel()), int(coord_rows.numel())
+    n_coord = int(k_star.numel())
+    n_text = int(rows.numel()) - n_coord
     dt, dc = float(max(n_text, 1)), float(max(n_coord, 1))
     text_ce, soft_ce, w1, gate, mass = text_ce_sum / dt, soft_ce_sum / dc, w1_sum / dc, gate_sum / dc, mass_sum / dc
 

@@ -76,6 +76,30 @@ def build_messages(record: Any, image_root: str | Path, with_answer: bool) -> di
     return {"messages": messages, "images": [str(Path(path).resolve())]}
 
 
+def to_hf_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A :func:`build_messages` row as transformers chat messages (``processor.apply_chat_template``).
+
+    For inference outside ms-swift (plain ``generate``, vLLM): ``<image>`` tags become
+    ``{"type": "image", "image": path}`` parts at the same place, so the rendered prompt is
+    token for token the one ms-swift trains on.
+    """
+    images = iter(row.get("images", []))
+    out: list[dict[str, Any]] = []
+    for msg in row["messages"]:
+        text = msg["content"]
+        if text is None:
+            continue
+        parts: list[dict[str, Any]] = []
+        pieces = text.split(IMAGE_TAG)
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                parts.append({"type": "image", "image": next(images)})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({"role": msg["role"], "content": parts})
+    return out
+
+
 def encode_record(template: Any, record: Any, image_root: str | Path, *, with_answer: bool = True) -> dict[str, Any]:
     """Encode a record with a swift template: ``input_ids``, ``labels`` (-100 on prompt and image
     positions), ``attention_mask`` and the image tensors (``pixel_values``, ``image_grid_thw``).

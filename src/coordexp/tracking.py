@@ -89,6 +89,17 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+PARAM_PREFIX = "cfg."
+"""Our params are logged as ``cfg.<key path>``: the trainer's MLflow callback logs its own
+arguments (``seed``, ``learning_rate``, ...) into the same run, and MLflow refuses a second
+value for an existing key."""
+
+
+def mlflow_params(params: Params) -> dict[str, Any]:
+    flat = flatten(params.model_dump(mode="json"))
+    return {PARAM_PREFIX + k: "null" if v is None else v for k, v in flat.items()}
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -152,7 +163,7 @@ def stage_run(params: Params, stage: str, *, run_id: str | None = None, run_name
     try:
         mlflow.set_tags(run_tags(params, stage))
         if log_params and run_id is None:
-            mlflow.log_params({k: "null" if v is None else v for k, v in flatten(params.model_dump(mode="json")).items()})
+            mlflow.log_params(mlflow_params(params))
         yield run
     except BaseException:
         mlflow.end_run(status="FAILED")

@@ -1,0 +1,240 @@
+"""ms-swift plugin: the project's template, trainer and Stage-1 loss, registered on import.
+
+``swift sft --external_plugins src/coordexp/swift_external/plugin.py`` imports it in every rank
+before the trainer is built. It reads its settings from the JSON file named by ``COORDEXP_TRAIN_CONFIG`` (written by
+the ``train`` stage) and registers:
+
+* the project template (``coordexp.template``), so training and inference share one template;
+* the loss ``coordexp_stage1`` in ``swift.loss.loss_map``: :class:`Stage1SwiftLoss`;
+* :class:`CoordExpTrainer` as the ``causal_lm`` trainer: ms-swift's own Seq2SeqTrainer plus
+  (a) global token counts per optimizer step, so each loss term is a mean over the whole
+  global batch (all micro-batches, all ranks), (b) ``token_acc`` over text/structure tokens
+  only, (c) optional per-token-type metrics, (d) throughput bookkeeping, (e) a guard that
+  stops at the first non-finite loss term.
+
+Counting happens in ``_get_num_items_in_batch``, which the HF trainer calls on every rank once
+per optimizer step with all of that step's micro-batches: the all-reduce inside
+:func:`coordexp.losses.global_counts` is therefore issued by every rank, every step, whatever
+its own token counts (a rank without coord tokens cannot hang the others).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from coordexp.losses import GlobalCounts, global_counts, stage1_loss
+from coordexp.template import register_swift_template
+from coordexp.token_types import TokenTyper, token_type_metrics
+
+CONFIG_ENV = "COORDEXP_TRAIN_CONFIG"
+LOSS_NAME = "coordexp_stage1"
+METRIC_PREFIX = "coord_softce_w1/"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; training stops before the optimizer step uses it."""
+
+
+def plugin_config() -> dict[str, Any]:
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: the train stage writes it; run `dvc repro train`")
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _coord_id_map(cfg: dict[str, Any]) -> torch.Tensor:
+    from coordexp.vocab import coord_id_map_from_vocab
+
+    return coord_id_map_from_vocab(cfg["coord_vocab"])
+
+
+def _align(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift so that logits[:, t] predicts labels[:, t] (swift passes both unshifted).
+
+    With ``logits_to_keep`` ms-swift trims the labels to the kept positions already; if the
+    logits still cover fewer positions, they are the last ones, so the labels are cut to match.
+    """
+    labels = labels[:, 1:]
+    logits = logits[:, :-1]
+    if logits.shape[1] != labels.shape[1]:
+        if logits.shape[1] > labels.shape[1]:
+            raise ValueError(f"logits cover {logits.shape[1]} positions but labels only {labels.shape[1]}")
+        labels = labels[:, -logits.shape[1]:]
+    return logits, labels
+
+
+def _update(metrics: Any, name: str, value: float, count: int = 1) -> None:
+    """Token-weighted running mean in swift's MeanMetric (a 1-D tensor counts as its length)."""
+    metrics[name].update(torch.full((max(count, 1),), float(value)) if count != 1 else torch.tensor(float(value)))
+
+
+class Stage1SwiftLoss:
+    """``compute_loss_func`` of the trainer: Stage-1 loss, or plain CE for the baseline.
+
+    Subclasses swift's ``BaseLoss`` at registration time (see :func:`register`), so importing
+    this module does not require swift.
+    """
+
+    def __init__(self, args: Any, trainer: Any):
+        self.args = args
+        self.trainer = trainer
+        self.cfg = plugin_config()
+        self.loss_cfg = self.cfg["loss"]
+        self.cmap: torch.Tensor | None = None
+
+    def _map(self, device: torch.device) -> torch.Tensor:
+        if self.cmap is None or self.cmap.device != device:
+            self.cmap = _coord_id_map(self.cfg).to(device)
+        return self.cmap
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, *, num_items_in_batch: Any = None,
+                 loss_scale: Any = None, trainer: Any = None, **kwargs: Any) -> torch.Tensor:
+        trainer = trainer or self.trainer
+        logits, labels = _align(outputs.logits, labels)
+        cmap = self._map(logits.device)
+        mode = "train" if trainer.model.training else "eval"
+        counts = _step_counts(trainer, num_items_in_batch) if mode == "train" else None
+        weights = {k: self.loss_cfg[k] for k in ("soft_ce_weight", "w1_weight", "gate_weight", "temperature",
+                                                 "target_sigma", "target_truncate")}
+        if self.loss_cfg["enabled"]:
+            res = stage1_loss(logits, labels, cmap, normalizer=counts, **weights)
+            loss = res.total
+        else:
+            # Baseline: full-vocab CE on every supervised token, coord tokens included.
+            ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
+                                     ignore_index=-100, reduction="sum")
+            n_local = int((labels != -100).sum())
+            if counts is not None:
+                loss = ce_sum / max(counts.text_tokens + counts.coord_tokens, 1) * counts.world_size
+            else:
+                loss = ce_sum / max(n_local, 1)
+            with torch.no_grad():  # the Stage-1 terms, for comparison only: nothing enters the loss
+                res = stage1_loss(logits.detach(), labels, cmap, **weights)
+        _check_finite(trainer, res, loss)
+        _log(trainer.custom_metrics[mode], res, loss if not self.loss_cfg["enabled"] else None)
+        if self.cfg.get("token_type_metrics") and getattr(trainer, "token_typer", None) is not None:
+            for name, (value, n) in token_type_metrics(trainer.token_typer, logits.detach(), labels, cmap).items():
+                _update(trainer.custom_metrics[mode], name, value, n)
+        return loss
+
+
+def _step_counts(trainer: Any, num_items_in_batch: Any) -> GlobalCounts | None:
+    counts: GlobalCounts | None = getattr(trainer, "coordexp_counts", None)
+    if counts is None or num_items_in_batch is None:
+        return None
+    # ms-swift multiplies the returned loss by the number of processes itself when it averages
+    # tokens across devices; then the world-size factor must not be applied twice.
+    if getattr(trainer.args, "average_tokens_across_devices", False) and trainer.model_accepts_loss_kwargs:
+        counts = dataclasses.replace(counts, world_size=1)
+    return counts
+
+
+def _log(metrics: Any, res: Any, baseline_loss: torch.Tensor | None) -> None:
+    p = METRIC_PREFIX
+    total = float(res.total.detach()) if baseline_loss is None else float(
+        res.text_ce.detach() + res.soft_ce.detach() + res.w1.detach() + res.gate.detach())
+    _update(metrics, f"{p}loss", total)
+    _update(metrics, f"{p}text_ce", float(res.text_ce.detach()), res.text_tokens)
+    for name in ("soft_ce", "w1", "gate", "coord_vocab_mass"):
+        _update(metrics, f"{p}{name}", float(getattr(res, name).detach()), res.coord_tokens)
+    _update(metrics, f"{p}coord_tokens", float(res.coord_tokens))
+
+
+def _check_finite(trainer: Any, res: Any, loss: torch.Tensor) -> None:
+    terms = {"loss": loss, "text_ce": res.text_ce, "soft_ce": res.soft_ce, "w1": res.w1, "gate": res.gate}
+    bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
+    if bad:
+        step = getattr(getattr(trainer, "state", None), "global_step", "?")
+        ids = getattr(trainer, "coordexp_batch_ids", None)
+        raise NonFiniteLossError(
+            f"non-finite loss term(s) {', '.join(bad)} at step {step} (sample ids {ids}); training stopped "
+            f"before the optimizer used it; the last good checkpoint is intact. Lower train.learning_rate or "
+            f"check those samples."
+        )
+
+
+def _trainer_class() -> type:
+    from swift.trainers import Seq2SeqTrainer
+
+    class CoordExpTrainer(Seq2SeqTrainer):
+        """ms-swift's Seq2SeqTrainer with global Stage-1 token counts and project metrics."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.coordexp_cfg = plugin_config()
+            self.coordexp_counts: GlobalCounts | None = None
+            self.coordexp_batch_ids: list[Any] | None = None
+            self._cmap_cpu = _coord_id_map(self.coordexp_cfg)
+            self._tokens_seen = 0
+            self._t0: float | None = None
+            self.token_typer = None
+            if self.coordexp_cfg.get("token_type_metrics"):
+                self.token_typer = TokenTyper(self.template.tokenizer, self._cmap_cpu)
+
+        def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+            n = super()._get_num_items_in_batch(batch_samples, device)
+            labels = [b["labels"][:, 1:].cpu() for b in batch_samples if "labels" in b]
+            self.coordexp_counts = global_counts(labels, self._cmap_cpu)
+            for b in batch_samples:
+                mask = b.get("attention_mask")
+                self._tokens_seen += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
+            return n
+
+        def _compute_acc(self, outputs: Any, labels: torch.Tensor, cu_seqlens: Any = None) -> None:
+            # token_acc over text/structure tokens only (the spec's metric); coord accuracy is a
+            # token-type metric of its own.
+            cmap = self._cmap_cpu.to(labels.device)
+            safe = labels.clamp(min=0, max=cmap.numel() - 1)
+            masked = torch.where((labels >= 0) & (cmap[safe] >= 0), torch.full_like(labels, -100), labels)
+            super()._compute_acc(outputs, masked, cu_seqlens=cu_seqlens)
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            self._t0 = time.time()
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self._write_throughput()
+
+        def _write_throughput(self) -> None:
+            if not self.is_world_process_zero() or self._t0 is None:
+                return
+            wall = time.time() - self._t0
+            world = max(getattr(self.args, "world_size", 1), 1)
+            out = {"wall_time_s": wall, "tokens_seen": self._tokens_seen * world,
+                   "tokens_per_second": self._tokens_seen * world / max(wall, 1e-9),
+                   "global_step": int(self.state.global_step)}
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.args.output_dir) / "coordexp_throughput.json").write_text(json.dumps(out, indent=2))
+
+    return CoordExpTrainer
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register template, loss and trainer with ms-swift (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from swift.loss import BaseLoss, loss_map
+    from swift.trainers import trainer_factory
+
+    register_swift_template()
+    loss_map[LOSS_NAME] = type("Stage1SwiftLossImpl", (Stage1SwiftLoss, BaseLoss), {})
+    cls = _trainer_class()
+    globals()["CoordExpTrainer"] = cls
+    trainer_factory.TrainerFactory.TRAINER_MAPPING["causal_lm"] = "coordexp.swift_plugin.CoordExpTrainer"
+    _REGISTERED = True
+
+
+PLUGIN_FILE = Path(__file__).resolve().parent / "swift_external" / "plugin.py"
+"""What ``--external_plugins`` gets."""

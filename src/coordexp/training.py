@@ -1,0 +1,299 @@
+"""The ``train`` stage: ``params.yaml`` -> ms-swift ``sft`` -> checkpoint, metrics, MLflow run.
+
+Training runs through ms-swift's own command line (``swift sft``), which is also what scales
+out: with ``train.nproc_per_node > 1`` it launches torchrun itself, and ``train.deepspeed``
+selects a ZeRO stage. The project's template, trainer and loss reach it through
+``--external_plugins`` (:mod:`coordexp.swift_plugin`), configured by a JSON file named in
+``COORDEXP_TRAIN_CONFIG``.
+
+MLflow: the stage creates the run (tags, params), hands its id to the trainer's MLflow callback
+through ``MLFLOW_RUN_ID``, and, after training, reopens the same run to log the artifacts and the
+summary. The run id is written to ``<out_dir>/mlflow_run_id`` so that ``evaluate`` and
+``report`` add to the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from coordexp import paths, tracking
+from coordexp.config import Params
+from coordexp.contract import read_jsonl
+from coordexp.io import write_json, write_jsonl
+
+RUN_ID_FILE = "mlflow_run_id"
+SWIFT_DIR = "swift"
+FINAL_DIR = "final"
+
+
+class TrainingError(RuntimeError):
+    """Training could not start or did not finish; the message says why and what to do."""
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_hardware(params: Params) -> None:
+    t = params.train
+    if t.packing and not _cuda_available():
+        raise ValueError(
+            "train.packing: ms-swift packing needs flash-attention, which needs a CUDA GPU; this machine has "
+            "none. Set train.packing: false to train on the CPU."
+        )
+    if t.deepspeed and not _cuda_available():
+        raise ValueError(f"train.deepspeed: {t.deepspeed} needs CUDA GPUs; set train.deepspeed: null on the CPU")
+    if t.nproc_per_node > 1 and not _cuda_available():
+        raise ValueError(
+            f"train.nproc_per_node: {t.nproc_per_node} processes need as many GPUs; set it to 1 on the CPU"
+        )
+    if t.dtype != "float32" and not _cuda_available():
+        raise ValueError(f"train.dtype: {t.dtype} training needs a GPU here; use float32 on the CPU")
+
+
+def swift_rows(jsonl: Path, out: Path) -> int:
+    """Contract records -> ms-swift conversation rows, through THE template builder."""
+    from coordexp.template import build_messages
+
+    records = read_jsonl(jsonl)
+    return write_jsonl(out, (build_messages(r, jsonl.parent, with_answer=True) for r in records))
+
+
+def model_type_of(checkpoint: Path) -> str:
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    mt = cfg.get("model_type")
+    if mt not in ("qwen3_vl", "qwen2_5_vl"):
+        raise ValueError(f"{checkpoint}/config.json: model_type {mt!r} is not qwen3_vl or qwen2_5_vl")
+    return mt
+
+
+def swift_cli_args(params: Params, base: Path, train_rows: Path, val_rows: Path, out: Path) -> list[str]:
+    from coordexp.swift_plugin import LOSS_NAME, PLUGIN_FILE
+    from coordexp.template import template_name_for
+
+    t = params.train
+    model_type = model_type_of(base)
+    args: dict[str, Any] = {
+        "model": base, "model_type": model_type, "template": template_name_for(model_type),
+        "external_plugins": PLUGIN_FILE, "loss_type": LOSS_NAME,
+        "tuner_type": "full", "torch_dtype": t.dtype,
+        "freeze_vit": "false", "freeze_aligner": "false", "freeze_llm": "false",
+        "dataset": train_rows, "val_dataset": val_rows, "split_dataset_ratio": 0,
+        "output_dir": out, "add_version": "false", "create_checkpoint_symlink": "false",
+        "max_steps": t.max_steps, "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "logging_steps": t.logging_steps, "logging_first_step": "true",
+        "eval_strategy": "steps", "eval_steps": t.eval_steps,
+        "save_strategy": "steps", "save_steps": t.save_steps,
+        "max_length": t.max_length, "truncation_strategy": "delete",
+        "seed": t.seed, "data_seed": t.seed,
+        "dataloader_num_workers": t.dataloader_num_workers, "dataset_num_proc": 1,
+        "load_from_cache_file": "false", "report_to": "mlflow", "use_hf": "true",
+        "attn_impl": "flash_attn" if t.packing else "sdpa",
+        "run_name": "train",
+    }
+    if t.save_total_limit:
+        args["save_total_limit"] = t.save_total_limit
+    if t.packing:
+        args["packing"] = "true"
+    if t.deepspeed:
+        args["deepspeed"] = t.deepspeed
+    cli: list[str] = []
+    for k, v in args.items():
+        cli += [f"--{k}", str(v)]
+    return cli
+
+
+def _history(swift_out: Path) -> list[dict[str, Any]]:
+    f = swift_out / "logging.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _num(v: Any) -> Any:
+    """swift logs some values as strings like '12.3%'; keep only numbers."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return v
+    return None
+
+
+def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
+    """One row per logging event (train or eval) with every numeric field as a column."""
+    keep = [r for r in rows if "global_step/max_steps" in r or "loss" in r or "eval_loss" in r]
+    cols: list[str] = ["step", "split"]
+    out_rows = []
+    for r in keep:
+        step = r.get("global_step/max_steps", "")
+        step = int(str(step).split("/")[0]) if step else r.get("step")
+        split = "eval" if any(k.startswith("eval_") for k in r) else "train"
+        flat = {"step": step, "split": split}
+        for k, v in r.items():
+            n = _num(v)
+            if n is None:
+                continue
+            name = k[5:] if split == "eval" and k.startswith("eval_") else k
+            flat[name] = n
+            if name not in cols:
+                cols.append(name)
+        out_rows.append(flat)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in out_rows:
+            w.writerow(r)
+    os.replace(tmp, path)
+    return len(out_rows)
+
+
+def last_checkpoint(swift_out: Path) -> Path | None:
+    ckpts = sorted(swift_out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (same filesystem) or copy a checkpoint, so ``final`` costs no extra space."""
+    if dst.exists():
+        shutil.rmtree(dst)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str, Any]:
+    train = [r for r in rows if "loss" in r and _num(r.get("loss")) is not None]
+    evals = [r for r in rows if "eval_loss" in r]
+    out: dict[str, Any] = {
+        "steps": throughput.get("global_step"),
+        "wall_time_s": round(throughput.get("wall_time_s", float("nan")), 2),
+        "tokens_per_second": round(throughput.get("tokens_per_second", float("nan")), 2),
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+    }
+    for key in ("coord_softce_w1/coord_vocab_mass", "coord_softce_w1/soft_ce", "coord_softce_w1/w1", "token_acc"):
+        if train and key in train[-1]:
+            out[f"final_train_{key.split('/')[-1]}"] = train[-1][key]
+        if evals and f"eval_{key}" in evals[-1]:
+            out[f"final_eval_{key.split('/')[-1]}"] = evals[-1][f"eval_{key}"]
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def run(params: Params, root: Path | None = None) -> dict[str, Any]:
+    root = root or paths.project_root()
+    check_hardware(params)
+    t = params.train
+    pre_dir = paths.resolve(params.preprocess.out_dir, root)
+    base = paths.resolve(params.build_base.out_dir, root)
+    out = paths.resolve(t.out_dir, root)
+    for f in (pre_dir / "train.jsonl", pre_dir / "val.jsonl"):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing; run `dvc repro preprocess` first")
+    if not (base / "coord_vocab.json").is_file():
+        raise FileNotFoundError(f"{base}/coord_vocab.json: missing; run `dvc repro build_base` first")
+
+    uri = tracking.tracking_uri(params)
+    tracking.check_reachable(uri)  # fail before any work, not after the run
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    data_dir = out / "data"
+    n_train = swift_rows(pre_dir / "train.jsonl", data_dir / "train.jsonl")
+    n_val = swift_rows(pre_dir / "val.jsonl", data_dir / "val.jsonl")
+    plugin_cfg = {
+        "coord_vocab": str(base / "coord_vocab.json"),
+        "loss": params.train.coord_soft_ce_w1.model_dump(),
+        "token_type_metrics": params.train.token_type_metrics.enabled,
+    }
+    write_json(out / "coordexp_plugin.json", plugin_cfg)
+    write_json(out / "resolved_params.json", params.model_dump(mode="json"))
+    swift_out = out / SWIFT_DIR
+    cli = ["swift", "sft", *swift_cli_args(params, base, data_dir / "train.jsonl", data_dir / "val.jsonl", swift_out)]
+
+    import mlflow
+
+    with tracking.stage_run(params, "train", run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline") as r:
+        run_id = r.info.run_id
+        (out / RUN_ID_FILE).write_text(run_id + "\n")
+        mlflow.set_tags({"coordexp.loss": "stage1_softce_w1" if t.coord_soft_ce_w1.enabled else "ce_baseline",
+                         "coordexp.base_checkpoint": str(base)})
+        env = {**os.environ, "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
+               "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id,
+               "MLFLOW_EXPERIMENT_NAME": params.tracking.experiment,
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        if t.nproc_per_node > 1:
+            env["NPROC_PER_NODE"] = str(t.nproc_per_node)
+        # the callback must not end our run: it resumes it and we finish it after the artifacts
+        mlflow.end_run()  # detach in this process; reopened below
+        print(f"[train] {n_train} train / {n_val} val samples; launching: {' '.join(cli)}", flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cli, env=env, cwd=root)
+        wall = time.time() - t0
+        mlflow.start_run(run_id=run_id)
+        if proc.returncode != 0:
+            raise TrainingError(
+                f"ms-swift training failed (exit {proc.returncode}); see its output above. The MLflow run {run_id} "
+                f"is marked FAILED; checkpoints saved so far are in {swift_out}"
+            )
+        rows = _history(swift_out)
+        tp_file = swift_out / "coordexp_throughput.json"
+        throughput = json.loads(tp_file.read_text()) if tp_file.is_file() else {"wall_time_s": wall}
+        ckpt = last_checkpoint(swift_out)
+        if ckpt is None:
+            raise TrainingError(f"{swift_out}: training ended without a checkpoint")
+        final = out / FINAL_DIR
+        _link_tree(ckpt, final)
+        shutil.copy2(base / "coord_vocab.json", final / "coord_vocab.json")
+        metrics = summary(rows, throughput)
+        metrics["final_checkpoint"] = str(final.relative_to(root)) if final.is_relative_to(root) else str(final)
+        metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+        write_json(paths.metrics_dir(root) / "train.json", metrics)
+        hist = paths.resolve(params.report.out_dir, root) / "train_history.csv"
+        write_history_csv(rows, hist)
+        mlflow.log_metrics({f"train_summary.{k}": float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifact(str(out / "resolved_params.json"), "config")
+        mlflow.log_artifact(str(base / "coord_vocab.json"), "config")
+        mlflow.log_artifact(str(hist), "history")
+        if t.log_checkpoint == "full":
+            mlflow.log_artifacts(str(final), "checkpoint")
+        mlflow.set_tag("coordexp.final_checkpoint", str(final))
+    return metrics
+
+
+def run_id_of(params: Params, root: Path | None = None) -> str | None:
+    f = paths.resolve(params.train.out_dir, root or paths.project_root()) / RUN_ID_FILE
+    return f.read_text().strip() if f.is_file() else None
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience
+    sys.exit("use stages/train.py")
