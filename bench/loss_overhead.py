@@ -1,30 +1,36 @@
-"""Overhead of ``stage1_loss`` against plain full-vocab cross-entropy on the same logits.
+"""What does the Stage-1 loss cost over the plain full-vocab CE a trainer computes anyway?
 
-Both sides get the same fp32 ``[N, V]`` logits (a leaf that requires grad) and do forward
-+ backward. Plain CE is ``F.cross_entropy(logits, labels)`` over every position; the
-Stage-1 loss sees the same positions with ~20% of the targets being coord tokens (1000
-coord ids inside V). Repeats are interleaved (plain, stage1, plain, ...) and the median is
-reported, so background load on a shared machine hits both sides alike.
+Both sides get the same fp32 ``[N, V]`` logits (a leaf that requires grad) and run forward +
+backward:
 
-Peak memory: each (N, method) runs once in a fresh subprocess; we report the growth of the
-process's peak RSS (``resource.getrusage(...).ru_maxrss``) caused by one forward+backward,
-over the peak after the logits and labels were built. glibc serves these large tensors
-with mmap, so freed memory leaves RSS and the delta is the transient peak. The analytic
-extra bytes (``[N, V]`` fp32 buffers alive at the peak) are printed beside it.
+* ``ce``      ``F.cross_entropy(logits, labels)`` over every position (the stock SFT loss);
+* ``stage1``  ``coordexp.losses.stage1_loss(logits, labels, coord_id_map)``: text CE on the ~80%
+  text targets + softCE + W1 + gate on the ~20% coord targets (1000 coord ids inside V).
 
-    PYTHONPATH=src python bench/loss_overhead.py --sizes 2048 4096 --repeats 5 --write
+Time: one process, the two methods interleaved repeat by repeat (alternating which goes first,
+so drifting background load on a shared machine hits both alike); we report the median and
+the ratio of medians. Goal: stage1 <= 1.05 x ce.
+
+Peak memory: each (N, method) runs once in a fresh subprocess (``--mem-child``). After the
+logits and labels exist (pages touched) we reset the kernel's RSS high-water mark
+(``/proc/self/clear_refs``) and read ``VmRSS``; after one forward + backward we read ``VmHWM``
+(``/proc/self/status``); the delta is the transient extra peak of that loss, logits excluded,
+the ``[N, V]`` gradient included. glibc serves tensors this large with mmap, so freed buffers
+leave RSS at once and the high-water mark is the true peak. Plain CE holds the logits, their log-softmax, the
+dense NLL gradient and the input gradient at once (~4 x N V x 4 B at its peak): at N = 8192 and
+V = 151936 that is ~20 GB, over this machine's ~16 GB budget, so that one configuration is not
+run unless ``--allow-over-budget`` is given; its figures are then printed as ``skipped``.
+
+    PYTHONPATH=src .venv/bin/python bench/loss_overhead.py --sizes 2048 4096 8192 --repeats 5 --write
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import os
 import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,158 +40,172 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from coordexp.codec import K
 from coordexp.losses import stage1_loss
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## loss_overhead"
+BUDGET_BYTES = 16 * 2**30
 
 
-def make_inputs(n: int, vocab: int, coord_frac: float, seed: int = 0):
-    """fp32 logits ``[n, vocab]`` (built in place: no second ``[n, vocab]`` buffer), labels
-    with ``coord_frac`` coord targets, and the coord_id_map (coord ids = the last 1000)."""
+def make_inputs(n: int, v: int, coord_frac: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [n, v] fp32 leaf, aligned labels [n], coord_id_map [v]). Coord ids sit in a block
+    inside V (as when coord tokens are added to a Qwen vocabulary); ~coord_frac of targets are
+    coord tokens, the rest uniform text ids; no ignored positions (worst case for both)."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, vocab, generator=g).mul_(2.0)
-    coord_lo = vocab - 1000
-    cmap = torch.full((vocab,), -1, dtype=torch.long)
-    cmap[coord_lo:] = torch.arange(1000)
-    labels = torch.randint(0, coord_lo, (n,), generator=g)
+    first = v - K - 1000
+    coord_ids = torch.arange(first, first + K)
+    cmap = torch.full((v,), -1, dtype=torch.long)
+    cmap[coord_ids] = torch.arange(K)
+    text_pool = torch.cat([torch.arange(0, first), torch.arange(first + K, v)])
+    labels = text_pool[torch.randint(0, text_pool.numel(), (n,), generator=g)]
     is_coord = torch.rand(n, generator=g) < coord_frac
-    labels[is_coord] = coord_lo + torch.randint(0, 1000, (int(is_coord.sum()),), generator=g)
+    labels[is_coord] = coord_ids[torch.randint(0, K, (int(is_coord.sum()),), generator=g)]
+    logits = torch.randn(n, v, generator=g).mul_(2.0).requires_grad_()
     return logits, labels, cmap
 
 
-def run_plain(logits, labels, cmap, temperature):
-    x = logits.detach().requires_grad_()
-    F.cross_entropy(x, labels).backward()
-    return x.grad
+def step(method: str, logits: torch.Tensor, labels: torch.Tensor, cmap: torch.Tensor, temperature: float) -> None:
+    logits.grad = None
+    if method == "ce":
+        F.cross_entropy(logits, labels).backward()
+    else:
+        stage1_loss(logits, labels, cmap, temperature=temperature).total.backward()
 
 
-def run_stage1(logits, labels, cmap, temperature):
-    x = logits.detach().requires_grad_()
-    stage1_loss(x, labels, cmap, temperature=temperature).total.backward()
-    return x.grad
-
-
-METHODS = {"plain_ce": run_plain, "stage1_loss": run_stage1}
-# [N, V] fp32 buffers alive at the peak besides the logits themselves:
-# plain CE: saved log_softmax output, nll_loss grad, log_softmax grad (= logits.grad);
-# stage1: logits.grad only (+ cache-sized chunks and [Nc, K] coord-slice tensors).
-ANALYTIC_NV_BUFFERS = {"plain_ce": 3, "stage1_loss": 1}
-
-
-def mem_available_gib() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
-def child(n: int, vocab: int, coord_frac: float, method: str, temperature: float) -> None:
-    logits, labels, cmap = make_inputs(n, vocab, coord_frac)
-    gc.collect()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    METHODS[method](logits, labels, cmap, temperature)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_delta_gib": (after - before) / 2**20}))
-
-
-def measure_memory(n, vocab, coord_frac, method, temperature) -> float:
-    cmd = [sys.executable, __file__, "--child", str(n), method, "--vocab", str(vocab),
-           "--coord-frac", str(coord_frac), "--temperature", str(temperature),
-           "--threads", str(torch.get_num_threads())]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_gib"]
-
-
-def time_side_by_side(n, vocab, coord_frac, repeats, temperature):
-    logits, labels, cmap = make_inputs(n, vocab, coord_frac)
-    times = {m: [] for m in METHODS}
-    for m, f in METHODS.items():  # warm-up (allocator, thread pool)
-        f(logits, labels, cmap, temperature)
-    for _ in range(repeats):
-        for m, f in METHODS.items():
-            gc.collect()
+def time_pair(n: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    logits, labels, cmap = make_inputs(n, args.vocab, args.coord_frac)
+    methods = ["ce", "stage1"]
+    for m in methods:  # warm-up: first-touch page faults, allocator, lazy init
+        step(m, logits, labels, cmap, args.temperature)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(args.repeats):
+        for m in methods if r % 2 == 0 else methods[::-1]:
             t0 = time.perf_counter()
-            f(logits, labels, cmap, temperature)
+            step(m, logits, labels, cmap, args.temperature)
             times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(t) for m, t in times.items()}, times
+    del logits
+    return times
 
 
-def write_results(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
-    ap.add_argument("--vocab", type=int, default=151_936)
-    ap.add_argument("--coord-frac", type=float, default=0.2)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (0 = torch default). On a shared, oversubscribed CPU, "
-                         "1 thread avoids OpenMP barrier stalls that swamp the comparison")
-    ap.add_argument("--no-memory", action="store_true", help="skip the per-config memory subprocesses")
-    ap.add_argument("--write", action="store_true", help=f"write the '{SECTION}' section of {RESULTS.name}")
-    ap.add_argument("--child", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child:
-        child(int(args.child[0]), args.vocab, args.coord_frac, args.child[1], args.temperature)
-        return
+def mem_child(n: int, method: str, args: argparse.Namespace) -> None:
+    """Peak RSS growth of one forward + backward. VmHWM is per address space (ru_maxrss is not:
+    after fork + exec it carries the parent's high-water mark), and writing 5 to clear_refs
+    resets it to the current RSS, so the reading starts from the logits alone."""
+    logits, labels, cmap = make_inputs(n, args.vocab, args.coord_frac)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    assert _status_kib("VmHWM") <= before + 1024, "could not reset the RSS high-water mark"
+    step(method, logits, labels, cmap, args.temperature)
+    print(json.dumps({"delta": (_status_kib("VmHWM") - before) * 1024, "logits": logits.numel() * 4}))
 
-    rows, skipped = [], []
+
+def peak_memory(n: int, method: str, args: argparse.Namespace) -> int | None:
+    cmd = [sys.executable, __file__, "--mem-child", str(n), method, "--vocab", str(args.vocab),
+           "--coord-frac", str(args.coord_frac), "--temperature", str(args.temperature)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["delta"])
+
+
+def ce_predicted_peak(n: int, v: int) -> int:
+    """Logits + log-softmax + dense NLL grad + input grad, fp32."""
+    return 4 * n * v * 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="N, tokens per batch")
+    p.add_argument("--vocab", type=int, default=151_936)
+    p.add_argument("--coord-frac", type=float, default=0.2)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-config memory subprocesses")
+    p.add_argument("--allow-over-budget", action="store_true", help=f"run configs predicted over {BUDGET_BYTES / 2**30:.0f} GiB")
+    p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
+    p.add_argument("--mem-child", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.mem_child:
+        mem_child(int(args.mem_child[0]), args.mem_child[1], args)
+        return 0
+
+    rows = []
     for n in args.sizes:
-        # plain CE peaks at the logits + 3 more [N, V] fp32 buffers; keep 2 GiB headroom
-        need = 4 * n * args.vocab * 4 / 2**30 + 2
-        if need > mem_available_gib():
-            skipped.append(f"N={n}: needs ~{need:.0f} GiB, {mem_available_gib():.0f} GiB available")
-            print("skip", skipped[-1], flush=True)
-            continue
-        med, raw = time_side_by_side(n, args.vocab, args.coord_frac, args.repeats, args.temperature)
-        mem = {}
+        over = ce_predicted_peak(n, args.vocab) > BUDGET_BYTES and not args.allow_over_budget
+        row: dict[str, object] = {"n": n}
+        if over:
+            logits, labels, cmap = make_inputs(n, args.vocab, args.coord_frac)
+            step("stage1", logits, labels, cmap, args.temperature)
+            ts = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                step("stage1", logits, labels, cmap, args.temperature)
+                ts.append(time.perf_counter() - t0)
+            del logits
+            row.update(ce=None, stage1=statistics.median(ts))
+        else:
+            times = time_pair(n, args)
+            row.update(ce=statistics.median(times["ce"]), stage1=statistics.median(times["stage1"]))
         if not args.no_memory:
-            gc.collect()
-            mem = {m: measure_memory(n, args.vocab, args.coord_frac, m, args.temperature) for m in METHODS}
-        nv_gib = n * args.vocab * 4 / 2**30
-        rows.append((n, med, mem, nv_gib))
-        print(f"N={n}: " + ", ".join(f"{m} {t:.3f}s" for m, t in med.items())
-              + f", ratio {med['stage1_loss'] / med['plain_ce']:.3f}; raw {json.dumps(raw)}", flush=True)
+            row["mem_ce"] = None if over else peak_memory(n, "ce", args)
+            row["mem_stage1"] = peak_memory(n, "stage1", args)
+        rows.append(row)
+        print(f"N={n}: {row}", file=sys.stderr, flush=True)
 
-    head = ("| N | V | plain CE fwd+bwd (s) | stage1_loss fwd+bwd (s) | ratio | "
-            "peak RSS growth plain / stage1 (GiB) | analytic extra plain / stage1 (GiB) |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    for n, med, mem, nv in rows:
-        m = (f"{mem['plain_ce']:.2f} / {mem['stage1_loss']:.2f}" if mem else "not measured")
+    def f(x: object, fmt: str) -> str:
+        return "skipped" if x is None else format(x, fmt)
+
+    gib = 2**30
+    lines = [
+        "| N | V | CE fwd+bwd s (median) | stage1 fwd+bwd s (median) | stage1 / CE | CE peak extra GiB | stage1 peak extra GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = None if r["ce"] is None else r["stage1"] / r["ce"]
+        mem_ce = r.get("mem_ce")
+        mem_s1 = r.get("mem_stage1")
         lines.append(
-            f"| {n} | {args.vocab} | {med['plain_ce']:.3f} | {med['stage1_loss']:.3f} | "
-            f"{med['stage1_loss'] / med['plain_ce']:.3f} | {m} | "
-            f"{ANALYTIC_NV_BUFFERS['plain_ce'] * nv:.2f} / {ANALYTIC_NV_BUFFERS['stage1_loss'] * nv:.2f} |"
+            f"| {r['n']} | {args.vocab} | {f(r['ce'], '.3f')} | {r['stage1']:.3f} | {'skipped' if ratio is None else f'{ratio:.2f}x'} | "
+            f"{'n/a' if 'mem_ce' not in r else f(None if mem_ce is None else mem_ce / gib, '.2f')} | "
+            f"{'n/a' if mem_s1 is None else f'{mem_s1 / gib:.2f}'} |"
         )
     table = "\n".join(lines)
+    cmd = "PYTHONPATH=src .venv/bin/python bench/loss_overhead.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
+    machine = (f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads, {platform.python_version()}")
+    header = (
+        f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+        f"Command: `{cmd.strip()}`  \nMachine: {machine}; shared with other jobs "
+        f"(load average at start {os.getloadavg()[0]:.1f}).  \n"
+        f"Setup: fp32 logits leaf, {args.coord_frac:.0%} coord targets, T = {args.temperature}, "
+        f"{args.repeats} interleaved repeats after one warm-up each, median. Memory: peak RSS growth "
+        f"(VmHWM after a clear_refs reset) over the logits in a fresh subprocess per (N, method), gradient included; "
+        f"`skipped` = plain CE predicted at ~{ce_predicted_peak(8192, args.vocab) / gib:.0f} GiB at N=8192, "
+        f"over the 16 GiB budget.\n"
+    )
+    print(header)
     print(table)
     if args.write:
-        cmd = "PYTHONPATH=src .venv/bin/python bench/loss_overhead.py " + " ".join(sys.argv[1:])
-        text = (
-            f"{SECTION}\n\n"
-            f"- command: `{cmd}`\n"
-            f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()}-core CPU "
-            f"({platform.processor() or platform.machine()}), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; shared machine, 1-min load average at the end "
-            f"{os.getloadavg()[0]:.1f}\n"
-            f"- fp32 logits, {args.coord_frac:.0%} coord targets, T={args.temperature}, sigma=2, truncate=16; "
-            f"median of {args.repeats} interleaved repeats after one warm-up\n"
-            f"- peak memory: growth of ru_maxrss over one fwd+bwd in a fresh subprocess per cell\n"
-            + "".join(f"- skipped {s}\n" for s in skipped)
-            + "\n" + table + "\n"
-        )
-        write_results(text)
+        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        block = header + "\n" + table + "\n"
+        if SECTION not in text:
+            text = text.rstrip("\n") + f"\n\n{SECTION}\n\n" + block
+        else:
+            start = text.index(SECTION) + len(SECTION)
+            nxt = text.find("\n## ", start)
+            end = len(text) if nxt < 0 else nxt
+            text = text[:end].rstrip("\n") + "\n\n" + block + text[end:]
+        RESULTS.write_text(text)
+        print(f"appended to {RESULTS}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -55,3 +55,48 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+# ------------------------------------------------------------------------------------------
+# a tiny real project: small synthetic data, the real stages, the real tools
+
+
+def set_params(root: Path, updates: dict) -> None:
+    """Deep-update ``root/params.yaml`` (keys as dotted paths)."""
+    import yaml
+
+    f = root / "params.yaml"
+    raw = yaml.safe_load(f.read_text())
+    for dotted, value in updates.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    f.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+TINY_TRAIN = {
+    "train.max_steps": 30, "train.per_device_train_batch_size": 4, "train.per_device_eval_batch_size": 4,
+    "train.logging_steps": 5, "train.eval_steps": 10, "train.save_steps": 10, "train.eval_samples": 4,
+    "train.learning_rate": 0.002, "train.warmup_ratio": 0.0,
+    "evaluate.limit": 8, "evaluate.batch_size": 8, "evaluate.max_new_tokens": 64,
+}
+
+
+def make_tiny_project(dest: Path, n_train: int = 48, n_val: int = 8, **updates) -> Path:
+    """A repo copy whose data is a small freshly generated shapes set (no DVC pull needed)."""
+    from coordexp.synth import generate_coco_shapes
+
+    root = copy_repo(dest)
+    generate_coco_shapes(root / "data" / "shapes", n_train=n_train, n_val=n_val, seed=1, progress=False)
+    set_params(root, {**TINY_TRAIN, **updates})
+    return root
+
+
+def run_stage(root: Path, name: str, *, check: bool = True, timeout: int = 900, **env: str):
+    res = subprocess.run([sys.executable, f"stages/{name}.py"], cwd=root, env=stage_env(**env),
+                         capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, f"stage {name} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
+    return res

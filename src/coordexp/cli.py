@@ -26,6 +26,20 @@ def _synth(args: argparse.Namespace) -> int:
     return synth.main(args.rest) or 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from coordexp.predict import predict
+
+    try:
+        res = predict(args.checkpoint, args.images, args.out, max_new_tokens=args.max_new_tokens)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in res:
+        print(f"{r['image']}: {len(r['objects'])} objects")
+    print(f"wrote {args.out}/predictions.json and the drawn images")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coordexp", description="CoordExp workbench utilities")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_synth)
+
+    p = sub.add_parser("predict", help="detect objects in your own images with a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="e.g. artifacts/train/final")
+    p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("images", nargs="+", type=Path)
+    p.set_defaults(func=_predict)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -185,6 +185,8 @@ class TrainConfig(_Section):
     """Log train metrics every this many steps."""
     eval_steps: int = Field(default=100, ge=1)
     """Evaluate (teacher-forced losses and metrics on val) every this many steps."""
+    eval_samples: int | None = Field(default=None, ge=1)
+    """Teacher-forced evaluation uses the first N val samples (``null``: all of them)."""
     save_steps: int = Field(default=100, ge=1)
     """Save a checkpoint every this many steps."""
     save_total_limit: int | None = Field(default=None, ge=1)

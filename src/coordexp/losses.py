@@ -230,9 +230,9 @@ def global_counts(
     if all_reduce and dist.is_available() and dist.is_initialized():
         backend = dist.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        buf = torch.tensor([text, coord], dtype=torch.float64 if backend != "nccl" else torch.float32, device=device)
+        buf = torch.tensor([text, coord], dtype=torch.int64, device=device)  # exact at any count
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        text, coord = int(round(float(buf[0]))), int(round(float(buf[1])))
+        text, coord = int(buf[0]), int(buf[1])
         world = dist.get_world_size(group)
     return GlobalCounts(text_tokens=text, coord_tokens=coord, world_size=world)
 

@@ -57,18 +57,18 @@ def _coord_id_map(cfg: dict[str, Any]) -> torch.Tensor:
 
 
 def _align(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift so that logits[:, t] predicts labels[:, t] (swift passes both unshifted).
+    """Align so that logits[:, t] predicts labels[:, t] (swift passes both unshifted).
 
-    With ``logits_to_keep`` ms-swift trims the labels to the kept positions already; if the
-    logits still cover fewer positions, they are the last ones, so the labels are cut to match.
+    The *labels* are shifted (a cheap int copy) rather than the logits: ``logits[:, :-1]`` is not
+    viewable as ``[N, V]`` and would cost a full copy of the largest tensor of the step. With
+    ``logits_to_keep`` the logits may cover only the last positions; the labels are cut to match.
     """
-    labels = labels[:, 1:]
-    logits = logits[:, :-1]
-    if logits.shape[1] != labels.shape[1]:
-        if logits.shape[1] > labels.shape[1]:
-            raise ValueError(f"logits cover {logits.shape[1]} positions but labels only {labels.shape[1]}")
-        labels = labels[:, -logits.shape[1]:]
-    return logits, labels
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if logits.shape[1] != shifted.shape[1]:
+        if logits.shape[1] > shifted.shape[1]:
+            raise ValueError(f"logits cover {logits.shape[1]} positions but labels only {shifted.shape[1]}")
+        shifted = shifted[:, -logits.shape[1]:]
+    return logits, shifted
 
 
 def _update(metrics: Any, name: str, value: float, count: int = 1) -> None:

@@ -62,11 +62,11 @@ def check_hardware(params: Params) -> None:
         raise ValueError(f"train.dtype: {t.dtype} training needs a GPU here; use float32 on the CPU")
 
 
-def swift_rows(jsonl: Path, out: Path) -> int:
+def swift_rows(jsonl: Path, out: Path, limit: int | None = None) -> int:
     """Contract records -> ms-swift conversation rows, through THE template builder."""
     from coordexp.template import build_messages
 
-    records = read_jsonl(jsonl)
+    records = read_jsonl(jsonl)[:limit]
     return write_jsonl(out, (build_messages(r, jsonl.parent, with_answer=True) for r in records))
 
 
@@ -227,7 +227,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     out.mkdir(parents=True)
     data_dir = out / "data"
     n_train = swift_rows(pre_dir / "train.jsonl", data_dir / "train.jsonl")
-    n_val = swift_rows(pre_dir / "val.jsonl", data_dir / "val.jsonl")
+    n_val = swift_rows(pre_dir / "val.jsonl", data_dir / "val.jsonl", t.eval_samples)
     plugin_cfg = {
         "coord_vocab": str(base / "coord_vocab.json"),
         "loss": params.train.coord_soft_ce_w1.model_dump(),
