@@ -126,3 +126,70 @@ def test_packing_and_multi_gpu_are_refused_on_the_cpu(tmp_path):
     root = make_tiny_project(tmp_path / "repo", **{"train.packing": True})
     res = run_stage(root, "train", check=False)
     assert res.returncode == 2 and "train.packing" in res.stderr and "flash-attention" in res.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_writes_metrics_that_match_pycocotools(stage1_project):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root = stage1_project
+    res = run_stage(root, "evaluate", **{})
+    m = json.loads((root / "reports" / "metrics" / "eval.json").read_text())
+    for key in ("bbox_mAP", "bbox_mAP50", "bbox_mAP75", "segm_mAP", "f1@0.5", "f1@0.3", "parse_rate", "nan_scores"):
+        assert key in m, key
+    assert m["nan_scores"] == 0 and 0 <= m["parse_rate"] <= 1
+    ev = root / "artifacts" / "eval"
+    preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and all("text" in p and "problems" in p for p in preds)
+    gt = COCO(str(ev / "coco_gt.json"))
+    results = json.loads((ev / "coco_results.json").read_text())
+    if results:
+        e = COCOeval(gt, gt.loadRes(str(ev / "coco_results.json")), "bbox")
+        e.evaluate(), e.accumulate(), e.summarize()
+        assert m["bbox_mAP"] == pytest.approx(max(e.stats[0], 0.0), abs=1e-12)
+    else:
+        assert m["bbox_mAP"] == 0.0
+    client, run = _run(root)
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    assert logged["bbox_mAP"] == pytest.approx(m["bbox_mAP"]) and "parse_rate" in logged
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
+        "eval/predictions.jsonl", "eval/coco_gt.json", "eval/coco_results.json"}
+    assert "evaluate" in res.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_all_checkpoints_picks_best_by_map(stage1_project):
+    from conftest import set_params
+
+    root = stage1_project
+    set_params(root, {"evaluate.checkpoints": "all", "evaluate.limit": 4})
+    try:
+        run_stage(root, "evaluate")
+    finally:
+        set_params(root, {"evaluate.checkpoints": "last", "evaluate.limit": 8})
+    m = json.loads((root / "reports" / "metrics" / "eval.json").read_text())
+    assert set(m["by_step"]) == {"10", "20", "30"}
+    assert m["bbox_mAP"] == max(v or 0.0 for v in m["by_step"].values())
+    client, run = _run(root)
+    assert len(client.get_metric_history(run.info.run_id, "ckpt_bbox_mAP")) >= 3
+
+
+@pytest.mark.slow
+def test_predict_command_on_a_users_image(stage1_project, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    img = next((stage1_project / "artifacts" / "preprocess" / "images" / "val").glob("*.png"))
+    exe = Path(sys.executable).parent / "coordexp"
+    res = subprocess.run([exe, "predict", "--checkpoint", stage1_project / "artifacts" / "train" / "final",
+                          "--out", tmp_path / "out", "--max-new-tokens", "64", img], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert out[0]["image"] == str(img) and isinstance(out[0]["objects"], list)
+    with Image.open(tmp_path / "out" / f"{img.stem}.pred.png") as im:
+        assert im.size == Image.open(img).size
+    bad = subprocess.run([exe, "predict", "--checkpoint", tmp_path / "nope", img], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such checkpoint" in bad.stderr

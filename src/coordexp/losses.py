@@ -18,7 +18,7 @@ Why a custom autograd Function: the only ``[N, V]`` work is one logsumexp per su
 the target logit and the 1000-column coord slice. :class:`_RowStats` does exactly that, row-chunk
 by row-chunk so that no ``[N, V]`` fp32 temporary is ever allocated, and saves only the logits
 (by reference) and one float per row. Its backward rebuilds ``softmax(z/T)`` chunk by chunk and
-writes the gradient straight into a single ``[N, V]`` buffer. Everything downstream of the row
+writes the gradient straight into a single ``[N, V]`` buffer (fused softmax kernels both ways). Everything downstream of the row
 statistics (softCE, W1, gate on ``[n_coord, K]``) is ordinary autograd on small tensors, so
 gradients stay exact. Plain ``F.cross_entropy`` by contrast materialises the ``[N, V]``
 log-softmax and a dense ``[N, V]`` NLL gradient.

@@ -1,0 +1,376 @@
+"""``fused_stage1_loss`` (hidden + LM head, chunked) against ``stage1_loss`` on materialised logits
+and against a float64 reference written straight from DESIGN §3.
+
+Tolerances, and why:
+
+* fp32 inputs: both paths compute the logits with an fp32 matmul, but with different blocking
+  (one chunk at a time vs all rows), so each logit differs by a few ulp of ``sum |h_i w_i|``;
+  everything after is fp32 on the same formulas. Values: ``1e-5`` relative (+1e-6 absolute for
+  terms that are ~0, e.g. a gate of 1e-7 is the difference of two O(1) log-sum-exps), plus
+  ``4 eps32 max|z| / T``: a logit that differs by one matmul rounding moves a log-sum-exp of
+  ``z / T`` by up to that much, and the gate is a difference of two such (observed: at
+  ``max|z| = 22, T = 0.125`` the materialised path is 3e-6 off float64, the fused one 6e-7).
+  Gradients w.r.t. hidden, weight, bias: ``max|g - g_ref| <= 1e-5 max|g_ref| + 1e-7``; the
+  absolute floor covers entries whose gradient cancels (softmax minus one-hot summed over rows).
+* bf16 inputs: the upcast to fp32 is exact, so values meet the fp32 tolerance against the
+  materialised fp32 path fed the same (rounded) inputs; gradients come back in bf16, so they
+  are within one bf16 rounding of the fp32 gradient: ``2**-8 max|g|`` (+ the fp32 tolerance).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import coordexp.fused_loss as fl
+from coordexp.codec import K
+from coordexp.fused_loss import fused_stage1_loss
+from coordexp.losses import GlobalCounts, stage1_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
+EPS32 = torch.finfo(torch.float32).eps
+N_TEXT_IDS = 100
+V = K + N_TEXT_IDS
+D = 48
+TERMS = ("total", "text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass", "text_ce_sum", "soft_ce_sum", "w1_sum", "gate_sum", "mass_sum")
+
+
+def make_vocab(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(coord_id_map, coord ids in bin order, text ids), coord ids scattered over the vocab."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(V, generator=g)
+    cmap = torch.full((V,), -1, dtype=torch.long)
+    cmap[perm[:K]] = torch.arange(K)
+    return cmap, perm[:K], perm[K:].sort().values
+
+
+CMAP, COORD_IDS, TEXT_IDS = make_vocab()
+
+
+def make_case(n: int, coord_frac: float, ignored_frac: float, *, seed: int, scale: float = 1.0,
+              bias: bool = True, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    is_c = torch.rand(n, generator=g) < coord_frac
+    lab = torch.where(is_c, COORD_IDS[torch.randint(0, K, (n,), generator=g)],
+                      TEXT_IDS[torch.randint(0, N_TEXT_IDS, (n,), generator=g)])
+    lab[torch.rand(n, generator=g) < ignored_frac] = -100
+    h = torch.randn(n, D, generator=g) * scale
+    w = torch.randn(V, D, generator=g) / D**0.5
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    h, w = h.to(dtype), w.to(dtype)
+    b = None if b is None else b.to(dtype)
+    return lab, h, w, b
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def _grads(y, xs):
+    xs_ = [x for x in xs if x is not None]
+    gs = torch.autograd.grad(y, xs_, allow_unused=True)
+    gs = [torch.zeros_like(x) if g is None else g for x, g in zip(xs_, gs)]
+    it = iter(gs)
+    return [None if x is None else next(it) for x in xs]
+
+
+def _close_value(got, want, rtol=1e-5, atol=1e-6):
+    got, want = float(torch.as_tensor(got).detach()), float(torch.as_tensor(want).detach())
+    assert abs(got - want) <= rtol * abs(want) + atol, (got, want)
+
+
+def _close_grad(g, g_ref, rtol=1e-5, atol=1e-7):
+    if g_ref is None:
+        assert g is None
+        return
+    assert g.shape == g_ref.shape
+    scale = float(g_ref.abs().max()) if g_ref.numel() else 0.0
+    err = float((g.double() - g_ref.double()).abs().max()) if g_ref.numel() else 0.0
+    assert err <= rtol * scale + atol, (err, scale)
+
+
+def run_both(lab, h, w, b, *, chunk_size, loss_of=lambda r: r.total, **kw):
+    """(fused result, fused grads, materialised result, materialised grads) of ``loss_of``."""
+    hf, wf, bf = _leaves(h, w, b)
+    res_f = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=chunk_size, **kw)
+    g_f = _grads(loss_of(res_f), [hf, wf, bf])
+    hm, wm, bm = _leaves(h.float(), w.float(), None if b is None else b.float())
+    z = hm @ wm.T + (0 if bm is None else bm)
+    res_m = stage1_loss(z, lab, CMAP, **kw)
+    g_m = _grads(loss_of(res_m), [hm, wm, bm])
+    return res_f, g_f, res_m, g_m
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 reference, straight from the formulas (no library code)
+# ------------------------------------------------------------------------------------------------
+
+
+def reference64(lab, h, w, b, *, temperature=1.0, target_sigma=2.0, target_truncate=16,
+                soft_ce_weight=1.0, w1_weight=1.0, gate_weight=1.0):
+    z = h.double() @ w.double().T + (0 if b is None else b.double())
+    T = temperature
+    i = torch.arange(K, dtype=torch.float64)
+    text, ce, w1s, gates = [], [], [], []
+    for r in range(z.shape[0]):
+        t = int(lab[r])
+        if t == -100:
+            continue
+        k = int(CMAP[t])
+        if k < 0:
+            text.append(torch.logsumexp(z[r], 0) - z[r, t])
+            continue
+        s = z[r, COORD_IDS] / T
+        log_p = s - torch.logsumexp(s, 0)
+        q = torch.exp(-0.5 * ((i - k) / target_sigma) ** 2) * ((i - k).abs() <= target_truncate)
+        q = q / q.sum()
+        ce.append(-(q * log_p).sum())
+        w1s.append((log_p.exp().cumsum(0) - q.cumsum(0)).abs().sum() / (K - 1))
+        gates.append(torch.logsumexp(z[r] / T, 0) - torch.logsumexp(s, 0))
+
+    def mean(xs):
+        return torch.stack(xs).mean() if xs else z.sum() * 0.0
+
+    out = {"text_ce": mean(text), "soft_ce": mean(ce), "w1": mean(w1s), "gate": mean(gates)}
+    out["total"] = out["text_ce"] + soft_ce_weight * out["soft_ce"] + w1_weight * out["w1"] + gate_weight * out["gate"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# agreement with the materialised path and with float64
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 2.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_materialised_fp32(chunk_size, temperature, bias):
+    lab, h, w, b = make_case(61, 0.5, 0.2, seed=chunk_size * 7 + int(temperature * 10), bias=bias)
+    kw = dict(temperature=temperature, soft_ce_weight=0.7, w1_weight=1.3, gate_weight=0.9)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=chunk_size, **kw)
+    for name in TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    assert (res_f.coord_tokens, res_f.text_tokens) == (res_m.coord_tokens, res_m.text_tokens)
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_matches_float64_reference(temperature):
+    lab, h, w, b = make_case(23, 0.6, 0.15, seed=3, scale=2.0)
+    kw = dict(temperature=temperature, soft_ce_weight=0.5, w1_weight=2.0, gate_weight=1.5)
+    hf, wf, bf = _leaves(h, w, b)
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=5, **kw)
+    h64, w64, b64 = _leaves(h.double(), w.double(), b.double())
+    ref = reference64(lab, h64, w64, b64, **kw)
+    for name in ("total", "text_ce", "soft_ce", "w1", "gate"):
+        _close_value(getattr(res, name), ref[name])
+    for g, gr in zip(_grads(res.total, [hf, wf, bf]), _grads(ref["total"], [h64, w64, b64])):
+        _close_grad(g, gr)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    coord_frac=st.floats(0.0, 1.0),
+    ignored_frac=st.floats(0.0, 0.5),
+    chunk=st.integers(1, 50),
+    temperature=st.floats(0.1, 5.0),
+    scale=st.sampled_from([0.1, 1.0, 5.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_cases(n, coord_frac, ignored_frac, chunk, temperature, scale, seed):
+    lab, h, w, b = make_case(n, coord_frac, ignored_frac, seed=seed, scale=scale)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=chunk, temperature=temperature)
+    zmax = float((h @ w.T + b).abs().max())
+    for name in TERMS:
+        n_terms = res_m.coord_tokens if name.endswith("_sum") and name != "text_ce_sum" else 1
+        _close_value(getattr(res_f, name), getattr(res_m, name), atol=1e-6 + 4 * EPS32 * zmax / temperature * max(n_terms, 1))
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+# ------------------------------------------------------------------------------------------------
+# edge cases
+# ------------------------------------------------------------------------------------------------
+
+
+def test_no_coord_rows():
+    lab, h, w, b = make_case(30, 0.0, 0.2, seed=4)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=8, temperature=0.7)
+    assert res_f.coord_tokens == 0
+    for name in TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+def test_only_coord_rows():
+    lab, h, w, b = make_case(30, 1.0, 0.2, seed=5)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=8, temperature=0.7)
+    assert res_f.text_tokens == 0
+    for name in TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+def test_all_ignored():
+    lab, h, w, b = make_case(12, 0.5, 0.0, seed=6)
+    lab[:] = -100
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=5)
+    assert res_f.coord_tokens == res_f.text_tokens == 0
+    assert float(res_f.total) == 0.0 and torch.isfinite(res_f.coord_vocab_mass)
+    for g in g_f:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_unsupervised_rows_get_zero_gradient():
+    lab, h, w, b = make_case(20, 0.5, 0.0, seed=7)
+    lab[::3] = -100
+    hf, wf, bf = _leaves(h, w, b)
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=4)
+    (gh,) = torch.autograd.grad(res.total, [hf])
+    assert torch.equal(gh[::3], torch.zeros_like(gh[::3]))
+    assert bool((gh[1::3].abs().sum(1) > 0).all())
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_normalizer(world):
+    lab, h, w, b = make_case(40, 0.5, 0.1, seed=8)
+    norm = GlobalCounts(text_tokens=97, coord_tokens=53, world_size=world)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=9, temperature=0.8, normalizer=norm, gate_weight=2.0)
+    for name in TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+def test_batched_3d_input():
+    lab, h, w, b = make_case(24, 0.5, 0.2, seed=9)
+    hf, wf, bf = _leaves(h.reshape(4, 6, D), w, b)
+    res = fused_stage1_loss(hf, wf, lab.reshape(4, 6), CMAP, bias=bf, chunk_size=5)
+    (gh,) = torch.autograd.grad(res.total, [hf])
+    res2, g2, _, _ = run_both(lab, h, w, b, chunk_size=5)
+    _close_value(res.total, res2.total, rtol=1e-6)
+    assert gh.shape == (4, 6, D)
+    _close_grad(gh.reshape(24, D), g2[0])
+
+
+def test_gate_clamp_rows():
+    """Coord rows whose non-coord logits are hugely negative: gate ~ 1e-30 rounds to <= 0 and
+    the clamp zeroes its gradient; the in-forward gradient must predict the same mask."""
+    lab, h, w, b = make_case(30, 0.7, 0.0, seed=10)
+    b = torch.zeros(V)
+    b[TEXT_IDS] = -80.0
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=6, temperature=1.0)
+    assert float(res_f.gate) < 1e-6
+    for name in TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+# ------------------------------------------------------------------------------------------------
+# the in-forward gradient and its exact fallback
+# ------------------------------------------------------------------------------------------------
+
+
+def _spy(monkeypatch):
+    seen = []
+    orig = fl._scalar_multiple
+
+    def wrapped(g, w):
+        a = orig(g, w)
+        seen.append(a)
+        return a
+
+    monkeypatch.setattr(fl, "_scalar_multiple", wrapped)
+    return seen
+
+
+def test_total_uses_in_forward_gradient_scaled_by_grad_output(monkeypatch):
+    seen = _spy(monkeypatch)
+    lab, h, w, b = make_case(40, 0.5, 0.1, seed=11)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=9, temperature=0.6, loss_of=lambda r: 3.5 * r.total)
+    assert seen and seen[0] is not None and abs(seen[0] - 3.5) < 1e-5
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+@pytest.mark.parametrize("which", ["text_ce", "gate_plus_w1", "mass"])
+def test_other_losses_fall_back_to_exact_recompute(monkeypatch, which):
+    seen = _spy(monkeypatch)
+    loss_of = {
+        "text_ce": lambda r: r.text_ce,
+        "gate_plus_w1": lambda r: 2.0 * r.gate + r.w1 - 0.5 * r.text_ce,
+        "mass": lambda r: r.coord_vocab_mass,
+    }[which]
+    lab, h, w, b = make_case(40, 0.5, 0.1, seed=12)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=9, temperature=0.6, loss_of=loss_of)
+    assert seen and seen[0] is None
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+def test_retain_graph_second_backward():
+    lab, h, w, b = make_case(30, 0.5, 0.1, seed=13)
+    hf, wf, bf = _leaves(h, w, b)
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=7)
+    g1 = torch.autograd.grad(res.total, [hf, wf, bf], retain_graph=True)
+    g2 = torch.autograd.grad(res.total, [hf, wf, bf])
+    for a, c in zip(g1, g2):
+        _close_grad(c, a)
+
+
+def test_frozen_weight_and_no_grad():
+    lab, h, w, b = make_case(30, 0.5, 0.1, seed=14)
+    hf = h.clone().requires_grad_()
+    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, chunk_size=7)
+    (gh,) = torch.autograd.grad(res.total, [hf])
+    _, g_f, _, _ = run_both(lab, h, w, b, chunk_size=7)
+    _close_grad(gh, g_f[0], rtol=1e-6)
+    with torch.no_grad():
+        r0 = fused_stage1_loss(h, w, lab, CMAP, bias=b, chunk_size=7)
+    _close_value(r0.total, res.total, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.4])
+def test_bf16_inputs(temperature):
+    lab, h, w, b = make_case(45, 0.5, 0.1, seed=15, dtype=torch.bfloat16)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=8, temperature=temperature)
+    assert res_f.total.dtype == torch.float32
+    for name in TERMS:  # fp32 arithmetic on exactly upcast inputs
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    for g, gr, x in zip(g_f, g_m, (h, w, b)):
+        assert g.dtype == torch.bfloat16 == x.dtype
+        _close_grad(g, gr, rtol=2**-8 + 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_validation_errors():
+    lab, h, w, b = make_case(8, 0.5, 0.0, seed=16)
+    with pytest.raises(ValueError, match="D="):
+        fused_stage1_loss(h[:, :10], w, lab, CMAP)
+    with pytest.raises(ValueError, match="aligned"):
+        fused_stage1_loss(h, w, lab[:-1], CMAP)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_stage1_loss(h, w, lab, CMAP, chunk_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        fused_stage1_loss(h, w, lab, CMAP, temperature=0.0)
+    with pytest.raises(ValueError, match="bias"):
+        fused_stage1_loss(h, w, lab, CMAP, bias=torch.zeros(V - 1))
+    with pytest.raises(ValueError, match="gate_weight"):
+        fused_stage1_loss(h, w, lab, CMAP, gate_weight=-1.0)
