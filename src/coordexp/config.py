@@ -321,7 +321,8 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         owner = _model_at(loc[:-1])
         allowed = sorted(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        key_name = str(loc[-1])
+        close = difflib.get_close_matches(key_name, allowed, n=1) or [a for a in allowed if key_name in a][:1]
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"{key}: unknown key; {hint}allowed keys here: {', '.join(allowed)}"
     got = error.get("input")

@@ -50,6 +50,11 @@ def predict_records(detector: Any, records: list[Any], image_root: Path, *, batc
     return preds, parses, raw
 
 
+def mlflow_key(name: str) -> str:
+    """MLflow forbids '@' in metric names: ``f1@0.5`` is logged as ``f1_at_0.5``."""
+    return name.replace("@", "_at_")
+
+
 def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -127,7 +132,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     with tracking.stage_run(params, "evaluate", run_id=run_id, run_name="evaluate") as _:
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+        mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for s, m, _, _ in results:
             if s is not None and m["bbox_mAP"] is not None:

@@ -65,13 +65,24 @@ from coordexp.losses import (
 __all__ = ["DEFAULT_CHUNK_ELEMS", "fused_stage1_loss"]
 
 DEFAULT_CHUNK_ELEMS = 1 << 23
-"""Default chunk: ``max(16, 2**23 // V)`` rows (~32 MB of fp32 logits, 55 rows at V = 152k).
-Smaller chunks save memory but re-read ``grad_weight`` once per chunk (the ``G^T h`` accumulation);
-this size keeps that traffic well below the matmul time on the 2-core benchmark machine."""
+"""Smallest default chunk: ``2**23`` fp32 elements (32 MB; 55 rows at V = 152k)."""
+
+MAX_CHUNK_ELEMS = 1 << 26
+"""Largest default chunk: ``2**26`` elements (256 MB; 441 rows at V = 152k)."""
 
 
-def _default_chunk(v: int) -> int:
-    return max(16, DEFAULT_CHUNK_ELEMS // max(v, 1))
+def _default_chunk(v: int, n_rows: int | None = None) -> int:
+    """Rows per chunk: ~1/16 of the supervised rows, clamped to [32 MB, 256 MB] of fp32 logits.
+
+    Why adaptive: the workspace is then ~6% of the logits the unfused path would materialise
+    (the memory goal is <= 10%), while big batches get big chunks, which matter on CPU: a
+    ``[55, D] x [D, 152k]`` matmul runs at ~half the GFLOP/s of a ``[220, D]`` one, and every
+    chunk re-reads the ``[V, D]`` weight gradient it accumulates into."""
+    lo = max(1, DEFAULT_CHUNK_ELEMS // max(v, 1))
+    hi = max(lo, MAX_CHUNK_ELEMS // max(v, 1))
+    if n_rows is None:
+        return lo
+    return int(min(hi, max(lo, -(-n_rows // 16))))
 
 
 class _FusedHead(torch.autograd.Function):
@@ -300,7 +311,7 @@ def fused_stage1_loss(
 
     ``labels [N] | [B, L]`` must be ALIGNED with ``hidden`` (row i predicts ``labels[i]``; the
     caller shifts), ``-100`` ignored. ``chunk_size`` = rows of logits held at once (default
-    ``max(16, 2**23 // V)``). Only supervised rows are touched; all arithmetic is fp32; gradients
+    ~1/16 of the supervised rows, clamped to 32..256 MB of fp32 logits, see ``_default_chunk``). Only supervised rows are touched; all arithmetic is fp32; gradients
     come back in the inputs' dtypes. ``total`` is the loss to backpropagate (its gradient is
     precomputed in the forward; any other scalar still backpropagates exactly, by recompute).
     """
@@ -325,9 +336,7 @@ def fused_stage1_loss(
     for name, w in (("soft_ce_weight", soft_ce_weight), ("w1_weight", w1_weight), ("gate_weight", gate_weight)):
         if not w >= 0:
             raise ValueError(f"{name} must be >= 0, got {w}")
-    if chunk_size is None:
-        chunk_size = _default_chunk(v)
-    if int(chunk_size) != chunk_size or chunk_size < 1:
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dev = hidden.device
     coord_ids = coord_ids_in_bin_order(coord_id_map.to(dev), v)
@@ -346,6 +355,8 @@ def fused_stage1_loss(
     inv_t = 1.0 / float(temperature)
     n_coord = int(k_star.numel())
     n_text = int(rows.numel()) - n_coord
+    if chunk_size is None:
+        chunk_size = _default_chunk(v, int(rows.numel()))
     dt, dc = float(max(n_text, 1)), float(max(n_coord, 1))
 
     # dtotal/dL per row kind, up to the caller's grad_output (see module docstring)

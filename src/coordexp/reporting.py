@@ -129,9 +129,9 @@ def publish(fig: plt.Figure, name: str, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def note(ax: plt.Axes, text: str) -> None:
+def note(ax: plt.Axes, text: str, fontsize: float = 9, y: float = 0.5) -> None:
     """Write a visible note in an axis that has nothing (or not enough) to plot."""
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, wrap=True,
+    ax.text(0.5, y, text, ha="center", va="center", transform=ax.transAxes, fontsize=fontsize,
             bbox={"boxstyle": "round", "fc": "#fff3cd", "ec": "#c9a227"})
 
 
@@ -181,6 +181,8 @@ def history_from_mlflow(tracking_uri: str, run_id: str) -> pd.DataFrame:
     if long.empty:
         return pd.DataFrame(columns=["step", "split"])
     long = long[~long["key"].str.startswith(("train_summary.", "system/"))]
+    bad = long[~np.isfinite(long["value"].to_numpy(dtype=float))]
+    cells = [(k[5:] if k.startswith("eval_") else k, int(st)) for k, st in zip(bad["key"], bad["step"])]
     counts = long.groupby("key")["step"].nunique()
     curves = set(counts[counts > 1].index) | {k for k in counts.index if k.startswith("eval_") or k in dict(LOSS_COMPONENTS)}
     long = long[long["key"].isin(curves) & ~long["key"].isin(HEADLINE_METRICS) & (long["key"] != "ckpt_bbox_mAP")]
@@ -189,7 +191,9 @@ def history_from_mlflow(tracking_uri: str, run_id: str) -> pd.DataFrame:
     long = long.drop_duplicates(["split", "key", "step"], keep="last")
     wide = long.pivot_table(index=["step", "split"], columns="key", values="value", aggfunc="last").reset_index()
     wide.columns.name = None
-    return wide.sort_values(["split", "step"], kind="stable").reset_index(drop=True)
+    wide = wide.sort_values(["split", "step"], kind="stable").reset_index(drop=True)
+    wide.attrs[NONFINITE_ATTR] = cells
+    return wide
 
 
 def load_history(csv_path: str | Path | None = None, tracking_uri: str | None = None,
@@ -197,8 +201,13 @@ def load_history(csv_path: str | Path | None = None, tracking_uri: str | None = 
     """The training history and where it came from: the CSV the train stage wrote (a DVC output,
     so the report is a function of tracked files) or, without it, the MLflow run's histories."""
     if csv_path is not None and Path(csv_path).is_file() and Path(csv_path).stat().st_size > 0:
-        df = pd.read_csv(csv_path)
-        return df.sort_values(["split", "step"], kind="stable").reset_index(drop=True), str(csv_path)
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(csv_path).sort_values(["split", "step"], kind="stable").reset_index(drop=True)
+        cells = [(col, int(raw.loc[i, "step"]) if raw.loc[i, "step"].isdigit() else raw.loc[i, "step"])
+                 for col in raw.columns if col not in ("step", "split")
+                 for i in np.flatnonzero(raw[col].str.strip().str.lower().isin(_NONFINITE_TEXT))]
+        df.attrs[NONFINITE_ATTR] = cells
+        return df, str(csv_path)
     if tracking_uri and run_id:
         return history_from_mlflow(tracking_uri, run_id), f"mlflow run {run_id}"
     return pd.DataFrame(columns=["step", "split"]), "nothing"
@@ -264,7 +273,7 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
 
 def runs_overview(runs: pd.DataFrame) -> pd.DataFrame:
     """The compact table for the notebook: label, loss kind, ablation knobs, varying params, headline metrics."""
-    keep = ["label", "loss_kind", "status"]
+    keep = [c for c in ("label", "loss_kind", "status") if c in runs]
     keep += [c for c in ABLATION_PARAMS if c in runs]
     keep += [c for c in varying_params(runs) if c not in keep]
     keep += [c for c in HEADLINE_METRICS if c in runs]
@@ -334,6 +343,36 @@ def final_values(hist: pd.DataFrame, columns: Iterable[str] | None = None) -> pd
     return pd.DataFrame(rows).set_index("metric")
 
 
+NONFINITE_ATTR = "nonfinite"
+"""``DataFrame.attrs`` key where the loaders record ``(column, step)`` of logged NaN/inf values: in
+the wide history a NaN also means "not logged at this row", so the loaders note real ones."""
+
+_NONFINITE_TEXT = {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
+
+
+def nonfinite_cells(hist: pd.DataFrame) -> list[tuple[str, Any]]:
+    """``(column, step)`` of every NaN or infinite value that was actually logged.
+
+    Frames from :func:`load_history` carry them in ``attrs``; for a frame built by hand, infinities
+    count, and so does a NaN *inside* a series (between its first and last logged value of a split).
+    """
+    if NONFINITE_ATTR in hist.attrs:
+        return list(hist.attrs[NONFINITE_ATTR])
+    found: list[tuple[str, Any]] = []
+    cols = [c for c in hist.columns if c not in ("step", "split")]
+    for _, part in hist.groupby("split", sort=True):
+        for col in cols:
+            v = pd.to_numeric(part[col], errors="coerce").to_numpy(dtype=float)
+            logged = np.flatnonzero(~np.isnan(v))
+            if not len(logged):
+                continue
+            idx = np.arange(len(v))
+            gap = np.isnan(v) & (idx > logged[0]) & (idx < logged[-1])
+            for i in np.flatnonzero(gap | np.isinf(v)):
+                found.append((col, part["step"].iloc[i]))
+    return found
+
+
 def diagnose(hist: pd.DataFrame, *, mass_drop: float = 0.05, eval_rise: float = 0.02) -> list[str]:
     """Warnings a reader should act on, in plain words (empty list: nothing suspicious).
 
@@ -346,14 +385,11 @@ def diagnose(hist: pd.DataFrame, *, mass_drop: float = 0.05, eval_rise: float = 
     warnings: list[str] = []
     if hist.empty:
         return ["no training history was found"]
-    num = hist.drop(columns=["step", "split"], errors="ignore").apply(pd.to_numeric, errors="coerce")
-    for col in num.columns:
-        vals = num[col]
-        bad = ~np.isfinite(vals.dropna().to_numpy(dtype=float))
-        raw_nan = hist[col].isna() & hist[col].astype(str).str.lower().isin(["nan", "inf", "-inf"])
-        if bad.any() or raw_nan.any():
-            steps = hist.loc[vals.index[~np.isfinite(vals.fillna(0).to_numpy(dtype=float))], "step"].tolist()
-            warnings.append(f"non-finite values in {col} (steps {steps[:5]})")
+    bad: dict[str, list[Any]] = {}
+    for col, step in nonfinite_cells(hist):
+        bad.setdefault(col, []).append(step)
+    for col, steps in bad.items():
+        warnings.append(f"non-finite values in {col} (steps {steps[:5]})")
     train, ev = split_history(hist)
     mass_col = "coord_softce_w1/coord_vocab_mass"
     if mass_col in train:
@@ -520,33 +556,37 @@ def plot_coord_errors(errors: pd.DataFrame, n_gt: int | None = None) -> plt.Figu
 
 
 def _draw_object(ax: plt.Axes, kind: str, pts: Sequence[float], color: str, ls: str, label: str | None) -> None:
+    """Outline one object; a white halo keeps it visible on shapes of any colour."""
+    from matplotlib import patheffects
     from matplotlib.patches import Polygon, Rectangle
 
+    halo = [patheffects.Stroke(linewidth=3.2, foreground="white"), patheffects.Normal()]
     if kind == "bbox_2d":
         x1, y1, x2, y2 = pts[:4]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=color, ls=ls, lw=1.3))
-        tx, ty = x1, y1
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=color, ls=ls, lw=1.4, path_effects=halo))
     elif kind == "poly":
-        ax.add_patch(Polygon(np.reshape(pts, (-1, 2)), closed=True, fill=False, ec=color, ls=ls, lw=1.3))
-        tx, ty = pts[0], pts[1]
+        ax.add_patch(Polygon(np.reshape(pts, (-1, 2)), closed=True, fill=False, ec=color, ls=ls, lw=1.4,
+                             path_effects=halo))
     else:
-        ax.plot(pts[0::2], pts[1::2], color=color, ls=ls, lw=1.5)
-        tx, ty = pts[0], pts[1]
+        ax.plot(pts[0::2], pts[1::2], color=color, ls=ls, lw=1.6, path_effects=halo)
     if label:
-        ax.text(tx, ty, label, color="white", fontsize=5, va="bottom", bbox={"fc": color, "ec": "none", "pad": 0.5,
-                                                                             "alpha": 0.8})
+        ax.text(pts[0], pts[1], label, color="white", fontsize=5, va="bottom",
+                bbox={"fc": color, "ec": "none", "pad": 0.5, "alpha": 0.85})
+
+
+GT_COLOR, PRED_COLOR = "black", "#e7298a"
 
 
 def plot_predictions_grid(gt_records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]],
                           image_root: str | Path, n: int = 6, ncols: int = 3) -> plt.Figure:
-    """Val images with ground truth (green, solid) and predictions (red, dashed, with score)."""
+    """Val images with ground truth (black, solid) and predictions (pink, dashed, with desc and score)."""
     from PIL import Image
 
     from coordexp.codec import decode_xy
 
     preds = {int(p["id"]): p for p in predictions}
     recs = list(gt_records)[:n]
-    fig, axes = grid(max(1, len(recs)), ncols, size=(3.2, 3.4))
+    fig, axes = grid(max(1, len(recs)), ncols, size=(3.2, 3.5))
     if not recs:
         note(axes[0], "no val records")
         return fig
@@ -556,7 +596,7 @@ def plot_predictions_grid(gt_records: Sequence[Mapping[str, Any]], predictions: 
             ax.imshow(np.asarray(im.convert("RGB")), extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
         for o in rec["objects"]:
             kind, bins = object_bins(o)
-            _draw_object(ax, kind, decode_xy(bins, w, h), "#1a9850", "-", None)
+            _draw_object(ax, kind, decode_xy(bins, w, h), GT_COLOR, "-", None)
         pred = preds.get(int(rec["id"]), {})
         n_pred = 0
         for o in pred.get("objects", []):
@@ -567,7 +607,7 @@ def plot_predictions_grid(gt_records: Sequence[Mapping[str, Any]], predictions: 
                 continue
             score = o.get("score")
             s = f" {score:.2f}" if isinstance(score, (int, float)) and math.isfinite(score) else ""
-            _draw_object(ax, kind, pts, "#d73027", "--", f"{o.get('desc', '?')}{s}")
+            _draw_object(ax, kind, pts, PRED_COLOR, "--", f"{o.get('desc', '?')}{s}")
             n_pred += 1
         ok = pred.get("ok")
         ax.set_title(f"id {rec['id']}: {len(rec['objects'])} GT, {n_pred} pred{'' if ok else ' (parse problems)'}",
@@ -577,7 +617,7 @@ def plot_predictions_grid(gt_records: Sequence[Mapping[str, Any]], predictions: 
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
-    fig.suptitle("green: ground truth, red dashed: prediction (score)", fontsize=8)
+    fig.suptitle("black: ground truth; pink dashed: prediction (desc score)", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -634,7 +674,9 @@ def coord_distributions(checkpoint: str | Path, record: Any, image_root: str | P
 def plot_coord_distributions(dists: Sequence[Mapping[str, Any]], sigma: float, truncate: int,
                              window: int = 60) -> plt.Figure:
     """Predicted coord distribution (bars) against the soft target (line), zoomed around the GT bin,
-    with the full 0..999 range in an inset line so mass far from the target is visible too."""
+    with the full 0..999 range in an inset line so mass far from the target is visible too. The y axis
+    is logarithmic: an untrained model's near-uniform 1e-3 would be invisible next to a 0.2 peak."""
+    floor = 1e-5
     fig, axes = grid(max(1, len(dists)), 2, size=(4.4, 3.0))
     if not dists:
         note(axes[0], "no coord label in the sample")
@@ -645,14 +687,18 @@ def plot_coord_distributions(dists: Sequence[Mapping[str, Any]], sigma: float, t
         q = gaussian_target(k, sigma, truncate, len(p))
         lo, hi = max(0, k - window), min(len(p) - 1, k + window)
         x = np.arange(lo, hi + 1)
-        ax.bar(x, p[lo:hi + 1], width=1.0, color="C0", alpha=0.7, label="predicted")
-        ax.plot(x, q[lo:hi + 1], color="C3", lw=1.3, label=f"target (sigma={sigma:g}, trunc={truncate})")
+        ax.step(x, np.maximum(p[lo:hi + 1], floor), where="mid", color="C0", lw=1.0, label="predicted")
+        ax.plot(x, np.where(q[lo:hi + 1] > 0, q[lo:hi + 1], np.nan), color="C3", lw=1.3,
+                label=f"target (sigma={sigma:g}, trunc={truncate})")
+        ax.axhline(1.0 / len(p), color="0.5", lw=0.6, ls="--", label="uniform")
+        ax.set_yscale("log")
+        ax.set_ylim(floor, 1.0)
         ax.axvline(k, color="k", lw=0.6, ls=":")
         ax.set_title(f"position {d['position']}: GT bin {k}, argmax {int(p.argmax())}, "
                      f"coord mass {d['coord_mass']:.2f}", fontsize=7)
         ax.set_xlabel("bin")
         ax.legend(fontsize=6, loc="upper right")
-        ins = ax.inset_axes([0.02, 0.62, 0.35, 0.33])
+        ins = ax.inset_axes([0.03, 0.66, 0.3, 0.3])
         ins.plot(np.arange(len(p)), p, color="C0", lw=0.6)
         ins.axvline(k, color="C3", lw=0.6)
         ins.set_xticks([0, 999])
@@ -668,7 +714,11 @@ def plot_coord_distributions(dists: Sequence[Mapping[str, Any]], sigma: float, t
 
 def plot_metric_vs_params(runs: pd.DataFrame, metric: str = "bbox_mAP",
                           params: Sequence[str] = LOSS_WEIGHTS + ("cfg.train.coord_soft_ce_w1.target_sigma",)) -> plt.Figure:
-    """``metric`` against each loss weight / ablation knob, one scatter per knob, baseline runs as x."""
+    """``metric`` against each loss weight / ablation knob of the Stage-1 runs, one scatter per knob.
+
+    CE-baseline runs do not use these knobs, so they are a horizontal line (their mean) rather than
+    points at a meaningless weight.
+    """
     fig, axes = grid(len(params), 4, size=(3.3, 2.8))
     for ax, p in zip(axes, params):
         short = p.replace("cfg.train.coord_soft_ce_w1.", "")
@@ -676,17 +726,18 @@ def plot_metric_vs_params(runs: pd.DataFrame, metric: str = "bbox_mAP",
         ax.set_xlabel(short)
         ax.set_ylabel(metric)
         if p not in runs or metric not in runs or runs[metric].notna().sum() == 0:
-            note(ax, f"no runs with {metric}")
+            note(ax, f"no evaluated run\nwith {metric}", fontsize=7)
             continue
-        d = runs[[p, metric, "loss_kind"]].dropna(subset=[metric])
-        for kind, marker, color in (("stage1_softce_w1", "o", "C0"), ("ce_baseline", "x", "C3")):
-            s = d[d["loss_kind"] == kind]
-            if len(s):
-                ax.scatter(pd.to_numeric(s[p], errors="coerce"), s[metric], marker=marker, color=color, label=kind, s=28)
-        if len(d):
-            ax.legend(fontsize=6)
-        if d[p].astype(str).nunique() < 2:
-            note(ax, f"not enough runs: {short} has a single value\n(dvc exp run -S train.coord_soft_ce_w1.{short}=...)")
+        d = runs.dropna(subset=[metric])
+        s1 = d[d["loss_kind"] == "stage1_softce_w1"]
+        base = d[d["loss_kind"] == "ce_baseline"]
+        if len(s1):
+            ax.scatter(pd.to_numeric(s1[p], errors="coerce"), s1[metric], color="C0", s=28, label="Stage-1 runs")
+        if len(base):
+            ax.axhline(base[metric].mean(), color="C3", ls="--", lw=1.0, label=f"CE baseline (n={len(base)})")
+        ax.legend(fontsize=6, loc="lower right")
+        if s1[p].astype(str).nunique() < 2:
+            note(ax, f"one value of {short} so far:\nnot enough runs for a trend", fontsize=7, y=0.85)
     fig.tight_layout()
     return fig
 

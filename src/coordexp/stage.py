@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,12 +24,19 @@ from coordexp.tracking import TrackingError
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, TrackingError)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def stage_main(name: str) -> Callable[[Callable[[Params, Path], Any]], Callable[[], None]]:
     def wrap(fn: Callable[[Params, Path], Any]) -> Callable[[], None]:
         @functools.wraps(fn)
         def run() -> None:
             root = paths.project_root()
             t0 = time.time()
+            # SIGTERM (a scheduler, `kill`, Ctrl-C of dvc) unwinds like an exception, so MLflow runs
+            # are closed and children stopped instead of the process vanishing mid-write.
+            signal.signal(signal.SIGTERM, _terminate)
             try:
                 params = load_params(paths.params_file(root))
                 fn(params, root)

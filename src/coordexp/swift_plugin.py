@@ -99,6 +99,8 @@ class Stage1SwiftLoss:
                  loss_scale: Any = None, trainer: Any = None, **kwargs: Any) -> torch.Tensor:
         trainer = trainer or self.trainer
         logits, labels = _align(outputs.logits, labels)
+        if _inject_fault(trainer):
+            logits = logits * float("nan")
         cmap = self._map(logits.device)
         mode = "train" if trainer.model.training else "eval"
         counts = _step_counts(trainer, num_items_in_batch) if mode == "train" else None
@@ -148,17 +150,29 @@ def _log(metrics: Any, res: Any, baseline_loss: torch.Tensor | None) -> None:
     _update(metrics, f"{p}coord_tokens", float(res.coord_tokens))
 
 
+FAULT_ENV = "COORDEXP_FAULT_NAN_AT_STEP"
+"""Fault injection for the reliability tests: poison the logits at this optimizer step."""
+
+
+def _inject_fault(trainer: Any) -> bool:
+    step = os.environ.get(FAULT_ENV)
+    return bool(step) and trainer.model.training and int(step) == int(trainer.state.global_step)
+
+
 def _check_finite(trainer: Any, res: Any, loss: torch.Tensor) -> None:
     terms = {"loss": loss, "text_ce": res.text_ce, "soft_ce": res.soft_ce, "w1": res.w1, "gate": res.gate}
     bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
     if bad:
         step = getattr(getattr(trainer, "state", None), "global_step", "?")
         ids = getattr(trainer, "coordexp_batch_ids", None)
-        raise NonFiniteLossError(
-            f"non-finite loss term(s) {', '.join(bad)} at step {step} (sample ids {ids}); training stopped "
-            f"before the optimizer used it; the last good checkpoint is intact. Lower train.learning_rate or "
-            f"check those samples."
-        )
+        msg = (f"non-finite loss term(s) {', '.join(bad)} at step {step} (batch images: {ids}); training "
+               f"stopped before the optimizer used it; the last good checkpoint is intact. Lower "
+               f"train.learning_rate or check those samples.")
+        out = getattr(getattr(trainer, "args", None), "output_dir", None)
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "coordexp_failure.txt").write_text(msg + "\n")
+        raise NonFiniteLossError(msg)
 
 
 def _trainer_class() -> type:

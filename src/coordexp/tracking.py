@@ -157,7 +157,10 @@ def stage_run(params: Params, stage: str, *, run_id: str | None = None, run_name
     mlflow = _mlflow(params)
     exp = experiment_id(params)
     if run_id is not None:
-        run = mlflow.start_run(run_id=run_id)
+        try:
+            run = mlflow.start_run(run_id=run_id)
+        except Exception as exc:  # noqa: BLE001 - MlflowException for an unknown id
+            raise TrackingError(f"cannot resume MLflow run {run_id} in {tracking_uri(params)}: {exc}") from None
     else:
         run = mlflow.start_run(experiment_id=exp, run_name=run_name or stage)
     try:

@@ -207,6 +207,40 @@ def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str,
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
+STATE_FILE = "state.json"
+
+
+def training_fingerprint(params: Params) -> str:
+    """Hash of everything that shapes the training run (not evaluate/report knobs)."""
+    import hashlib
+
+    d = params.model_dump(mode="json")
+    keep = {k: d[k] for k in ("seed", "preprocess", "build_base", "train")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resumable(out: Path, params: Params) -> tuple[str, Path] | None:
+    """(run id, last checkpoint) of an interrupted run with the same params, else None.
+
+    A run killed between checkpoints (SIGTERM, SIGKILL, a crash) leaves ``state.json`` saying
+    ``running``; ``dvc repro`` then starts the stage again (its outputs are ``persist``-ed) and
+    training continues from the last checkpoint in the same MLflow run, instead of starting over.
+    """
+    state_file = out / STATE_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    ckpt = last_checkpoint(out / SWIFT_DIR)
+    if state.get("status") != "running" or state.get("fingerprint") != training_fingerprint(params) or ckpt is None:
+        return None
+    if not (ckpt / "trainer_state.json").is_file():  # a checkpoint cut short while being written
+        return None
+    return state["run_id"], ckpt
+
+
 def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     root = root or paths.project_root()
     check_hardware(params)
@@ -222,9 +256,13 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     uri = tracking.tracking_uri(params)
     tracking.check_reachable(uri)  # fail before any work, not after the run
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    resume = resumable(out, params)
+    if resume is None:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    else:
+        print(f"[train] resuming run {resume[0]} from {resume[1]}", flush=True)
     data_dir = out / "data"
     n_train = swift_rows(pre_dir / "train.jsonl", data_dir / "train.jsonl")
     n_val = swift_rows(pre_dir / "val.jsonl", data_dir / "val.jsonl", t.eval_samples)
@@ -240,9 +278,14 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     import mlflow
 
-    with tracking.stage_run(params, "train", run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline") as r:
+    if resume is not None:
+        cli += ["--resume_from_checkpoint", str(resume[1])]
+    with tracking.stage_run(params, "train", run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline",
+                            run_id=resume[0] if resume else None) as r:
         run_id = r.info.run_id
         (out / RUN_ID_FILE).write_text(run_id + "\n")
+        write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id,
+                                      "status": "running"})
         mlflow.set_tags({"coordexp.loss": "stage1_softce_w1" if t.coord_soft_ce_w1.enabled else "ce_baseline",
                          "coordexp.base_checkpoint": str(base)})
         env = {**os.environ, "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
@@ -260,8 +303,10 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         wall = time.time() - t0
         mlflow.start_run(run_id=run_id)
         if proc.returncode != 0:
+            failure = swift_out / "coordexp_failure.txt"
+            cause = failure.read_text().strip() if failure.is_file() else "see its output above"
             raise TrainingError(
-                f"ms-swift training failed (exit {proc.returncode}); see its output above. The MLflow run {run_id} "
+                f"ms-swift training failed (exit {proc.returncode}): {cause} The MLflow run {run_id} "
                 f"is marked FAILED; checkpoints saved so far are in {swift_out}"
             )
         rows = _history(swift_out)
@@ -287,6 +332,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         if t.log_checkpoint == "full":
             mlflow.log_artifacts(str(final), "checkpoint")
         mlflow.set_tag("coordexp.final_checkpoint", str(final))
+        write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id,
+                                      "status": "done"})
     return metrics
 
 
