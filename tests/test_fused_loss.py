@@ -374,3 +374,18 @@ def test_validation_errors():
         fused_stage1_loss(h, w, lab, CMAP, bias=torch.zeros(V - 1))
     with pytest.raises(ValueError, match="gate_weight"):
         fused_stage1_loss(h, w, lab, CMAP, gate_weight=-1.0)
+
+
+def test_autocast_does_not_lower_precision():
+    """Trainers run the loss under bf16 autocast; the fused matmuls must stay fp32."""
+    lab, h, w, b = make_case(30, 0.5, 0.1, seed=17)
+    res_ref, g_ref, _, _ = run_both(lab, h, w, b, chunk_size=7, temperature=0.5)
+    hf, wf, bf = _leaves(h, w, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=7, temperature=0.5)
+        gs = _grads(res.total, [hf, wf, bf])
+    for name in TERMS:
+        _close_value(getattr(res, name), getattr(res_ref, name), rtol=1e-6)
+    for g, gr in zip(gs, g_ref):
+        assert g.dtype == torch.float32
+        _close_grad(g, gr, rtol=1e-6)

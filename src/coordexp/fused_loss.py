@@ -101,6 +101,16 @@ class _FusedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, w_text, w_coord):  # type: ignore[override]
+        with _no_autocast(hidden.device):
+            return _FusedHead._forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, w_text, w_coord)
+
+    @staticmethod
+    def backward(ctx, g_l, g_s, g_zy):  # type: ignore[override]
+        with _no_autocast(ctx.h.device):
+            return _FusedHead._backward(ctx, g_l, g_s, g_zy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, w_text, w_coord):
         dev = hidden.device
         v, d = weight.shape
         n = rows.numel()
@@ -188,7 +198,7 @@ class _FusedHead(torch.autograd.Function):
         return L, s, zy
 
     @staticmethod
-    def backward(ctx, g_l, g_s, g_zy):  # type: ignore[override]
+    def _backward(ctx, g_l, g_s, g_zy):
         hidden, weight, bias, rows, is_coord, tgt, coord_ids = ctx.saved_tensors
         h, crow, trow, shift, scale, L = ctx.h, ctx.crow, ctx.trow, ctx.shift, ctx.scale, ctx.L
         need = ctx.needs_input_grad
@@ -272,6 +282,17 @@ class _FusedHead(torch.autograd.Function):
         if need_b:
             grad_bias = gb.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off: under ``torch.autocast`` (bf16 mixed precision, as trainers run the loss) the
+    matmuls here would silently drop to bf16; the loss promises fp32 arithmetic."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to disable
+        import contextlib
+
+        return contextlib.nullcontext()
 
 
 def _scalar_multiple(g: torch.Tensor, w: torch.Tensor | None) -> float | None:
@@ -371,9 +392,19 @@ def fused_stage1_loss(
     )
     if not wants_grad:  # eval: no in-forward gradient work at all
         w_text = w_coord = None
-    L, s, zy = _FusedHead.apply(h2, weight, bias, rows, row_is_coord, text_tgt, coord_ids, inv_t, int(chunk_size), w_text, w_coord)
+    with _no_autocast(dev):
+        return _assemble(
+            _FusedHead.apply(h2, weight, bias, rows, row_is_coord, text_tgt, coord_ids, inv_t, int(chunk_size), w_text, w_coord),
+            row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord,
+            soft_ce_weight, w1_weight, gate_weight, normalizer,
+        )
 
-    # --- from here on: stage1_loss's formulas on the small tensors -----------------------------
+
+def _assemble(outs, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord,
+              soft_ce_weight, w1_weight, gate_weight, normalizer) -> Stage1LossResult:
+    """``stage1_loss``'s formulas on the small outputs ``(L, s, zy)`` of :class:`_FusedHead`."""
+    L, s, zy = outs
+    dt, dc = float(max(n_text, 1)), float(max(n_coord, 1))
     text_ce_sum = (L[~row_is_coord] - zy).sum()  # lse(z) - z[y]
     rel_crd = L[row_is_coord]  # lse(z/T) - s_max/T
     d_ = (s - s.detach().max(dim=1, keepdim=True).values) * inv_t

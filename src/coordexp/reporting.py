@@ -648,6 +648,18 @@ def coord_distributions(checkpoint: str | Path, record: Any, image_root: str | P
     from coordexp.template import encode_record, load_template
     from coordexp.vocab import coord_id_map
 
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    # one forward pass: keep the report readable (no swift banner, no weight-loading progress bar)
+    from swift.utils import get_logger
+
+    get_logger().setLevel(logging.ERROR)  # initialise swift's logger first, or it resets the level later
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     ckpt = Path(checkpoint)
     tpl = load_template(ckpt, mode="train")
     enc = encode_record(tpl, record, image_root)
@@ -769,7 +781,7 @@ def plot_overlaid_curves(hist: pd.DataFrame, labels: Mapping[str, str],
         if len(d):
             ax.legend(fontsize=6)
         else:
-            note(ax, f"{key} not logged by any run")
+            note(ax, f"{key}\nnot logged by any run")
     if len(labels) < 2:
         fig.suptitle("only one training run in the experiment: nothing to compare yet", fontsize=8)
     fig.tight_layout()
