@@ -116,12 +116,13 @@ def _child(args) -> None:
         return
     times: dict[str, list[float]] = {"unfused": [], "fused": []}
     vals = {}
-    for p in ("unfused", "fused"):  # warm-up
-        vals[p] = _step(p, hidden, weight, labels, cmap, args.chunk_size)
+    if args.warmup:
+        for p in ("unfused", "fused"):
+            vals[p] = _step(p, hidden, weight, labels, cmap, args.chunk_size)
     for _ in range(args.repeats):
         for p in ("unfused", "fused"):
             t = time.perf_counter()
-            _step(p, hidden, weight, labels, cmap, args.chunk_size)
+            vals[p] = _step(p, hidden, weight, labels, cmap, args.chunk_size)
             times[p].append(time.perf_counter() - t)
     print(json.dumps({"times": times, "values": vals}))
 
@@ -143,6 +144,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-mem", action="store_true")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up step per path (0 for big configs)")
     # child-only
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--what", choices=["mem", "time"], help=argparse.SUPPRESS)
@@ -158,14 +160,15 @@ def main() -> None:
     if args.chunk_size is not None:
         common += ["--chunk-size", str(args.chunk_size)]
     chunk = args.chunk_size or "default (~N/16 rows, 32..256 MB)"
-    print(f"V={args.vocab} chunk_size={chunk} threads={args.threads} repeats={args.repeats}", flush=True)
+    print(f"V={args.vocab} chunk_size={chunk} threads={args.threads} repeats={args.repeats} warmup={args.warmup}", flush=True)
     print("| N | D | logits fp32 MB | unfused s (median) | fused s (median) | fused/unfused time "
           "| unfused peak MB | fused peak MB | grads MB | unfused loss MB | fused loss MB "
           "| fused loss / logits | value diff |", flush=True)
     print("|" + "---|" * 13, flush=True)
     for cfg in args.configs:
         n, d = (int(x) for x in cfg.lower().split("x"))
-        t = _run_child(common + ["--what", "time", "--n", str(n), "--d", str(d), "--repeats", str(args.repeats)])
+        t = _run_child(common + ["--what", "time", "--n", str(n), "--d", str(d), "--repeats", str(args.repeats),
+                                 "--warmup", str(args.warmup)])
         tu, tf = statistics.median(t["times"]["unfused"]), statistics.median(t["times"]["fused"])
         vdiff = abs(t["values"]["unfused"] - t["values"]["fused"]) / abs(t["values"]["unfused"])
         logits_mb = n * args.vocab * 4 / 2**20

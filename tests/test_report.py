@@ -171,7 +171,7 @@ def test_history_and_runs_table_from_mlflow(mlflow_store: str) -> None:
         for step, (loss, mass) in enumerate([(3.0, 0.8), (2.0, 0.9)], start=1):
             mlflow.log_metrics({"loss": loss, "coord_softce_w1/coord_vocab_mass": mass}, step=step * 10)
         mlflow.log_metric("eval_loss", 2.5, step=20)
-        mlflow.log_metric("bbox_mAP", 0.25)
+        mlflow.log_metrics({"bbox_mAP": 0.25, "f1_at_0.5": 0.5})
     with mlflow.start_run(experiment_id=exp, run_name="not-training"):
         mlflow.set_tag("coordexp.stage", "preprocess")
     rid = run.info.run_id
@@ -179,12 +179,13 @@ def test_history_and_runs_table_from_mlflow(mlflow_store: str) -> None:
     hist = R.history_from_mlflow(mlflow_store, rid)
     train, ev = R.split_history(hist)
     assert train["loss"].tolist() == [3.0, 2.0] and train["step"].tolist() == [10, 20]
-    assert ev["loss"].tolist() == [2.5] and "bbox_mAP" not in hist
+    assert ev["loss"].tolist() == [2.5] and "bbox_mAP" not in hist and "f1_at_0.5" not in hist
 
     runs = R.runs_table(mlflow_store, "exp")
     assert runs["run_id"].tolist() == [rid]  # the untagged run is not a training run
     assert runs.loc[0, "cfg.train.coord_soft_ce_w1.w1_weight"] == 0.5  # numbers, not strings
     assert runs.loc[0, "bbox_mAP"] == 0.25 and runs.loc[0, "loss_kind"] == "stage1_softce_w1"
+    assert runs.loc[0, "f1@0.5"] == 0.5  # MLflow's f1_at_0.5, named as in eval.json
     overview = R.runs_overview(runs)
     assert {"label", "w1_weight", "bbox_mAP"} <= set(overview.columns)
     assert R.runs_table(mlflow_store, "no-such-experiment").empty

@@ -170,7 +170,12 @@ class _FusedHead(torch.autograd.Function):
             if has_c:
                 # (z - c) / T: the difference first is exact near the max (see losses._RowStats)
                 x.sub_(shift[a:b, None]).mul_(scale[a:b, None])
-            lse = torch.logsumexp(x, dim=1)
+            # log-sum-exp in place (torch.logsumexp would allocate a second chunk-sized temporary):
+            # e = exp(x - max) stays in x, so the softmax below is e / sum(e) without another exp
+            m = x.amax(dim=1)
+            x.sub_(m[:, None]).exp_()
+            ssum = x.sum(dim=1)
+            lse = m + ssum.log()
             L[a:b] = lse
             if eager:
                 coef = wpred[a:b]
@@ -181,7 +186,7 @@ class _FusedHead(torch.autograd.Function):
                     coef[ca - a] = torch.where(gate_raw >= 0, coef[ca - a], 0.0)
                     wpred[a:b] = coef
                     coef = coef * scale[a:b]
-                g = x.sub_(lse[:, None]).exp_().mul_(coef[:, None])  # dtotal/dz for alpha = 1
+                g = x.mul_((coef / ssum)[:, None])  # softmax * coef = dtotal/dz for alpha = 1
                 if gh is not None:
                     torch.mm(g, wf, out=gh[a:b])
                 if gw is not None:

@@ -161,6 +161,12 @@ def read_run_id(path: str | Path) -> str | None:
     return p.read_text().strip() or None if p.is_file() else None
 
 
+def metric_name(mlflow_key: str) -> str:
+    """The metric's name in ``eval.json`` for its MLflow key: MLflow forbids ``@``, so the evaluate
+    stage logs ``f1@0.5`` as ``f1_at_0.5``; tables here use one spelling, the file's."""
+    return mlflow_key.replace("_at_", "@")
+
+
 def metric_history(tracking_uri: str, run_id: str, keys: Iterable[str] | None = None) -> pd.DataFrame:
     """Long table (key, step, value, timestamp) of a run's metric histories (all keys by default)."""
     c = client(tracking_uri)
@@ -185,7 +191,8 @@ def history_from_mlflow(tracking_uri: str, run_id: str) -> pd.DataFrame:
     cells = [(k[5:] if k.startswith("eval_") else k, int(st)) for k, st in zip(bad["key"], bad["step"])]
     counts = long.groupby("key")["step"].nunique()
     curves = set(counts[counts > 1].index) | {k for k in counts.index if k.startswith("eval_") or k in dict(LOSS_COMPONENTS)}
-    long = long[long["key"].isin(curves) & ~long["key"].isin(HEADLINE_METRICS) & (long["key"] != "ckpt_bbox_mAP")]
+    summary = long["key"].map(metric_name).isin(HEADLINE_METRICS) | (long["key"] == "ckpt_bbox_mAP")
+    long = long[long["key"].isin(curves) & ~summary]
     long = long.assign(split=np.where(long["key"].str.startswith("eval_"), "eval", "train"),
                        key=long["key"].str.replace(r"^eval_", "", regex=True))
     long = long.drop_duplicates(["split", "key", "step"], keep="last")
@@ -244,7 +251,7 @@ def runs_table(tracking_uri: str, experiment: str, *, training_only: bool = True
         "git_commit": df.get("tags.coordexp.git_commit"),
     })
     params = df[[c for c in df.columns if c.startswith("params.cfg.")]].rename(columns=lambda c: c[len("params."):])
-    metrics = df[[c for c in df.columns if c.startswith("metrics.")]].rename(columns=lambda c: c[len("metrics."):])
+    metrics = df[[c for c in df.columns if c.startswith("metrics.")]].rename(columns=lambda c: metric_name(c[len("metrics."):]))
     params = params.apply(_numeric_if_possible)
     out = pd.concat([out, params, metrics], axis=1)
     out["label"] = [label_of(r) for r in out.to_dict("records")]
