@@ -27,6 +27,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from coordexp.errors import StageError
+
 FIG_DPI = 100
 """One fixed resolution for every saved figure (a different dpi would change the bytes)."""
 
@@ -844,7 +846,7 @@ NOTEBOOKS: tuple[str, ...] = ("training_diagnostics", "eval_report", "compare_ru
 KERNEL = "python3"
 
 
-class ReportError(RuntimeError):
+class ReportError(StageError):
     """A notebook failed or did not produce its figures; the message names the notebook and cell."""
 
 

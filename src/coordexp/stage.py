@@ -17,11 +17,11 @@ from typing import Any
 
 from coordexp import paths
 from coordexp.config import Params, load_params
-from coordexp.tracking import TrackingError
+from coordexp.errors import StageError
 
 # Errors caused by the user's input or setup, not by a bug here (ConfigError, ContractError and
 # CocoFormatError are ValueErrors): print them as one readable message.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, TrackingError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, StageError)
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -28,11 +28,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from coordexp.errors import StageError
 from coordexp import paths
 from coordexp.config import Params
 
 
-class TrackingError(RuntimeError):
+class TrackingError(StageError):
     """The tracking store cannot be used; raised before any work starts."""
 
 
@@ -164,7 +165,12 @@ def stage_run(params: Params, stage: str, *, run_id: str | None = None, run_name
     else:
         run = mlflow.start_run(experiment_id=exp, run_name=run_name or stage)
     try:
-        mlflow.set_tags(run_tags(params, stage))
+        tags = run_tags(params, stage)
+        if run_id is not None:
+            # a later stage adding to an earlier stage's run keeps that run's identity
+            tags = {f"coordexp.{stage}.{k.split('.')[-1]}": v for k, v in tags.items() if k != "coordexp.stage"} \
+                if mlflow.get_run(run_id).data.tags.get("coordexp.stage") not in (None, stage) else tags
+        mlflow.set_tags(tags)
         if log_params and run_id is None:
             mlflow.log_params(mlflow_params(params))
         yield run

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordexp.errors import StageError
 from coordexp import paths, tracking
 from coordexp.config import Params
 from coordexp.contract import read_jsonl
@@ -35,7 +36,7 @@ SWIFT_DIR = "swift"
 FINAL_DIR = "final"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StageError):
     """Training could not start or did not finish; the message says why and what to do."""
 
 
