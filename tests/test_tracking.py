@@ -10,6 +10,7 @@ from coordexp.config import Params
 def test_default_uri_is_sqlite_at_the_root(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("COORDEXP_STORE_ROOT", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     assert tracking.tracking_uri(Params(), root=tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert tracking.artifact_location(Params(), root=tmp_path) == str(tmp_path.resolve() / "mlartifacts")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
@@ -18,6 +19,7 @@ def test_default_uri_is_sqlite_at_the_root(monkeypatch, tmp_path):
 
 def test_dvc_experiment_copy_logs_to_the_real_store(monkeypatch, tmp_path):
     monkeypatch.delenv("COORDEXP_STORE_ROOT", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
     assert tracking.store_root(copy) == tmp_path / "repo"
 

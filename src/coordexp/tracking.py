@@ -8,8 +8,8 @@ Store resolution, first match wins:
 
 The *store root* is the project root, except inside a DVC experiment's temporary copy
 (``<repo>/.dvc/tmp/exps/...``), where it is the real repository: a queued experiment must land in
-the user's store, not in a folder that disappears when the experiment ends. ``COORDEXP_STORE_ROOT``
-overrides.
+the user's store, not in a folder that disappears when the experiment ends (DVC also says so in
+``DVC_ROOT``, which is used when set). ``COORDEXP_STORE_ROOT`` overrides.
 
 Every run is tagged with the git commit, the DVC stage, a hash of the validated params and, when
 DVC provides it, the experiment name, so a number in the UI can always be traced to its inputs.
@@ -38,7 +38,7 @@ class TrackingError(StageError):
 
 
 def store_root(root: Path | None = None) -> Path:
-    env = os.environ.get("COORDEXP_STORE_ROOT")
+    env = os.environ.get("COORDEXP_STORE_ROOT") or os.environ.get("DVC_ROOT")  # DVC: the parent repo's root
     if env:
         return Path(env).resolve()
     root = (root or paths.project_root()).resolve()
