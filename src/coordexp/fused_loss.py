@@ -44,6 +44,14 @@ once at the end. A GPU kernel would instead run bf16 tensor-core matmuls with fp
 no GPU was available to test it.
 
 Eval / no-grad calls skip all gradient work (just the chunked log-sum-exp).
+
+CPU performance (bench/fused_loss.py, bench/RESULTS.md ``## fused_loss``): the chunk size trades
+memory for speed. Every chunk streams the whole ``[V, D]`` weight twice and its gradient once, so
+small chunks (the ~1/16-of-the-rows default, needed to stay under 10% of the logits' memory at
+N = 1k) run the matmuls at roughly half the GFLOP/s of big ones; with 256-row chunks the fused
+path was as fast as or faster than the unfused one at N = 1k. A further speed-up that keeps
+the memory small would tile vocab-outer (one ``[N, V/16]`` tile at a time, big GEMMs, the weight
+gradient written once) at the price of recomputing the logits in the backward.
 """
 
 from __future__ import annotations
