@@ -78,6 +78,7 @@ def test_nan_stops_training_names_the_step_and_keeps_the_checkpoint(tmp_path):
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()[-1]
     assert "non-finite loss term(s)" in err and "at step 7" in err
+    assert "images/train/" in err and "(unmatched)" not in err  # the batch's samples are named
     good = root / "artifacts" / "train" / "swift" / "checkpoint-5"
     assert (good / "model.safetensors").is_file() and (good / "trainer_state.json").is_file()
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")

@@ -120,7 +120,7 @@ class Stage1SwiftLoss:
                 loss = ce_sum / max(n_local, 1)
             with torch.no_grad():  # the Stage-1 terms, for comparison only: nothing enters the loss
                 res = stage1_loss(logits.detach(), labels, cmap, **weights)
-        _check_finite(trainer, res, loss)
+        _check_finite(trainer, res, loss, labels, self.cfg)
         _log(trainer.custom_metrics[mode], res, loss if not self.loss_cfg["enabled"] else None)
         if self.cfg.get("token_type_metrics") and getattr(trainer, "token_typer", None) is not None:
             for name, (value, n) in token_type_metrics(trainer.token_typer, logits.detach(), labels, cmap).items():
@@ -159,12 +159,39 @@ def _inject_fault(trainer: Any) -> bool:
     return bool(step) and trainer.model.training and int(step) == int(trainer.state.global_step)
 
 
-def _check_finite(trainer: Any, res: Any, loss: torch.Tensor) -> None:
+def batch_images(trainer: Any, labels: torch.Tensor, cfg: dict[str, Any]) -> list[str]:
+    """The images of a batch, found by matching each row's supervised answer text to the training rows.
+
+    Batches carry no sample ids (ms-swift drops unknown columns), but every answer is the rendered
+    JSON of one record, so the decoded labels identify it. Only run when something went wrong.
+    """
+    rows_file = cfg.get("train_rows")
+    tok = getattr(getattr(trainer, "template", None), "tokenizer", None)
+    if not rows_file or tok is None or not Path(rows_file).is_file():
+        return ["(unknown)"]
+    by_answer: dict[str, list[str]] = {}
+    for line in Path(rows_file).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        answer = next((m["content"] for m in row["messages"] if m["role"] == "assistant"), "")
+        by_answer.setdefault(answer.strip(), []).extend(row.get("images", []))
+    found = []
+    for b in range(labels.shape[0]):
+        ids = [int(t) for t in labels[b].tolist() if t != -100]
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        found.append(",".join(by_answer.get(text, ["(unmatched)"])))
+    return found
+
+
+def _check_finite(trainer: Any, res: Any, loss: torch.Tensor, labels: torch.Tensor | None = None,
+                  cfg: dict[str, Any] | None = None) -> None:
     terms = {"loss": loss, "text_ce": res.text_ce, "soft_ce": res.soft_ce, "w1": res.w1, "gate": res.gate}
     bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
     if bad:
         step = getattr(getattr(trainer, "state", None), "global_step", "?")
-        ids = getattr(trainer, "coordexp_batch_ids", None)
+        try:
+            ids = batch_images(trainer, labels, cfg or {}) if labels is not None else None
+        except Exception as exc:  # noqa: BLE001 - the diagnosis must not hide the NaN itself
+            ids = [f"(could not identify: {exc})"]
         msg = (f"non-finite loss term(s) {', '.join(bad)} at step {step} (batch images: {ids}); training "
                f"stopped before the optimizer used it; the last good checkpoint is intact. Lower "
                f"train.learning_rate or check those samples.")
@@ -185,7 +212,6 @@ def _trainer_class() -> type:
             super().__init__(*args, **kwargs)
             self.coordexp_cfg = plugin_config()
             self.coordexp_counts: GlobalCounts | None = None
-            self.coordexp_batch_ids: list[Any] | None = None
             self._cmap_cpu = _coord_id_map(self.coordexp_cfg)
             self._tokens_seen = 0
             self._t0: float | None = None

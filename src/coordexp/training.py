@@ -271,6 +271,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         "coord_vocab": str(base / "coord_vocab.json"),
         "loss": params.train.coord_soft_ce_w1.model_dump(),
         "token_type_metrics": params.train.token_type_metrics.enabled,
+        "train_rows": str(data_dir / "train.jsonl"),
     }
     write_json(out / "coordexp_plugin.json", plugin_cfg)
     write_json(out / "resolved_params.json", params.model_dump(mode="json"))
