@@ -193,3 +193,11 @@ def test_predict_command_on_a_users_image(stage1_project, tmp_path):
         assert im.size == Image.open(img).size
     bad = subprocess.run([exe, "predict", "--checkpoint", tmp_path / "nope", img], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such checkpoint" in bad.stderr
+
+
+def test_fused_loss_knob_is_refused_until_wired():
+    from coordexp.config import Params
+    from coordexp.training import check_hardware
+
+    with pytest.raises(ValueError, match="train.fused_loss: .* not wired"):
+        check_hardware(Params.model_validate({"train": {"fused_loss": True}}))

@@ -204,7 +204,8 @@ class TrainConfig(_Section):
     packing: bool = False
     """ms-swift packing (needs flash-attention, so a GPU); refused on the CPU."""
     fused_loss: bool = False
-    """Compute the loss from hidden states in chunks, without full logits."""
+    """Compute the loss from hidden states in chunks, without full logits (``coordexp.fused_loss``).
+    Not yet wired into the trainer: ``true`` is refused by the train stage."""
     dataloader_num_workers: int = Field(default=0, ge=0)
     """Background data-loading processes."""
     coord_soft_ce_w1: CoordSoftCEW1Config = Field(default_factory=CoordSoftCEW1Config)
