@@ -65,6 +65,7 @@ from coordexp.losses import (
     IGNORE_INDEX,
     GlobalCounts,
     Stage1LossResult,
+    assemble_result,
     _masks,
     coord_ids_in_bin_order,
     soft_target_table,
@@ -417,39 +418,9 @@ def _assemble(outs, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_c
               soft_ce_weight, w1_weight, gate_weight, normalizer) -> Stage1LossResult:
     """``stage1_loss``'s formulas on the small outputs ``(L, s, zy)`` of :class:`_FusedHead`."""
     L, s, zy = outs
-    dt, dc = float(max(n_text, 1)), float(max(n_coord, 1))
     text_ce_sum = (L[~row_is_coord] - zy).sum()  # lse(z) - z[y]
     rel_crd = L[row_is_coord]  # lse(z/T) - s_max/T
-    d_ = (s - s.detach().max(dim=1, keepdim=True).values) * inv_t
-    lse_d = torch.logsumexp(d_, dim=1)  # lse(s/T) - s_max/T
-    log_p = d_ - lse_d[:, None]
-    q = q_table[k_star]
-    soft_ce_rows = -(q * log_p).sum(dim=1)
-    w1_rows = (torch.cumsum(log_p.exp(), dim=1) - cdf_table[k_star]).abs().sum(dim=1) / (K - 1)
-    gate_rows = (rel_crd - lse_d).clamp_min(0.0)
-    mass_rows = torch.exp(-gate_rows)
-
-    soft_ce_sum, w1_sum, gate_sum, mass_sum = soft_ce_rows.sum(), w1_rows.sum(), gate_rows.sum(), mass_rows.sum()
-    text_ce, soft_ce, w1, gate, mass = text_ce_sum / dt, soft_ce_sum / dc, w1_sum / dc, gate_sum / dc, mass_sum / dc
-    if normalizer is None:
-        total = text_ce + soft_ce_weight * soft_ce + w1_weight * w1 + gate_weight * gate
-    else:
-        coord_sum = soft_ce_weight * soft_ce_sum + w1_weight * w1_sum + gate_weight * gate_sum
-        total = normalizer.world_size * (
-            text_ce_sum / normalizer.text_denominator + coord_sum / normalizer.coord_denominator
-        )
-    return Stage1LossResult(
-        total=total,
-        text_ce=text_ce,
-        soft_ce=soft_ce,
-        w1=w1,
-        gate=gate,
-        coord_vocab_mass=mass,
-        coord_tokens=n_coord,
-        text_tokens=n_text,
-        text_ce_sum=text_ce_sum,
-        soft_ce_sum=soft_ce_sum,
-        w1_sum=w1_sum,
-        gate_sum=gate_sum,
-        mass_sum=mass_sum,
-    )
+    d = (s - s.detach().max(dim=1, keepdim=True).values) * inv_t  # anchored at s_max
+    return assemble_result(text_ce_sum, rel_crd, d, k_star, q_table, cdf_table, n_text,
+                           soft_ce_weight=soft_ce_weight, w1_weight=w1_weight, gate_weight=gate_weight,
+                           normalizer=normalizer)

@@ -441,7 +441,23 @@ def stage1_loss(
     # coord rows, all on [n_coord, K]; d = (s - s[t]) / T <= 0 keeps every value small
     # the anchor s[t] is a constant here exactly as inside _RowStats (it cancels in every term)
     d = (s - s.gather(1, anchor[:, None]).detach()) * inv_t
-    lse_d = torch.logsumexp(d, dim=1)  # = lse(s/T) - s[t]/T
+    n_text = int(rows.numel()) - int(k_star.numel())
+    return assemble_result(text_ce_sum, rel_crd, d, k_star, q_table, cdf_table, n_text,
+                           soft_ce_weight=soft_ce_weight, w1_weight=w1_weight, gate_weight=gate_weight,
+                           normalizer=normalizer)
+
+
+def assemble_result(
+    text_ce_sum: torch.Tensor, rel_crd: torch.Tensor, d: torch.Tensor, k_star: torch.Tensor,
+    q_table: torch.Tensor, cdf_table: torch.Tensor, n_text: int, *, soft_ce_weight: float, w1_weight: float,
+    gate_weight: float, normalizer: GlobalCounts | None,
+) -> Stage1LossResult:
+    """softCE, W1, gate and the totals from the per-row statistics (shared with ``coordexp.fused_loss``).
+
+    ``d = (s - a) / T`` are the coord logits shifted by a per-row constant ``a`` (an anchor that keeps
+    every value small; it cancels in every term) and ``rel_crd = lse(z/T) - a/T`` for the same rows.
+    """
+    lse_d = torch.logsumexp(d, dim=1)  # = lse(s/T) - a/T
     log_p = d - lse_d[:, None]  # log_softmax(s/T)
     q = q_table[k_star]
     soft_ce_rows = -(q * log_p).sum(dim=1)
@@ -451,7 +467,6 @@ def stage1_loss(
 
     soft_ce_sum, w1_sum, gate_sum, mass_sum = soft_ce_rows.sum(), w1_rows.sum(), gate_rows.sum(), mass_rows.sum()
     n_coord = int(k_star.numel())
-    n_text = int(rows.numel()) - n_coord
     dt, dc = float(max(n_text, 1)), float(max(n_coord, 1))
     text_ce, soft_ce, w1, gate, mass = text_ce_sum / dt, soft_ce_sum / dc, w1_sum / dc, gate_sum / dc, mass_sum / dc
 
@@ -463,17 +478,7 @@ def stage1_loss(
             text_ce_sum / normalizer.text_denominator + coord_sum / normalizer.coord_denominator
         )
     return Stage1LossResult(
-        total=total,
-        text_ce=text_ce,
-        soft_ce=soft_ce,
-        w1=w1,
-        gate=gate,
-        coord_vocab_mass=mass,
-        coord_tokens=n_coord,
-        text_tokens=n_text,
-        text_ce_sum=text_ce_sum,
-        soft_ce_sum=soft_ce_sum,
-        w1_sum=w1_sum,
-        gate_sum=gate_sum,
-        mass_sum=mass_sum,
+        total=total, text_ce=text_ce, soft_ce=soft_ce, w1=w1, gate=gate, coord_vocab_mass=mass,
+        coord_tokens=n_coord, text_tokens=n_text, text_ce_sum=text_ce_sum, soft_ce_sum=soft_ce_sum,
+        w1_sum=w1_sum, gate_sum=gate_sum, mass_sum=mass_sum,
     )
