@@ -56,7 +56,6 @@ gradient written once) at the price of recomputing the logits in the backward.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -66,6 +65,7 @@ from coordexp.losses import (
     GlobalCounts,
     Stage1LossResult,
     assemble_result,
+    check_labels_and_weights,
     _masks,
     coord_ids_in_bin_order,
     soft_target_table,
@@ -359,18 +359,7 @@ def fused_stage1_loss(
         raise ValueError(f"hidden has D={hidden.shape[-1]} but weight is [V={v}, D={d}]")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != v or not bias.dtype.is_floating_point):
         raise ValueError(f"bias must be a float [V={v}] tensor or None")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"labels shape {tuple(getattr(labels, 'shape', ()))} does not match hidden {tuple(hidden.shape)} "
-            f"(expected {tuple(hidden.shape[:-1])}; labels must be aligned)"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    for name, w in (("soft_ce_weight", soft_ce_weight), ("w1_weight", w1_weight), ("gate_weight", gate_weight)):
-        if not w >= 0:
-            raise ValueError(f"{name} must be >= 0, got {w}")
+    check_labels_and_weights(labels, hidden, "hidden", temperature, soft_ce_weight, w1_weight, gate_weight)
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     dev = hidden.device

@@ -381,6 +381,24 @@ class _RowStats(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def check_labels_and_weights(labels: torch.Tensor, ref: torch.Tensor, ref_name: str, temperature: float,
+                             soft_ce_weight: float, w1_weight: float, gate_weight: float) -> None:
+    """Argument checks shared by :func:`stage1_loss` and ``coordexp.fused_loss``: aligned integer
+    labels of ``ref``'s leading shape, ``T > 0`` and non-negative weights."""
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(ref.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(getattr(labels, 'shape', ()))} does not match {ref_name} "
+            f"{tuple(ref.shape)} (expected {tuple(ref.shape[:-1])}; labels must be aligned)"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, w in (("soft_ce_weight", soft_ce_weight), ("w1_weight", w1_weight), ("gate_weight", gate_weight)):
+        if not w >= 0:
+            raise ValueError(f"{name} must be >= 0, got {w}")
+
+
 def stage1_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -405,18 +423,7 @@ def stage1_loss(
         raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {tuple(getattr(logits, 'shape', ()))}")
     if not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"labels shape {tuple(getattr(labels, 'shape', ()))} does not match logits "
-            f"{tuple(logits.shape)} (expected {tuple(logits.shape[:-1])}; labels must be aligned)"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    for name, w in (("soft_ce_weight", soft_ce_weight), ("w1_weight", w1_weight), ("gate_weight", gate_weight)):
-        if not w >= 0:
-            raise ValueError(f"{name} must be >= 0, got {w}")
+    check_labels_and_weights(labels, logits, "logits", temperature, soft_ce_weight, w1_weight, gate_weight)
     v = logits.shape[-1]
     coord_ids = coord_ids_in_bin_order(coord_id_map.to(logits.device), v)
     q_table, cdf_table = soft_target_table(target_sigma, target_truncate, logits.device)
