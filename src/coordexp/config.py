@@ -358,8 +358,3 @@ def load_params(path: str | Path | None = None) -> Params:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise ConfigError(f"{file}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return validate_params(raw, source=str(file))
-
-
-def load_raw_params(path: str | Path | None = None) -> dict[str, Any]:
-    """The params as plain data, after validation (for logging to MLflow and hashing)."""
-    return load_params(path).model_dump(mode="json")

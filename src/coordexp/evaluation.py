@@ -7,7 +7,6 @@ gave to the object's generated coord tokens, ``exp(mean_i log p_i)``; see
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -140,11 +139,3 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         for name in ("predictions.jsonl", "coco_gt.json", "coco_results.json"):
             mlflow.log_artifact(str(out_dir / name), "eval")
     return metrics
-
-
-def per_class_table(metrics: dict[str, Any]) -> list[tuple[str, float | None]]:
-    return sorted(metrics.get("per_class_ap", {}).items())
-
-
-def load_predictions(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from coordexp import codec, paths
+from coordexp import paths
 from coordexp.config import Params, PreprocessConfig
 from coordexp.contract import Record, record_to_json, to_coord_mode
 from coordexp.io import atomic_dir, write_json, write_jsonl
@@ -296,15 +296,3 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     metrics["total"]["rejects"] = len(rejects)
     write_json(paths.metrics_dir(root) / "preprocess.json", metrics)
     return metrics
-
-
-def check_split_files(out_dir: Path) -> None:
-    """Used by later stages: the preprocess output must exist before they start."""
-    for name in ("train", "val"):
-        f = out_dir / f"{name}.jsonl"
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing; run `dvc repro preprocess` first")
-
-
-def coord_token_count(record: dict[str, Any]) -> int:
-    return sum(len(v) for o in record["objects"] for k, v in o.items() if k != "desc" and codec.is_coord_token(v[0]))

@@ -92,7 +92,8 @@ def token_type_metrics(typer: TokenTyper, logits: torch.Tensor, labels: torch.Te
         m = t == code
         n = int(m.sum())
         out[f"{PREFIX}{name}_loss"] = (float(nll[m].mean()) if n else 0.0, n)
-        out[f"{PREFIX}{name}_acc"] = (float(hit[m].mean()) if n else 0.0, n)
+        if code != COORD:  # coord accuracy is measured in bins below
+            out[f"{PREFIX}{name}_acc"] = (float(hit[m].mean()) if n else 0.0, n)
     m = t == COORD
     n = int(m.sum())
     if n:
@@ -104,5 +105,6 @@ def token_type_metrics(typer: TokenTyper, logits: torch.Tensor, labels: torch.Te
         out[f"{PREFIX}coord_acc"] = (float((pred_bin == true_bin).float().mean()), n)
         out[f"{PREFIX}coord_acc_pm2"] = (float(((pred_bin - true_bin).abs() <= 2).float().mean()), n)
     else:
+        out[f"{PREFIX}coord_acc"] = (0.0, 0)
         out[f"{PREFIX}coord_acc_pm2"] = (0.0, 0)
     return out

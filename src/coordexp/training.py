@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -347,7 +346,3 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 def run_id_of(params: Params, root: Path | None = None) -> str | None:
     f = paths.resolve(params.train.out_dir, root or paths.project_root()) / RUN_ID_FILE
     return f.read_text().strip() if f.is_file() else None
-
-
-if __name__ == "__main__":  # pragma: no cover - convenience
-    sys.exit("use stages/train.py")
