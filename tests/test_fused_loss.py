@@ -198,6 +198,20 @@ def test_random_cases(n, coord_frac, ignored_frac, chunk, temperature, scale, se
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_argmax_is_the_materialised_logits_argmax(chunk_size, temperature):
+    """token_acc in fused training comes from this: the argmax of every supervised row (coord rows
+    are shifted and scaled by 1/T inside the head, which must not move it), -100 elsewhere."""
+    lab, h, w, b = make_case(61, 0.5, 0.2, seed=3, bias=True)
+    res = fused_stage1_loss(h, w, lab, CMAP, bias=b, chunk_size=chunk_size, temperature=temperature)
+    z = h @ w.T + b
+    sup = lab != -100
+    assert res.argmax.shape == lab.reshape(-1).shape
+    assert torch.equal(res.argmax[sup], z[sup].argmax(dim=1))
+    assert bool((res.argmax[~sup] == -100).all())
+
+
 def test_no_coord_rows():
     lab, h, w, b = make_case(30, 0.0, 0.2, seed=4)
     res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=8, temperature=0.7)

@@ -204,8 +204,11 @@ class TrainConfig(_Section):
     packing: bool = False
     """ms-swift packing (needs flash-attention, so a GPU); refused on the CPU."""
     fused_loss: bool = False
-    """Compute the loss from hidden states in chunks, without full logits (``coordexp.fused_loss``).
-    Not yet wired into the trainer: ``true`` is refused by the train stage."""
+    """Compute the Stage-1 loss from the last hidden states through the LM head in row chunks
+    (``coordexp.fused_loss``): the model returns logits for one position only and the ``[N, V]``
+    logits never exist. Same loss and gradients as ``false`` (tested); on the CPU it is slower at
+    large ``D`` (bench/RESULTS.md ``fused_loss``), so the default stays ``false``; turn it on when
+    the logits dominate memory (a real checkpoint with V ~ 152k)."""
     dataloader_num_workers: int = Field(default=0, ge=0)
     """Background data-loading processes."""
     coord_soft_ce_w1: CoordSoftCEW1Config = Field(default_factory=CoordSoftCEW1Config)
@@ -214,6 +217,20 @@ class TrainConfig(_Section):
     """Per-token-type loss and accuracy."""
     log_checkpoint: Literal["reference", "full"] = "reference"
     """Log the final checkpoint to MLflow as a path reference (tag) or upload it as artifacts."""
+
+    @model_validator(mode="after")
+    def _fused_needs_stage1(self) -> "TrainConfig":
+        if self.fused_loss and not self.coord_soft_ce_w1.enabled:
+            raise ValueError(
+                "fused_loss: true computes the Stage-1 loss; the plain-CE baseline (coord_soft_ce_w1.enabled: "
+                "false) runs on materialised logits: set train.fused_loss: false for the baseline"
+            )
+        if self.fused_loss and self.token_type_metrics.enabled:
+            raise ValueError(
+                "token_type_metrics.enabled: true needs the full logits, which fused_loss: true never builds: "
+                "turn one of them off"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------

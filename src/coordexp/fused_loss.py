@@ -56,6 +56,7 @@ gradient written once) at the price of recomputing the logits in the backward.
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 
@@ -114,7 +115,7 @@ class _FusedHead(torch.autograd.Function):
             return _FusedHead._forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, w_text, w_coord)
 
     @staticmethod
-    def backward(ctx, g_l, g_s, g_zy):  # type: ignore[override]
+    def backward(ctx, g_l, g_s, g_zy, g_pred):  # type: ignore[override]
         with _no_autocast(ctx.h.device):
             return _FusedHead._backward(ctx, g_l, g_s, g_zy)
 
@@ -166,6 +167,7 @@ class _FusedHead(torch.autograd.Function):
         gb = torch.zeros(v, dtype=f32, device=dev) if eager and need_b else None
 
         L = torch.empty(n, dtype=f32, device=dev)
+        pred = torch.empty(n, dtype=torch.long, device=dev)  # argmax per row, for token accuracy
         ws = torch.empty(min(chunk, n), v, dtype=f32, device=dev)
         wt = wf.T
         for a in range(0, n, chunk):
@@ -181,7 +183,7 @@ class _FusedHead(torch.autograd.Function):
                 x.sub_(shift[a:b, None]).mul_(scale[a:b, None])
             # log-sum-exp in place (torch.logsumexp would allocate a second chunk-sized temporary):
             # e = exp(x - max) stays in x, so the softmax below is e / sum(e) without another exp
-            m = x.amax(dim=1)
+            m, pred[a:b] = x.max(dim=1)  # (z - c) * a with a > 0 keeps the argmax of z
             x.sub_(m[:, None]).exp_()
             ssum = x.sum(dim=1)
             lse = m + ssum.log()
@@ -209,7 +211,8 @@ class _FusedHead(torch.autograd.Function):
         ctx.chunk, ctx.cum = chunk, cum
         ctx.wpred, ctx.gh, ctx.gw, ctx.gb = wpred, gh, gw, gb
         ctx.eager = eager
-        return L, s, zy
+        ctx.mark_non_differentiable(pred)
+        return L, s, zy, pred
 
     @staticmethod
     def _backward(ctx, g_l, g_s, g_zy):
@@ -396,11 +399,13 @@ def fused_stage1_loss(
     if not wants_grad:  # eval: no in-forward gradient work at all
         w_text = w_coord = None
     with _no_autocast(dev):
-        return _assemble(
-            _FusedHead.apply(h2, weight, bias, rows, row_is_coord, text_tgt, coord_ids, inv_t, int(chunk_size), w_text, w_coord),
-            row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord,
-            soft_ce_weight, w1_weight, gate_weight, normalizer,
-        )
+        L, s, zy, pred = _FusedHead.apply(h2, weight, bias, rows, row_is_coord, text_tgt, coord_ids, inv_t,
+                                          int(chunk_size), w_text, w_coord)
+        result = _assemble((L, s, zy), row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord,
+                           soft_ce_weight, w1_weight, gate_weight, normalizer)
+    argmax = torch.full_like(flat, IGNORE_INDEX)
+    argmax[rows] = pred
+    return dataclasses.replace(result, argmax=argmax)
 
 
 def _assemble(outs, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord,

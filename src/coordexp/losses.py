@@ -118,6 +118,9 @@ class Stage1LossResult:
     w1_sum: torch.Tensor
     gate_sum: torch.Tensor
     mass_sum: torch.Tensor
+    argmax: torch.Tensor | None = None
+    """Predicted token id per position of the flattened labels (-100 where not supervised). Only the
+    fused loss sets it: its caller has no logits to take the argmax of (token accuracy)."""
 
     def log_dict(self, prefix: str = "coord_softce_w1/") -> dict[str, float]:
         """Detached floats under the spec's metric names (``coord_softce_w1/...``)."""

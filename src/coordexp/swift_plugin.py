@@ -10,7 +10,8 @@ the ``train`` stage) and registers:
   (a) global token counts per optimizer step, so each loss term is a mean over the whole
   global batch (all micro-batches, all ranks), (b) ``token_acc`` over text/structure tokens
   only, (c) optional per-token-type metrics, (d) throughput bookkeeping, (e) a guard that
-  stops at the first non-finite loss term.
+  stops at the first non-finite loss term, (f) with ``fused_loss`` the model is asked for one
+  position of logits plus its hidden states, and the loss runs through the LM head in chunks.
 
 Counting happens in ``_get_num_items_in_batch``, which the HF trainer calls on every rank once
 per optimizer step with all of that step's micro-batches: the all-reduce inside
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from coordexp.fused_loss import fused_stage1_loss
 from coordexp.losses import GlobalCounts, global_counts, stage1_loss
 from coordexp.template import register_swift_template
 from coordexp.token_types import TokenTyper, token_type_metrics
@@ -98,14 +100,16 @@ class Stage1SwiftLoss:
     def __call__(self, outputs: Any, labels: torch.Tensor, *, num_items_in_batch: Any = None,
                  loss_scale: Any = None, trainer: Any = None, **kwargs: Any) -> torch.Tensor:
         trainer = trainer or self.trainer
-        logits, labels = _align(outputs.logits, labels)
-        if _inject_fault(trainer):
-            logits = logits * float("nan")
-        cmap = self._map(logits.device)
         mode = "train" if trainer.model.training else "eval"
         counts = _step_counts(trainer, num_items_in_batch) if mode == "train" else None
         weights = {k: self.loss_cfg[k] for k in ("soft_ce_weight", "w1_weight", "gate_weight", "temperature",
                                                  "target_sigma", "target_truncate")}
+        if self.cfg.get("fused_loss"):
+            return self._fused(outputs, labels, trainer, mode, counts, weights)
+        logits, labels = _align(outputs.logits, labels)
+        if _inject_fault(trainer):
+            logits = logits * float("nan")
+        cmap = self._map(logits.device)
         if self.loss_cfg["enabled"]:
             res = stage1_loss(logits, labels, cmap, normalizer=counts, **weights)
             loss = res.total
@@ -126,6 +130,27 @@ class Stage1SwiftLoss:
             for name, (value, n) in token_type_metrics(trainer.token_typer, logits.detach(), labels, cmap).items():
                 _update(trainer.custom_metrics[mode], name, value, n)
         return loss
+
+    def _fused(self, outputs: Any, labels: torch.Tensor, trainer: Any, mode: str, counts: GlobalCounts | None,
+               weights: dict[str, Any]) -> torch.Tensor:
+        """Stage-1 loss from the last (final-norm) hidden states through the LM head, never [N, V].
+
+        The per-position argmax the fused head finds on its way is attached to ``outputs`` so that
+        ``token_acc`` needs no logits either (:meth:`CoordExpTrainer._compute_acc`)."""
+        hidden = outputs.hidden_states[-1]
+        if hidden.shape[:2] != labels.shape:
+            raise ValueError(f"fused_loss: hidden states {tuple(hidden.shape)} do not match labels "
+                             f"{tuple(labels.shape)}; swift's use_logits_to_keep must be off")
+        if _inject_fault(trainer):
+            hidden = hidden * float("nan")
+        head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
+        aligned = F.pad(labels[:, 1:], (0, 1), value=-100)
+        res = fused_stage1_loss(hidden, head.weight, aligned, self._map(hidden.device), bias=head.bias,
+                                normalizer=counts, **weights)
+        outputs.coordexp_argmax = res.argmax.view(labels.shape)
+        _check_finite(trainer, res, res.total, labels, self.cfg)
+        _log(trainer.custom_metrics[mode], res, None)
+        return res.total
 
 
 def _step_counts(trainer: Any, num_items_in_batch: Any) -> GlobalCounts | None:
@@ -228,13 +253,33 @@ def _trainer_class() -> type:
                 self._tokens_seen += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
             return n
 
+        def _prepare_inputs(self, inputs: Any) -> Any:
+            inputs = super()._prepare_inputs(inputs)
+            if self.coordexp_cfg.get("fused_loss"):
+                # one position of logits (generation needs no more) and the final hidden states for
+                # the fused loss: the [B, L, V] logits are never built
+                inputs["logits_to_keep"] = 1
+                inputs["output_hidden_states"] = True
+            return inputs
+
         def _compute_acc(self, outputs: Any, labels: torch.Tensor, cu_seqlens: Any = None) -> None:
             # token_acc over text/structure tokens only (the spec's metric); coord accuracy is a
             # token-type metric of its own.
             cmap = self._cmap_cpu.to(labels.device)
             safe = labels.clamp(min=0, max=cmap.numel() - 1)
             masked = torch.where((labels >= 0) & (cmap[safe] >= 0), torch.full_like(labels, -100), labels)
-            super()._compute_acc(outputs, masked, cu_seqlens=cu_seqlens)
+            argmax = getattr(outputs, "coordexp_argmax", None)
+            if argmax is None:
+                return super()._compute_acc(outputs, masked, cu_seqlens=cu_seqlens)
+            # fused loss: the argmax of each position came from the chunked LM head. Same
+            # convention as logits.argmax(-1): position t predicts labels[t + 1].
+            from swift.metrics import compute_acc
+
+            metrics = compute_acc(argmax, masked, acc_strategy=self.args.acc_strategy,
+                                  is_encoder_decoder=self.template.is_encoder_decoder, cu_seqlens=cu_seqlens)
+            mode = "train" if self.model.training else "eval"
+            for k, v in metrics.items():
+                self.custom_metrics[mode][k].update(v)
 
         def train(self, *args: Any, **kwargs: Any) -> Any:
             self._t0 = time.time()

@@ -47,11 +47,6 @@ def _cuda_available() -> bool:
 
 def check_hardware(params: Params) -> None:
     t = params.train
-    if t.fused_loss:
-        raise ValueError(
-            "train.fused_loss: the chunked loss (coordexp.fused_loss) is not wired into the trainer yet; "
-            "set train.fused_loss: false"
-        )
     if t.packing and not _cuda_available():
         raise ValueError(
             "train.packing: ms-swift packing needs flash-attention, which needs a CUDA GPU; this machine has "
@@ -113,6 +108,10 @@ def swift_cli_args(params: Params, base: Path, train_rows: Path, val_rows: Path,
     }
     if t.save_total_limit:
         args["save_total_limit"] = t.save_total_limit
+    if t.fused_loss:
+        # the trainer asks the model for one position of logits and the last hidden states
+        # (CoordExpTrainer._prepare_inputs); swift's own trimming would cut the labels instead
+        args["use_logits_to_keep"] = "false"
     if t.packing:
         args["packing"] = "true"
     if t.deepspeed:
@@ -275,6 +274,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         "coord_vocab": str(base / "coord_vocab.json"),
         "loss": params.train.coord_soft_ce_w1.model_dump(),
         "token_type_metrics": params.train.token_type_metrics.enabled,
+        "fused_loss": params.train.fused_loss,
         "train_rows": str(data_dir / "train.jsonl"),
     }
     write_json(out / "coordexp_plugin.json", plugin_cfg)
