@@ -4,7 +4,7 @@ and against a float64 reference written straight from DESIGN §3.
 Tolerances, and why:
 
 * fp32 inputs: both paths compute the logits with an fp32 matmul, but with different blocking
-  (one chunk at a time vs all rows), so each logit differs by a few ulp of ``sum |h_i w_i|``;
+  (one vocabulary chunk at a time vs the whole product), so each logit differs by a few ulp of ``sum |h_i w_i|``;
   everything after is fp32 on the same formulas. Values: ``1e-5`` relative (+1e-6 absolute for
   terms that are ~0, e.g. a gate of 1e-7 is the difference of two O(1) log-sum-exps), plus
   ``4 eps32 max|z| / T``: a logit that differs by one matmul rounding moves a log-sum-exp of
@@ -24,7 +24,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import coordexp.fused_loss as fl
 from coordexp.codec import K
 from coordexp.fused_loss import fused_stage1_loss
 from coordexp.losses import GlobalCounts, stage1_loss
@@ -275,57 +274,36 @@ def test_batched_3d_input():
 
 
 def test_gate_clamp_rows():
-    """Coord rows whose non-coord logits are hugely negative: gate ~ 1e-30 rounds to <= 0 and
-    the clamp zeroes its gradient; the in-forward gradient must predict the same mask."""
+    """Coord rows whose non-coord logits are hugely negative: the true gate is ~1e-30, so both
+    paths return pure round-off of ``lse(z) - lse(s)`` (a few ulp of L ~ 10, ~1e-6; the online
+    log-sum-exp over ~300 chunks of 6 columns rounds differently from one pass) and the clamp at 0
+    may zero either one's gate gradient, which is itself ~1e-30: values within 1e-5, gradients equal."""
     lab, h, w, b = make_case(30, 0.7, 0.0, seed=10)
     b = torch.zeros(V)
     b[TEXT_IDS] = -80.0
     res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=6, temperature=1.0)
-    assert float(res_f.gate) < 1e-6
+    assert 0.0 <= float(res_f.gate) < 1e-5
     for name in TERMS:
-        _close_value(getattr(res_f, name), getattr(res_m, name))
+        _close_value(getattr(res_f, name), getattr(res_m, name), atol=1e-5 if name in ("total", "gate", "gate_sum", "coord_vocab_mass", "mass_sum") else 1e-6)
     for g, gr in zip(g_f, g_m):
         _close_grad(g, gr)
 
 
 # ------------------------------------------------------------------------------------------------
-# the in-forward gradient and its exact fallback
+# the backward is exact for any scalar built from the result, not only ``total``
 # ------------------------------------------------------------------------------------------------
 
 
-def _spy(monkeypatch):
-    seen = []
-    orig = fl._scalar_multiple
-
-    def wrapped(g, w):
-        a = orig(g, w)
-        seen.append(a)
-        return a
-
-    monkeypatch.setattr(fl, "_scalar_multiple", wrapped)
-    return seen
-
-
-def test_total_uses_in_forward_gradient_scaled_by_grad_output(monkeypatch):
-    seen = _spy(monkeypatch)
-    lab, h, w, b = make_case(40, 0.5, 0.1, seed=11)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=9, temperature=0.6, loss_of=lambda r: 3.5 * r.total)
-    assert seen and seen[0] is not None and abs(seen[0] - 3.5) < 1e-5
-    for g, gr in zip(g_f, g_m):
-        _close_grad(g, gr)
-
-
-@pytest.mark.parametrize("which", ["text_ce", "gate_plus_w1", "mass"])
-def test_other_losses_fall_back_to_exact_recompute(monkeypatch, which):
-    seen = _spy(monkeypatch)
+@pytest.mark.parametrize("which", ["scaled_total", "text_ce", "gate_plus_w1", "mass"])
+def test_any_upstream_gradient_is_exact(which):
     loss_of = {
+        "scaled_total": lambda r: 3.5 * r.total,
         "text_ce": lambda r: r.text_ce,
         "gate_plus_w1": lambda r: 2.0 * r.gate + r.w1 - 0.5 * r.text_ce,
         "mass": lambda r: r.coord_vocab_mass,
     }[which]
     lab, h, w, b = make_case(40, 0.5, 0.1, seed=12)
     res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=9, temperature=0.6, loss_of=loss_of)
-    assert seen and seen[0] is None
     for g, gr in zip(g_f, g_m):
         _close_grad(g, gr)
 
