@@ -16,7 +16,7 @@ Usage (2 shared cores: nice it)::
 
     nice -n 10 .venv/bin/python bench/fused_loss.py --configs 1024x1024 4096x1024 --repeats 3
 
-Prints a markdown table; ``--chunk-size`` overrides the fused default.
+Prints a markdown table; ``--chunk-size`` (vocabulary columns per chunk) overrides the fused default.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> None:
     common = ["--vocab", str(args.vocab), "--threads", str(args.threads)]
     if args.chunk_size is not None:
         common += ["--chunk-size", str(args.chunk_size)]
-    chunk = args.chunk_size or "default (~N/16 rows, 32..256 MB)"
+    chunk = args.chunk_size or "default (vocab columns for a ~1/16-of-the-logits workspace, 32..256 MB)"
     print(f"V={args.vocab} chunk_size={chunk} threads={args.threads} repeats={args.repeats} warmup={args.warmup}", flush=True)
     print("| N | D | logits fp32 MB | unfused s (median) | fused s (median) | fused/unfused time "
           "| unfused peak MB | fused peak MB | grads MB | unfused loss MB | fused loss MB "

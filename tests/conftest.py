@@ -63,17 +63,9 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def set_params(root: Path, updates: dict) -> None:
     """Deep-update ``root/params.yaml`` (keys as dotted paths)."""
-    import yaml
+    from coordexp.config import override_params_file
 
-    f = root / "params.yaml"
-    raw = yaml.safe_load(f.read_text())
-    for dotted, value in updates.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    f.write_text(yaml.safe_dump(raw, sort_keys=False))
+    override_params_file(root / "params.yaml", updates)
 
 
 TINY_TRAIN = {

@@ -204,7 +204,7 @@ class TrainConfig(_Section):
     packing: bool = False
     """ms-swift packing (needs flash-attention, so a GPU); refused on the CPU."""
     fused_loss: bool = False
-    """Compute the Stage-1 loss from the last hidden states through the LM head in row chunks
+    """Compute the Stage-1 loss from the last hidden states through the LM head in vocabulary chunks
     (``coordexp.fused_loss``): the model returns logits for one position only and the ``[N, V]``
     logits never exist. Same loss and gradients as ``false`` (tested); on the CPU it is slower at
     large ``D`` (bench/RESULTS.md ``fused_loss``), so the default stays ``false``; turn it on when
@@ -375,3 +375,19 @@ def load_params(path: str | Path | None = None) -> Params:
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise ConfigError(f"{file}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return validate_params(raw, source=str(file))
+
+
+def override_params_file(path: str | Path, updates: dict[str, Any]) -> None:
+    """Set ``dotted.key: value`` entries in a params file in place (experiment copies, tests, benches).
+
+    Not validated here on purpose: a stage validates the file before it does any work, so a
+    wrong key still fails with the schema's message, where a user would meet it."""
+    file = Path(path)
+    raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    for dotted, value in updates.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

@@ -125,30 +125,40 @@ class _FusedHead(torch.autograd.Function):
             shift[crow] = s.max(dim=1).values
             scale[crow] = inv_t
 
+        # The chunk logits x: without a bias, x = (a h) W^T = a z straight from the GEMM (the rows
+        # pre-scaled once) and the shift a c is taken off the finished log-sum-exp; with a bias,
+        # x = a (h W^T + b - c) (two more passes per chunk). Either way L = lse(x) - off.
+        fold = bf is None
+        hx = h * scale[:, None] if fold and crow.numel() and inv_t != 1.0 else h
+        off = shift * scale if fold else torch.zeros(n, dtype=f32, device=dev)
+
         # online log-sum-exp over vocabulary chunks: running max m and sum of exp(x - m) per row
         m = torch.full((n,), float("-inf"), dtype=f32, device=dev)
         ssum = torch.zeros(n, dtype=f32, device=dev)
         pred = torch.zeros(n, dtype=torch.long, device=dev)  # argmax per row, for token accuracy
         ws = torch.empty(n * min(chunk, v), dtype=f32, device=dev)
         for c0 in range(0, v if n else 0, chunk):
-            x = _chunk_logits(ws, h, wf, bf, c0, min(c0 + chunk, v), shift, scale, crow.numel() > 0)
-            cmax, carg = x.max(dim=1)  # (z - c) * a with a > 0 keeps the argmax of z
+            x = _chunk_logits(ws, hx, wf, bf, c0, min(c0 + chunk, v), shift, scale, crow.numel() > 0)
+            cmax, carg = x.max(dim=1)  # x is a (z - c) or a z with a > 0: the argmax of z
             pred = torch.where(cmax > m, carg + c0, pred)  # strict: the first maximum wins, like argmax
             m_new = torch.maximum(m, cmax)
             ssum.mul_(torch.exp(m - m_new)).add_(x.sub_(m_new[:, None]).exp_().sum(dim=1))
             m = m_new
         del ws
-        L = m + ssum.log()
+        lse_x = m + ssum.log()
+        L = lse_x - off
 
         ctx.save_for_backward(hidden, weight, bias, rows, tgt, coord_ids)
-        ctx.h, ctx.crow, ctx.trow, ctx.shift, ctx.scale, ctx.L, ctx.chunk = h, crow, trow, shift, scale, L, chunk
+        ctx.h, ctx.hx, ctx.crow, ctx.trow, ctx.shift, ctx.scale = h, hx, crow, trow, shift, scale
+        ctx.lse_x, ctx.chunk = lse_x, chunk
         ctx.mark_non_differentiable(pred)
         return L, s, zy, pred
 
     @staticmethod
     def _backward(ctx, g_l, g_s, g_zy):
         hidden, weight, bias, rows, tgt, coord_ids = ctx.saved_tensors
-        h, crow, trow, shift, scale, L, chunk = ctx.h, ctx.crow, ctx.trow, ctx.shift, ctx.scale, ctx.L, ctx.chunk
+        h, hx, crow, trow, shift, scale = ctx.h, ctx.hx, ctx.crow, ctx.trow, ctx.shift, ctx.scale
+        lse_x, chunk = ctx.lse_x, ctx.chunk
         need = ctx.needs_input_grad
         need_h, need_w = bool(need[0]), bool(need[1])
         need_b = bias is not None and bool(need[2])
@@ -163,13 +173,19 @@ class _FusedHead(torch.autograd.Function):
         gw = torch.zeros(v, d, dtype=f32, device=dev) if need_w else None
         gb = torch.zeros(v, dtype=f32, device=dev) if need_b else None
         if g_l is not None and n and (need_h or need_w or need_b):
-            # dL_r/dz_r = a_r softmax(a_r (z_r - c_r)): recompute each chunk, each weight block once
-            coef = g_l.to(f32) * scale
+            # dL_r/dz_r = k_r softmax(x_r) with k_r = g_r a_r: recompute each chunk, write each
+            # weight block once. k folds into the exponent, k exp(x - lse) = sign(k) exp(x - (lse - log|k|))
+            # (k = 0 gives exp(-inf) = 0), so a chunk costs one subtraction and one exp.
+            k = g_l.to(f32) * scale
+            base = lse_x - k.abs().log()
+            negative = bool((k < 0).any())
             ws = torch.empty(n * min(chunk, v), dtype=f32, device=dev)
             for c0 in range(0, v, chunk):
                 c1 = min(c0 + chunk, v)
-                x = _chunk_logits(ws, h, wf, bf, c0, c1, shift, scale, crow.numel() > 0)
-                g = x.sub_(L[:, None]).exp_().mul_(coef[:, None])
+                x = _chunk_logits(ws, hx, wf, bf, c0, c1, shift, scale, crow.numel() > 0)
+                g = x.sub_(base[:, None]).exp_()
+                if negative:
+                    g.mul_(k.sign()[:, None])
                 if gh is not None:
                     gh.addmm_(g, wf[c0:c1])
                 if gw is not None:
@@ -207,13 +223,14 @@ class _FusedHead(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-def _chunk_logits(ws, h, wf, bf, c0, c1, shift, scale, has_coord):
-    """``a (h W[c0:c1]^T + b[c0:c1] - c)`` into the front of the flat workspace ``ws`` (contiguous)."""
-    x = ws[: h.shape[0] * (c1 - c0)].view(h.shape[0], c1 - c0)
+def _chunk_logits(ws, hx, wf, bf, c0, c1, shift, scale, has_coord):
+    """The chunk's ``x`` into the front of the flat workspace ``ws`` (contiguous): ``hx W[c0:c1]^T``
+    without a bias (``hx`` = the pre-scaled rows ``a h``), ``a (h W[c0:c1]^T + b[c0:c1] - c)`` with one."""
+    x = ws[: hx.shape[0] * (c1 - c0)].view(hx.shape[0], c1 - c0)
     if bf is None:
-        torch.mm(h, wf[c0:c1].T, out=x)
-    else:
-        torch.addmm(bf[c0:c1], h, wf[c0:c1].T, out=x)
+        torch.mm(hx, wf[c0:c1].T, out=x)
+        return x
+    torch.addmm(bf[c0:c1], hx, wf[c0:c1].T, out=x)
     if has_coord:
         # (z - c) / T: the difference first is exact near the max (see losses._RowStats)
         x.sub_(shift[:, None]).mul_(scale[:, None])

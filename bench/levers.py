@@ -1,0 +1,144 @@
+"""What each design lever of the embedded default buys in detection quality (issue 7).
+
+Every variant is the embedded default with a few ``params.yaml`` keys changed. Each runs in its
+own fresh copy of the project (tracked files only, own DVC cache pulled from the in-repo remote,
+own MLflow store) through the real pipeline, ``dvc repro evaluate`` (preprocess -> build_base ->
+train -> evaluate), so a lever that touches the data or the model rebuilds exactly what it must.
+Results (``reports/metrics/eval.json`` + ``train.json`` of the copy, and the wall time) are
+appended as JSON lines to ``--out`` and printed as a Markdown table.
+
+Runs may go in parallel (``--jobs``); each then gets ``--threads`` torch threads so they do not
+oversubscribe the cores. Wall times of parallel runs are not comparable with a quiet machine's;
+the quality figures are (same seeds, same data).
+
+    .venv/bin/python bench/levers.py --jobs 2 --threads 1 default ce_baseline steps_3000 lr_3e-3
+    .venv/bin/python bench/levers.py --table bench/levers.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from coordexp.config import override_params_file
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = ROOT / ".venv" / "bin"
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "ce_baseline": {"train.coord_soft_ce_w1.enabled": False},
+    "coord_weights_0.25": {"train.coord_soft_ce_w1.soft_ce_weight": 0.25, "train.coord_soft_ce_w1.w1_weight": 0.25,
+                           "train.coord_soft_ce_w1.gate_weight": 0.25},
+    "steps_750": {"train.max_steps": 750},
+    "steps_3000": {"train.max_steps": 3000},
+    "steps_6000": {"train.max_steps": 6000},
+    "lr_3e-3": {"train.learning_rate": 3e-3},
+    "lr_3e-4": {"train.learning_rate": 3e-4},
+    "vision_128": {"build_base.tiny.vision_hidden_size": 128},
+    "vision_depth_4": {"build_base.tiny.vision_depth": 4},
+    "text_256": {"build_base.tiny.hidden_size": 256, "build_base.tiny.intermediate_size": 768},
+    "patch_8": {"build_base.tiny.patch_size": 8},
+    "image_64_patch_8": {"preprocess.max_side": 64, "build_base.tiny.patch_size": 8},
+}
+"""name -> dotted params.yaml keys to change."""
+
+KEYS = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1@0.5", "f1@0.3", "images_per_second")
+
+
+def copy_project(dest: Path) -> None:
+    """Tracked (and untracked, not ignored) files only: like a fresh clone of the working tree."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for rel in files:
+        if rel.startswith(("tests/", "bench/", "reports/")) or not (ROOT / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    (dest / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lever copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
+
+
+def run_variant(name: str, work: Path, threads: int | None) -> dict[str, object]:
+    dest = work / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    copy_project(dest)
+    override_params_file(dest / "params.yaml", VARIANTS[name])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "COORDEXP_", "DVC_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    log = (dest / "lever.log").open("w")
+    t0 = time.time()
+    for cmd in (["dvc", "pull", "-q", "data.dvc"], ["dvc", "repro", "evaluate"]):
+        res = subprocess.run(cmd, cwd=dest, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if res.returncode:
+            return {"variant": name, "changes": VARIANTS[name], "error": f"{' '.join(cmd)} failed; see {dest}/lever.log"}
+    wall = time.time() - t0
+    ev = json.loads((dest / "reports/metrics/eval.json").read_text())
+    tr = json.loads((dest / "reports/metrics/train.json").read_text())
+    return {"variant": name, "changes": VARIANTS[name], "wall_s": round(wall, 1), "threads": threads,
+            **{k: ev.get(k) for k in KEYS}, "train": tr}
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    out = ["| variant | changes | steps | eval W1 | eval softCE | token_acc | parse_rate | bbox_mAP50 | bbox_mAP | "
+           "f1@0.5 | wall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['variant']} | {r['changes']} | error: {r['error']} |||||||||")
+            continue
+        tr = r["train"]
+        ch = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["changes"].items()) or "-"
+
+        def f(v: object, nd: int = 3) -> str:
+            return "-" if v is None else f"{float(v):.{nd}f}"
+
+        out.append(
+            f"| {r['variant']} | {ch} | {tr.get('steps', '-')} | {f(tr.get('final_eval_w1'))} | "
+            f"{f(tr.get('final_eval_soft_ce'), 2)} | {f(tr.get('final_eval_token_acc'))} | {f(r['parse_rate'])} | "
+            f"{f(r['bbox_mAP50'], 4)} | {f(r['bbox_mAP'], 4)} | {f(r['f1@0.5'])} | {float(r['wall_s']) / 60:.1f} min |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/coordexp-levers"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "levers.jsonl")
+    ap.add_argument("--table", type=Path, default=None, help="only print the table of an existing results file")
+    a = ap.parse_args()
+    if a.table:
+        print(table([json.loads(line) for line in a.table.read_text().splitlines() if line.strip()]))
+        return
+    unknown = [v for v in a.variants if v not in VARIANTS]
+    if unknown or not a.variants:
+        sys.exit(f"error: unknown or no variants {unknown}; choose from {', '.join(VARIANTS)}")
+    a.work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        for row in pool.map(lambda v: run_variant(v, a.work, a.threads), a.variants):
+            rows.append(row)
+            with a.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps({k: row.get(k) for k in ("variant", "bbox_mAP50", "parse_rate", "wall_s", "error")}),
+                  flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
