@@ -159,7 +159,7 @@ def main() -> None:
     common = ["--vocab", str(args.vocab), "--threads", str(args.threads)]
     if args.chunk_size is not None:
         common += ["--chunk-size", str(args.chunk_size)]
-    chunk = args.chunk_size or "default (vocab columns for a ~1/16-of-the-logits workspace, 32..256 MB)"
+    chunk = args.chunk_size or "default (vocab columns for a ~1/32-of-the-logits workspace, 32..256 MB)"
     print(f"V={args.vocab} chunk_size={chunk} threads={args.threads} repeats={args.repeats} warmup={args.warmup}", flush=True)
     print("| N | D | logits fp32 MB | unfused s (median) | fused s (median) | fused/unfused time "
           "| unfused peak MB | fused peak MB | grads MB | unfused loss MB | fused loss MB "

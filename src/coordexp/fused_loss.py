@@ -68,11 +68,13 @@ MAX_CHUNK_ELEMS = 1 << 26
 
 
 def _default_chunk(v: int, n_rows: int) -> int:
-    """Vocabulary columns per chunk: a workspace of ~1/16 of the logits, clamped to [32 MB, 256 MB].
+    """Vocabulary columns per chunk: a workspace of ~1/32 of the logits, clamped to [32 MB, 256 MB].
 
-    Why adaptive: the workspace is then ~6% of the logits the unfused path would materialise
-    (the memory goal is <= 10%), while its products stay fat enough for full GEMM speed."""
-    elems = min(MAX_CHUNK_ELEMS, max(DEFAULT_CHUNK_ELEMS, -(-n_rows * v // 16)))
+    Why adaptive: the workspace is then ~3% of the logits the unfused path would materialise; with
+    the fp32 row copies ``[n_sup, D]`` and the ``[n_coord, K]`` coord terms the whole loss stays
+    under 10% of them (the memory goal) at D = 2048 too, while its products stay fat enough for
+    full GEMM speed (``[n_sup, D] x [D, V/32]``)."""
+    elems = min(MAX_CHUNK_ELEMS, max(DEFAULT_CHUNK_ELEMS, -(-n_rows * v // 32)))
     return int(max(1, min(v, elems // max(n_rows, 1))))
 
 
@@ -269,7 +271,7 @@ def fused_stage1_loss(
 
     ``labels [N] | [B, L]`` must be ALIGNED with ``hidden`` (row i predicts ``labels[i]``; the
     caller shifts), ``-100`` ignored. ``chunk_size`` = vocabulary columns of logits held at once
-    for all supervised rows (default: a workspace of ~1/16 of the logits, clamped to 32..256 MB,
+    for all supervised rows (default: a workspace of ~1/32 of the logits, clamped to 32..256 MB,
     see ``_default_chunk``). Only supervised rows are touched; all arithmetic is fp32; gradients
     come back in the inputs' dtypes, exact for any scalar built from the result. ``argmax`` holds
     each supervised position's predicted token id.
