@@ -206,9 +206,9 @@ class TrainConfig(_Section):
     fused_loss: bool = False
     """Compute the Stage-1 loss from the last hidden states through the LM head in vocabulary chunks
     (``coordexp.fused_loss``): the model returns logits for one position only and the ``[N, V]``
-    logits never exist. Same loss and gradients as ``false`` (tested); on the CPU it is slower at
-    large ``D`` (bench/RESULTS.md ``fused_loss``), so the default stays ``false``; turn it on when
-    the logits dominate memory (a real checkpoint with V ~ 152k)."""
+    logits never exist. Same loss and gradients as ``false`` (tested); on the CPU it takes 1.05x-1.5x
+    the time (bench/RESULTS.md ``fused_loss``), so the default stays ``false``; turn it on when the
+    logits dominate memory (a real checkpoint with V ~ 152k)."""
     dataloader_num_workers: int = Field(default=0, ge=0)
     """Background data-loading processes."""
     coord_soft_ce_w1: CoordSoftCEW1Config = Field(default_factory=CoordSoftCEW1Config)
