@@ -144,7 +144,7 @@ class Stage1SwiftLoss:
         if _inject_fault(trainer):
             hidden = hidden * float("nan")
         head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
-        aligned = F.pad(labels[:, 1:], (0, 1), value=-100)
+        _, aligned = _align(hidden, labels)
         res = fused_stage1_loss(hidden, head.weight, aligned, self._map(hidden.device), bias=head.bias,
                                 normalizer=counts, **weights)
         outputs.coordexp_argmax = res.argmax.view(labels.shape)
