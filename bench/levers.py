@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,9 +48,19 @@ VARIANTS: dict[str, dict[str, object]] = {
     "text_256": {"build_base.tiny.hidden_size": 256, "build_base.tiny.intermediate_size": 768},
     "patch_8": {"build_base.tiny.patch_size": 8},
     "image_64_patch_8": {"preprocess.max_side": 64, "build_base.tiny.patch_size": 8},
+    "eval_all": {"evaluate.checkpoints": "all"},
 }
-"""name -> dotted params.yaml keys to change."""
+"""name -> dotted params.yaml keys to change. Names join with ``+`` (``coord_weights_0.25+steps_3000``)."""
 
+
+def changes_of(name: str) -> dict[str, object]:
+    """The merged changes of a ``+``-joined variant name (later parts win on a shared key)."""
+    merged: dict[str, object] = {}
+    for part in name.split("+"):
+        merged.update(VARIANTS[part])
+    return merged
+
+EVAL_LINE = re.compile(r"\[evaluate\] checkpoint-(\d+): bbox_mAP=([\d.]+) mAP50=([\d.]+)")
 KEYS = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1@0.5", "f1@0.3", "images_per_second")
 
 
@@ -75,7 +86,7 @@ def run_variant(name: str, work: Path, threads: int | None) -> dict[str, object]
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     copy_project(dest)
-    override_params_file(dest / "params.yaml", VARIANTS[name])
+    override_params_file(dest / "params.yaml", changes_of(name))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "COORDEXP_", "DVC_"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     if threads:
@@ -85,12 +96,15 @@ def run_variant(name: str, work: Path, threads: int | None) -> dict[str, object]
     for cmd in (["dvc", "pull", "-q", "data.dvc"], ["dvc", "repro", "evaluate"]):
         res = subprocess.run(cmd, cwd=dest, env=env, stdout=log, stderr=subprocess.STDOUT)
         if res.returncode:
-            return {"variant": name, "changes": VARIANTS[name], "error": f"{' '.join(cmd)} failed; see {dest}/lever.log"}
+            return {"variant": name, "changes": changes_of(name), "error": f"{' '.join(cmd)} failed; see {dest}/lever.log"}
     wall = time.time() - t0
     ev = json.loads((dest / "reports/metrics/eval.json").read_text())
     tr = json.loads((dest / "reports/metrics/train.json").read_text())
-    return {"variant": name, "changes": VARIANTS[name], "wall_s": round(wall, 1), "threads": threads,
-            **{k: ev.get(k) for k in KEYS}, "train": tr}
+    # with evaluate.checkpoints=all the stage prints one line per checkpoint: keep mAP50 against step
+    by_step = {int(m[1]): {"bbox_mAP": float(m[2]), "bbox_mAP50": float(m[3])}
+               for m in EVAL_LINE.finditer((dest / "lever.log").read_text())}
+    return {"variant": name, "changes": changes_of(name), "wall_s": round(wall, 1), "threads": threads,
+            **{k: ev.get(k) for k in KEYS}, "train": tr, **({"by_step": by_step} if len(by_step) > 1 else {})}
 
 
 def table(rows: list[dict[str, object]]) -> str:
@@ -115,7 +129,7 @@ def table(rows: list[dict[str, object]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("variants", nargs="*", help=f"names joined by + from {', '.join(VARIANTS)}")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/coordexp-levers"))
@@ -125,7 +139,7 @@ def main() -> None:
     if a.table:
         print(table([json.loads(line) for line in a.table.read_text().splitlines() if line.strip()]))
         return
-    unknown = [v for v in a.variants if v not in VARIANTS]
+    unknown = [v for v in a.variants if any(p not in VARIANTS for p in v.split("+"))]
     if unknown or not a.variants:
         sys.exit(f"error: unknown or no variants {unknown}; choose from {', '.join(VARIANTS)}")
     a.work.mkdir(parents=True, exist_ok=True)
