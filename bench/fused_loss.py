@@ -16,7 +16,13 @@ Usage (2 shared cores: nice it)::
 
     nice -n 10 .venv/bin/python bench/fused_loss.py --configs 1024x1024 4096x1024 --repeats 3
 
-Prints a markdown table; ``--chunk-size`` (vocabulary columns per chunk) overrides the fused default.
+Prints a markdown table; ``--mode`` (``auto`` | ``rows`` | ``vocab``) picks the fused loss's chunking
+(see ``coordexp.fused_loss``; the table's "mode" column says which ran, and how many supervised rows
+the backwards recomputed: 0 in rows mode with ``total.backward()``, every row in vocab mode);
+``--chunk-size`` (vocabulary columns per chunk, vocab mode) and ``--row-chunk`` (supervised rows per
+chunk, rows mode) override the fused defaults. Smoke test with tiny sizes (seconds)::
+
+    .venv/bin/python bench/fused_loss.py --configs 64x16 --vocab 2000 --repeats 1 --mode rows
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def _setup(n: int, d: int, v: int, seed: int = 0):
     return hidden, weight, labels, cmap
 
 
-def _step(path: str, hidden, weight, labels, cmap, chunk_size):
+def _step(path: str, hidden, weight, labels, cmap, fused_kw: dict):
     from coordexp.fused_loss import fused_stage1_loss
     from coordexp.losses import stage1_loss
 
@@ -63,7 +69,7 @@ def _step(path: str, hidden, weight, labels, cmap, chunk_size):
         z = hidden @ weight.T  # fp32 [N, V]
         res = stage1_loss(z, labels, cmap, **kw)
     else:
-        res = fused_stage1_loss(hidden, weight, labels, cmap, chunk_size=chunk_size, **kw)
+        res = fused_stage1_loss(hidden, weight, labels, cmap, **fused_kw, **kw)
     res.total.backward()
     return float(res.total.detach())
 
@@ -96,8 +102,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _fused_kw(args) -> dict:
+    """The fused loss's chunking keywords from the command line."""
+    return {"mode": args.mode, "chunk_size": args.chunk_size, "row_chunk": args.row_chunk}
+
+
+def _mode_ran(counts) -> str:
+    """E.g. ``"rows, 0 rows recomputed"`` from ``coordexp.fused_loss.CALL_COUNTS`` of the fused steps
+    (all in one mode: the same sizes each time)."""
+    modes = sorted(k.split(":", 1)[1] for k in counts if k.startswith("forward:"))
+    return f"{'+'.join(modes)}, {counts['backward:recomputed_rows']} rows recomputed"
+
+
 def _child(args) -> None:
     import torch
+
+    from coordexp.fused_loss import CALL_COUNTS
 
     torch.set_num_threads(args.threads)
     n, d = args.n, args.d
@@ -106,11 +126,11 @@ def _child(args) -> None:
         _ = float(hidden.sum() + weight.sum())
         # warm-up on 32 rows: one-off allocations (BLAS/OpenMP buffers, the cached soft-target
         # tables, ~10-40 MB) are not per-step loss memory
-        _step(args.path, hidden[:32].detach().clone().requires_grad_(), weight, labels[:32], cmap, args.chunk_size)
+        _step(args.path, hidden[:32].detach().clone().requires_grad_(), weight, labels[:32], cmap, _fused_kw(args))
         weight.grad = None
         reset = _reset_peak()
         base = _rss_kb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        val = _step(args.path, hidden, weight, labels, cmap, args.chunk_size)
+        val = _step(args.path, hidden, weight, labels, cmap, _fused_kw(args))
         peak = _hwm_kb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({"peak_kb": peak - base, "value": val, "method": "VmHWM" if reset else "ru_maxrss"}))
         return
@@ -118,13 +138,14 @@ def _child(args) -> None:
     vals = {}
     if args.warmup:
         for p in ("unfused", "fused"):
-            vals[p] = _step(p, hidden, weight, labels, cmap, args.chunk_size)
+            vals[p] = _step(p, hidden, weight, labels, cmap, _fused_kw(args))
+    CALL_COUNTS.clear()  # the timed steps only
     for _ in range(args.repeats):
         for p in ("unfused", "fused"):
             t = time.perf_counter()
-            vals[p] = _step(p, hidden, weight, labels, cmap, args.chunk_size)
+            vals[p] = _step(p, hidden, weight, labels, cmap, _fused_kw(args))
             times[p].append(time.perf_counter() - t)
-    print(json.dumps({"times": times, "values": vals}))
+    print(json.dumps({"times": times, "values": vals, "mode": _mode_ran(CALL_COUNTS)}))
 
 
 def _run_child(extra: list[str]) -> dict:
@@ -141,7 +162,9 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["1024x1024", "4096x1024"], help="NxD list")
     ap.add_argument("--vocab", type=int, default=V_DEFAULT)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--mode", choices=["auto", "rows", "vocab"], default="auto", help="fused loss chunking")
+    ap.add_argument("--chunk-size", type=int, default=None, help="vocabulary columns per chunk (vocab mode)")
+    ap.add_argument("--row-chunk", type=int, default=None, help="supervised rows per chunk (rows mode)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-mem", action="store_true")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up step per path (0 for big configs)")
@@ -156,15 +179,19 @@ def main() -> None:
         _child(args)
         return
 
-    common = ["--vocab", str(args.vocab), "--threads", str(args.threads)]
+    common = ["--vocab", str(args.vocab), "--threads", str(args.threads), "--mode", args.mode]
     if args.chunk_size is not None:
         common += ["--chunk-size", str(args.chunk_size)]
+    if args.row_chunk is not None:
+        common += ["--row-chunk", str(args.row_chunk)]
     chunk = args.chunk_size or "default (vocab columns for a ~1/32-of-the-logits workspace, 32..256 MB)"
-    print(f"V={args.vocab} chunk_size={chunk} threads={args.threads} repeats={args.repeats} warmup={args.warmup}", flush=True)
-    print("| N | D | logits fp32 MB | unfused s (median) | fused s (median) | fused/unfused time "
-          "| unfused peak MB | fused peak MB | grads MB | unfused loss MB | fused loss MB "
+    rows = args.row_chunk or "default (ceil(n_sup / 16) rows)"
+    print(f"V={args.vocab} mode={args.mode} chunk_size={chunk} row_chunk={rows} threads={args.threads} "
+          f"repeats={args.repeats} warmup={args.warmup}", flush=True)
+    print("| N | D | fused mode (timed steps) | logits fp32 MB | unfused s (median) | fused s (median) "
+          "| fused/unfused time | unfused peak MB | fused peak MB | grads MB | unfused loss MB | fused loss MB "
           "| fused loss / logits | value diff |", flush=True)
-    print("|" + "---|" * 13, flush=True)
+    print("|" + "---|" * 14, flush=True)
     for cfg in args.configs:
         n, d = (int(x) for x in cfg.lower().split("x"))
         t = _run_child(common + ["--what", "time", "--n", str(n), "--d", str(d), "--repeats", str(args.repeats),
@@ -178,7 +205,7 @@ def main() -> None:
         else:
             mu = _run_child(common + ["--what", "mem", "--path", "unfused", "--n", str(n), "--d", str(d)])["peak_kb"] / 1024
             mf = _run_child(common + ["--what", "mem", "--path", "fused", "--n", str(n), "--d", str(d)])["peak_kb"] / 1024
-        print(f"| {n} | {d} | {logits_mb:.0f} | {tu:.2f} | {tf:.2f} | {tf / tu:.2f}x | {mu:.0f} | {mf:.0f} "
+        print(f"| {n} | {d} | {t['mode']} | {logits_mb:.0f} | {tu:.2f} | {tf:.2f} | {tf / tu:.2f}x | {mu:.0f} | {mf:.0f} "
               f"| {grads_mb:.0f} | {mu - grads_mb:.0f} | {mf - grads_mb:.0f} | {(mf - grads_mb) / logits_mb:.1%} "
               f"| {vdiff:.1e} |", flush=True)
         print(f"  raw times unfused={['%.2f' % x for x in t['times']['unfused']]} "

@@ -1,11 +1,14 @@
 """``fused_stage1_loss`` (hidden + LM head, chunked) against ``stage1_loss`` on materialised logits
-and against a float64 reference written straight from DESIGN §3.
+and against a float64 reference written straight from DESIGN §3, in both of its modes ("vocab" and
+"rows"; tests that apply to both are parametrized over ``mode``), to the same tolerances. Rows mode's
+backward (the gradient formed in the forward, plus a recompute of rows whose upstream gradient it
+does not cover) is observed through ``fused_loss.CALL_COUNTS``.
 
 Tolerances, and why:
 
 * fp32 inputs: both paths compute the logits with an fp32 matmul, but with different blocking
-  (one vocabulary chunk at a time vs the whole product), so each logit differs by a few ulp of ``sum |h_i w_i|``;
-  everything after is fp32 on the same formulas. Values: ``1e-5`` relative (+1e-6 absolute for
+  (one vocabulary or row chunk at a time vs the whole product), so each logit differs by a few
+  ulp of ``sum |h_i w_i|``; everything after is fp32 on the same formulas. Values: ``1e-5`` relative (+1e-6 absolute for
   terms that are ~0, e.g. a gate of 1e-7 is the difference of two O(1) log-sum-exps), plus
   ``4 eps32 max|z| / T``: a logit that differs by one matmul rounding moves a log-sum-exp of
   ``z / T`` by up to that much, and the gate is a difference of two such (observed: at
@@ -25,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordexp.codec import K
-from coordexp.fused_loss import fused_stage1_loss
+from coordexp import fused_loss
+from coordexp.fused_loss import CALL_COUNTS, fused_stage1_loss
 from coordexp.losses import GlobalCounts, stage1_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
@@ -91,16 +95,38 @@ def _close_grad(g, g_ref, rtol=1e-5, atol=1e-7):
     assert err <= rtol * scale + atol, (err, scale)
 
 
-def run_both(lab, h, w, b, *, chunk_size, loss_of=lambda r: r.total, **kw):
-    """(fused result, fused grads, materialised result, materialised grads) of ``loss_of``."""
+def chunking(mode: str, chunk: int) -> dict:
+    """``fused_stage1_loss`` keywords for ``mode`` with ``chunk`` vocabulary columns (vocab mode) or
+    supervised rows (rows mode) per chunk."""
+    return {"mode": mode, ("chunk_size" if mode == "vocab" else "row_chunk"): chunk}
+
+
+@pytest.fixture
+def counts():
+    """``fused_loss.CALL_COUNTS``, cleared: which forward mode and backward path ran."""
+    CALL_COUNTS.clear()
+    return CALL_COUNTS
+
+
+def run_both(lab, h, w, b, *, chunks, loss_of=lambda r: r.total, **kw):
+    """(fused result, fused grads, materialised result, materialised grads) of ``loss_of``;
+    ``chunks`` = the fused-only keywords (see :func:`chunking`)."""
     hf, wf, bf = _leaves(h, w, b)
-    res_f = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=chunk_size, **kw)
+    res_f = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunks, **kw)
     g_f = _grads(loss_of(res_f), [hf, wf, bf])
     hm, wm, bm = _leaves(h.float(), w.float(), None if b is None else b.float())
     z = hm @ wm.T + (0 if bm is None else bm)
     res_m = stage1_loss(z, lab, CMAP, **kw)
     g_m = _grads(loss_of(res_m), [hm, wm, bm])
     return res_f, g_f, res_m, g_m
+
+
+def _check_all(res_f, g_f, res_m, g_m):
+    for name in TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    assert (res_f.coord_tokens, res_f.text_tokens) == (res_m.coord_tokens, res_m.text_tokens)
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,30 +165,32 @@ def reference64(lab, h, w, b, *, temperature=1.0, target_sigma=2.0, target_trunc
 
 
 # ------------------------------------------------------------------------------------------------
-# agreement with the materialised path and with float64
+# agreement with the materialised path and with float64, in both modes
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+# vocab mode: columns per chunk (1 column .. all of V); rows mode: rows per chunk: single rows, 13
+# (the 46-53 supervised rows leave a last chunk of 1, 7 or 9 rows) and all rows in one chunk
+@pytest.mark.parametrize("mode,chunk", [("vocab", 1), ("vocab", 7), ("vocab", 64), ("vocab", 1000),
+                                        ("rows", 1), ("rows", 13), ("rows", 1000)])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_materialised_fp32(chunk_size, temperature, bias):
-    lab, h, w, b = make_case(61, 0.5, 0.2, seed=chunk_size * 7 + int(temperature * 10), bias=bias)
+def test_matches_materialised_fp32(mode, chunk, temperature, bias, counts):
+    lab, h, w, b = make_case(61, 0.5, 0.2, seed=chunk * 7 + int(temperature * 10), bias=bias)
     kw = dict(temperature=temperature, soft_ce_weight=0.7, w1_weight=1.3, gate_weight=0.9)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=chunk_size, **kw)
-    for name in TERMS:
-        _close_value(getattr(res_f, name), getattr(res_m, name))
-    assert (res_f.coord_tokens, res_f.text_tokens) == (res_m.coord_tokens, res_m.text_tokens)
-    for g, gr in zip(g_f, g_m):
-        _close_grad(g, gr)
+    _check_all(*run_both(lab, h, w, b, chunks=chunking(mode, chunk), **kw))
+    assert counts[f"forward:{mode}"] == 1
+    if mode == "rows":  # total: the gradient the forward formed is used as is
+        assert counts["backward:saved"] == 1 and counts["backward:recomputed_rows"] == 0
 
 
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_matches_float64_reference(temperature):
+def test_matches_float64_reference(mode, temperature):
     lab, h, w, b = make_case(23, 0.6, 0.15, seed=3, scale=2.0)
     kw = dict(temperature=temperature, soft_ce_weight=0.5, w1_weight=2.0, gate_weight=1.5)
     hf, wf, bf = _leaves(h, w, b)
-    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=5, **kw)
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunking(mode, 5), **kw)
     h64, w64, b64 = _leaves(h.double(), w.double(), b.double())
     ref = reference64(lab, h64, w64, b64, **kw)
     for name in ("total", "text_ce", "soft_ce", "w1", "gate"):
@@ -176,14 +204,15 @@ def test_matches_float64_reference(temperature):
     n=st.integers(1, 40),
     coord_frac=st.floats(0.0, 1.0),
     ignored_frac=st.floats(0.0, 0.5),
+    mode=st.sampled_from(["vocab", "rows"]),
     chunk=st.integers(1, 50),
     temperature=st.floats(0.1, 5.0),
     scale=st.sampled_from([0.1, 1.0, 5.0]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_cases(n, coord_frac, ignored_frac, chunk, temperature, scale, seed):
+def test_random_cases(n, coord_frac, ignored_frac, mode, chunk, temperature, scale, seed):
     lab, h, w, b = make_case(n, coord_frac, ignored_frac, seed=seed, scale=scale)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=chunk, temperature=temperature)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, chunk), temperature=temperature)
     zmax = float((h @ w.T + b).abs().max())
     for name in TERMS:
         n_terms = res_m.coord_tokens if name.endswith("_sum") and name != "text_ce_sum" else 1
@@ -197,13 +226,15 @@ def test_random_cases(n, coord_frac, ignored_frac, chunk, temperature, scale, se
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+@pytest.mark.parametrize("mode,chunk", [("vocab", 1), ("vocab", 7), ("vocab", 1000), ("rows", 1), ("rows", 10)])
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
-def test_argmax_is_the_materialised_logits_argmax(chunk_size, temperature):
+@pytest.mark.parametrize("grad", [False, True])
+def test_argmax_is_the_materialised_logits_argmax(mode, chunk, temperature, grad):
     """token_acc in fused training comes from this: the argmax of every supervised row (coord rows
     are shifted and scaled by 1/T inside the head, which must not move it), -100 elsewhere."""
     lab, h, w, b = make_case(61, 0.5, 0.2, seed=3, bias=True)
-    res = fused_stage1_loss(h, w, lab, CMAP, bias=b, chunk_size=chunk_size, temperature=temperature)
+    hf = h.clone().requires_grad_(grad)
+    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, temperature=temperature, **chunking(mode, chunk))
     z = h @ w.T + b
     sup = lab != -100
     assert res.argmax.shape == lab.reshape(-1).shape
@@ -211,77 +242,88 @@ def test_argmax_is_the_materialised_logits_argmax(chunk_size, temperature):
     assert bool((res.argmax[~sup] == -100).all())
 
 
-def test_no_coord_rows():
+def test_argmax_ties_take_the_first_maximum():
+    """Rows of equal logits (a zero hidden row, no bias): every column ties, torch.argmax says 0."""
+    lab, h, w, _ = make_case(20, 0.5, 0.0, seed=2, bias=False)
+    h[::2] = 0.0
+    for mode in ("vocab", "rows"):
+        res = fused_stage1_loss(h, w, lab, CMAP, **chunking(mode, 3))
+        assert torch.equal(res.argmax, (h @ w.T).argmax(dim=1))
+
+
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_no_coord_rows(mode):
     lab, h, w, b = make_case(30, 0.0, 0.2, seed=4)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=8, temperature=0.7)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 8), temperature=0.7)
     assert res_f.coord_tokens == 0
-    for name in TERMS:
-        _close_value(getattr(res_f, name), getattr(res_m, name))
-    for g, gr in zip(g_f, g_m):
-        _close_grad(g, gr)
+    _check_all(res_f, g_f, res_m, g_m)
 
 
-def test_only_coord_rows():
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_only_coord_rows(mode):
     lab, h, w, b = make_case(30, 1.0, 0.2, seed=5)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=8, temperature=0.7)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 8), temperature=0.7)
     assert res_f.text_tokens == 0
-    for name in TERMS:
-        _close_value(getattr(res_f, name), getattr(res_m, name))
-    for g, gr in zip(g_f, g_m):
-        _close_grad(g, gr)
+    _check_all(res_f, g_f, res_m, g_m)
 
 
-def test_all_ignored():
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_all_ignored(mode, counts):
     lab, h, w, b = make_case(12, 0.5, 0.0, seed=6)
     lab[:] = -100
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=5)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 5))
     assert res_f.coord_tokens == res_f.text_tokens == 0
     assert float(res_f.total) == 0.0 and torch.isfinite(res_f.coord_vocab_mass)
+    assert counts[f"forward:{mode}"] == 1
     for g in g_f:
         assert torch.equal(g, torch.zeros_like(g))
 
 
-def test_unsupervised_rows_get_zero_gradient():
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_unsupervised_rows_get_zero_gradient(mode):
     lab, h, w, b = make_case(20, 0.5, 0.0, seed=7)
     lab[::3] = -100
     hf, wf, bf = _leaves(h, w, b)
-    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=4)
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunking(mode, 4))
     (gh,) = torch.autograd.grad(res.total, [hf])
     assert torch.equal(gh[::3], torch.zeros_like(gh[::3]))
     assert bool((gh[1::3].abs().sum(1) > 0).all())
 
 
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
 @pytest.mark.parametrize("world", [1, 2])
-def test_normalizer(world):
+def test_normalizer(mode, world, counts):
     lab, h, w, b = make_case(40, 0.5, 0.1, seed=8)
     norm = GlobalCounts(text_tokens=97, coord_tokens=53, world_size=world)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=9, temperature=0.8, normalizer=norm, gate_weight=2.0)
-    for name in TERMS:
-        _close_value(getattr(res_f, name), getattr(res_m, name))
-    for g, gr in zip(g_f, g_m):
-        _close_grad(g, gr)
+    _check_all(*run_both(lab, h, w, b, chunks=chunking(mode, 9), temperature=0.8, normalizer=norm, gate_weight=2.0))
+    if mode == "rows":  # k follows the global divisors: still the saved gradient
+        assert counts["backward:saved"] == 1 and counts["backward:recomputed_rows"] == 0
 
 
-def test_batched_3d_input():
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_batched_3d_input(mode):
     lab, h, w, b = make_case(24, 0.5, 0.2, seed=9)
     hf, wf, bf = _leaves(h.reshape(4, 6, D), w, b)
-    res = fused_stage1_loss(hf, wf, lab.reshape(4, 6), CMAP, bias=bf, chunk_size=5)
+    res = fused_stage1_loss(hf, wf, lab.reshape(4, 6), CMAP, bias=bf, **chunking(mode, 5))
     (gh,) = torch.autograd.grad(res.total, [hf])
-    res2, g2, _, _ = run_both(lab, h, w, b, chunk_size=5)
+    res2, g2, _, _ = run_both(lab, h, w, b, chunks=chunking("vocab", 5))
     _close_value(res.total, res2.total, rtol=1e-6)
     assert gh.shape == (4, 6, D)
     _close_grad(gh.reshape(24, D), g2[0])
 
 
-def test_gate_clamp_rows():
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_gate_clamp_rows(mode):
     """Coord rows whose non-coord logits are hugely negative: the true gate is ~1e-30, so both
     paths return pure round-off of ``lse(z) - lse(s)`` (a few ulp of L ~ 10, ~1e-6; the online
     log-sum-exp over ~300 chunks of 6 columns rounds differently from one pass) and the clamp at 0
-    may zero either one's gate gradient, which is itself ~1e-30: values within 1e-5, gradients equal."""
+    may zero either one's gate gradient, which is itself ~1e-30: values within 1e-5, gradients equal.
+    In rows mode a clamped row's upstream gradient differs from the ``k`` the forward assumed, so
+    the backward recomputes that row."""
     lab, h, w, b = make_case(30, 0.7, 0.0, seed=10)
     b = torch.zeros(V)
     b[TEXT_IDS] = -80.0
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=6, temperature=1.0)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 6), temperature=1.0)
     assert 0.0 <= float(res_f.gate) < 1e-5
     for name in TERMS:
         _close_value(getattr(res_f, name), getattr(res_m, name), atol=1e-5 if name in ("total", "gate", "gate_sum", "coord_vocab_mass", "mass_sum") else 1e-6)
@@ -294,40 +336,81 @@ def test_gate_clamp_rows():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["scaled_total", "text_ce", "gate_plus_w1", "mass"])
-def test_any_upstream_gradient_is_exact(which):
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+@pytest.mark.parametrize("which", ["scaled_total", "text_ce", "gate_plus_w1", "mass", "total_plus_text_ce"])
+def test_any_upstream_gradient_is_exact(mode, which):
     loss_of = {
         "scaled_total": lambda r: 3.5 * r.total,
         "text_ce": lambda r: r.text_ce,
         "gate_plus_w1": lambda r: 2.0 * r.gate + r.w1 - 0.5 * r.text_ce,
         "mass": lambda r: r.coord_vocab_mass,
+        "total_plus_text_ce": lambda r: r.total + 3 * r.text_ce,
     }[which]
     lab, h, w, b = make_case(40, 0.5, 0.1, seed=12)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=9, temperature=0.6, loss_of=loss_of)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 9), temperature=0.6, loss_of=loss_of)
     for g, gr in zip(g_f, g_m):
         _close_grad(g, gr)
 
 
-def test_retain_graph_second_backward():
+@pytest.mark.parametrize("scale", [0.25, 1.0, 7.0])
+def test_rows_mode_uses_the_saved_gradient_for_multiples_of_total(scale, counts):
+    lab, h, w, b = make_case(40, 0.5, 0.1, seed=18)
+    _check_all(*run_both(lab, h, w, b, chunks=chunking("rows", 9), temperature=0.6,
+                         loss_of=lambda r: scale * r.total))
+    assert dict(counts) == {"forward:rows": 1, "backward:saved": 1, "backward:recomputed_rows": 0}
+
+
+@pytest.mark.parametrize("which", ["text_ce", "total_plus_text_ce"])
+def test_rows_mode_recomputes_only_the_rows_off_the_saved_gradient(which, counts):
+    """A text-CE-only (or text-CE-heavy) backward differs from ``k`` on one kind of row only: just
+    those are recomputed, and the gradient is still exact."""
+    lab, h, w, b = make_case(40, 0.5, 0.1, seed=19)
+    loss_of = (lambda r: r.text_ce) if which == "text_ce" else (lambda r: r.total + 3 * r.text_ce)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking("rows", 9), temperature=0.6, loss_of=loss_of)
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+    assert counts["backward:saved"] == 1
+    assert counts["backward:recomputed_rows"] in (res_f.text_tokens, res_f.coord_tokens)
+
+
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_retain_graph_second_backward(mode, counts):
     lab, h, w, b = make_case(30, 0.5, 0.1, seed=13)
     hf, wf, bf = _leaves(h, w, b)
-    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=7)
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunking(mode, 7))
     g1 = torch.autograd.grad(res.total, [hf, wf, bf], retain_graph=True)
     g2 = torch.autograd.grad(res.total, [hf, wf, bf])
     for a, c in zip(g1, g2):
         _close_grad(c, a)
+    if mode == "rows":  # the saved gradient serves the first backward; the second recomputes all rows
+        n_sup = res.text_tokens + res.coord_tokens
+        assert counts["backward:saved"] == 1 and counts["backward:recomputed_rows"] == n_sup
 
 
-def test_frozen_weight_and_no_grad():
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_frozen_weight_and_no_grad(mode, monkeypatch):
     lab, h, w, b = make_case(30, 0.5, 0.1, seed=14)
     hf = h.clone().requires_grad_()
-    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, chunk_size=7)
+    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, **chunking(mode, 7))
     (gh,) = torch.autograd.grad(res.total, [hf])
-    _, g_f, _, _ = run_both(lab, h, w, b, chunk_size=7)
+    _, g_f, _, _ = run_both(lab, h, w, b, chunks=chunking("vocab", 7))
     _close_grad(gh, g_f[0], rtol=1e-6)
+    # no gradient wanted: rows mode computes no k and so forms no gradient in its forward
+    monkeypatch.setattr(fused_loss, "_total_weights", lambda *a: pytest.fail("gradient work under no_grad"))
     with torch.no_grad():
-        r0 = fused_stage1_loss(h, w, lab, CMAP, bias=b, chunk_size=7)
+        r0 = fused_stage1_loss(hf, w, lab, CMAP, bias=b, **chunking(mode, 7))
     _close_value(r0.total, res.total, rtol=1e-6)
+    r1 = fused_stage1_loss(h, w, lab, CMAP, bias=b, **chunking(mode, 7))  # no input requires grad
+    _close_value(r1.total, res.total, rtol=1e-6)
+
+
+def test_auto_mode_picks_rows_for_tall_row_chunks(counts, monkeypatch):
+    lab, h, w, b = make_case(40, 0.5, 0.0, seed=20)
+    fused_stage1_loss(h, w, lab, CMAP, bias=b)  # default chunk: ceil(40 / 16) = 3 rows
+    assert dict(counts) == {"forward:vocab": 1}
+    monkeypatch.setattr(fused_loss, "MIN_ROW_CHUNK", 3)
+    fused_stage1_loss(h, w, lab, CMAP, bias=b)
+    assert counts["forward:rows"] == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,10 +418,11 @@ def test_frozen_weight_and_no_grad():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
 @pytest.mark.parametrize("temperature", [1.0, 0.4])
-def test_bf16_inputs(temperature):
+def test_bf16_inputs(mode, temperature):
     lab, h, w, b = make_case(45, 0.5, 0.1, seed=15, dtype=torch.bfloat16)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunk_size=8, temperature=temperature)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 8), temperature=temperature)
     assert res_f.total.dtype == torch.float32
     for name in TERMS:  # fp32 arithmetic on exactly upcast inputs
         _close_value(getattr(res_f, name), getattr(res_m, name))
@@ -360,6 +444,10 @@ def test_validation_errors():
         fused_stage1_loss(h, w, lab[:-1], CMAP)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_stage1_loss(h, w, lab, CMAP, chunk_size=0)
+    with pytest.raises(ValueError, match="row_chunk"):
+        fused_stage1_loss(h, w, lab, CMAP, mode="rows", row_chunk=0)
+    with pytest.raises(ValueError, match="mode"):
+        fused_stage1_loss(h, w, lab, CMAP, mode="columns")
     with pytest.raises(ValueError, match="temperature"):
         fused_stage1_loss(h, w, lab, CMAP, temperature=0.0)
     with pytest.raises(ValueError, match="bias"):
@@ -368,13 +456,14 @@ def test_validation_errors():
         fused_stage1_loss(h, w, lab, CMAP, gate_weight=-1.0)
 
 
-def test_autocast_does_not_lower_precision():
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_autocast_does_not_lower_precision(mode):
     """Trainers run the loss under bf16 autocast; the fused matmuls must stay fp32."""
     lab, h, w, b = make_case(30, 0.5, 0.1, seed=17)
-    res_ref, g_ref, _, _ = run_both(lab, h, w, b, chunk_size=7, temperature=0.5)
+    res_ref, g_ref, _, _ = run_both(lab, h, w, b, chunks=chunking(mode, 7), temperature=0.5)
     hf, wf, bf = _leaves(h, w, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, chunk_size=7, temperature=0.5)
+        res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, temperature=0.5, **chunking(mode, 7))
         gs = _grads(res.total, [hf, wf, bf])
     for name in TERMS:
         _close_value(getattr(res, name), getattr(res_ref, name), rtol=1e-6)
