@@ -46,6 +46,6 @@ def test_checkpoint_without_coord_tokens_is_refused(tmp_path):
            "objects": [{"desc": "red circle", "bbox_2d": ["<|coord_1|>", "<|coord_2|>", "<|coord_3|>", "<|coord_4|>"]}]}
     ckpt = build_tiny(None, tmp_path / "plain", records=[rec], coord_tokens=False, vocab_size=300, hidden_size=32,
                       num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vision_hidden_size=32,
-                      vision_depth=1, vision_heads=2)
+                      vision_depth=1, vision_heads=2, vision_warmup={"steps": 0})
     with pytest.raises((CoordVocabError, FileNotFoundError), match="coord"):
         coord_id_map(ckpt)

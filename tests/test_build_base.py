@@ -18,7 +18,8 @@ from coordexp.vocab import CoordVocabError, coord_id_map, find_coord_token_ids, 
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-             vision_hidden_size=32, vision_depth=2, vision_heads=2)
+             vision_hidden_size=32, vision_depth=2, vision_heads=2,
+             vision_warmup={"steps": 0})  # the warm-up has tests of its own (test_vision_warmup.py)
 DESCS = ["red circle", "blue square", "green triangle"]
 
 
@@ -56,7 +57,8 @@ def data(tmp_path_factory) -> Path:
 def tiny(data, tmp_path_factory) -> Path:
     from coordexp.tiny_model import build_tiny
 
-    return build_tiny(data, tmp_path_factory.mktemp("tiny") / "base")
+    # the default model, with a token warm-up (its own tests are in test_vision_warmup.py)
+    return build_tiny(data, tmp_path_factory.mktemp("tiny") / "base", vision_warmup={"steps": 2})
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -121,7 +123,7 @@ def test_tiny_model_is_small_and_runs(tiny):
     assert safetensors_num_params(tiny) == n  # tied lm_head saved once
     inputs, out = _forward(tiny, model)
     n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    assert n_img == 16  # 128 px / 16 px patches = 8x8, merged 2x2
+    assert n_img == 64  # 128 px / 8 px patches = 16x16, merged 2x2
     assert out.logits.shape[-1] == model.config.text_config.vocab_size
 
 
@@ -137,8 +139,9 @@ def test_tiny_tokenizer_learns_the_descriptions(tiny):
 def test_tiny_is_deterministic(data, tmp_path):
     from coordexp.tiny_model import build_tiny
 
-    a = build_tiny(data, tmp_path / "a", **SMALL)
-    b = build_tiny(data, tmp_path / "b", **SMALL)
+    warm = {**SMALL, "vision_warmup": {"steps": 2, "batch_size": 4}}  # the warm-up is seeded too
+    a = build_tiny(data, tmp_path / "a", **warm)
+    b = build_tiny(data, tmp_path / "b", **warm)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
 

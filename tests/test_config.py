@@ -16,10 +16,14 @@ def _raw():
 
 def test_repo_params_are_valid_and_spec_defaults():
     p = load_params(ROOT / "params.yaml")
+    spec = Params().train.coord_soft_ce_w1  # the schema's defaults are the spec's
+    assert (spec.enabled, spec.soft_ce_weight, spec.w1_weight, spec.gate_weight) == (True, 1.0, 1.0, 1.0)
+    assert (spec.temperature, spec.target_sigma, spec.target_truncate) == (1.0, 2.0, 16)
+    # the embedded default departs from the spec's weights on purpose (params.yaml says why)
     c = p.train.coord_soft_ce_w1
-    assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 1.0, 1.0, 1.0)
-    assert (c.temperature, c.target_sigma, c.target_truncate) == (1.0, 2.0, 16)
-    # the file spells out every default the schema has: nothing hidden
+    assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 0.1, 1.0, 0.1)
+    # otherwise the file spells out every default the schema has: nothing hidden
+    p.train.coord_soft_ce_w1 = spec
     assert p == Params()
 
 

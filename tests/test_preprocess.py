@@ -148,3 +148,57 @@ def test_empty_split_fails_and_keeps_previous_output(dataset):
     with pytest.raises(ValueError, match=r"preprocess\.splits\.val: no record survived"):
         run(_params(dataset), root=dataset)
     assert (dataset / "out" / "train.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "kind, source, expected",
+    [
+        # counter-clockwise on screen, starting mid-way: reversed, then rotated to the top vertex
+        ("poly", [20, 25, 30, 5, 10, 5], [10, 5, 30, 5, 20, 25]),
+        # already clockwise, starting at the bottom: rotated only
+        ("poly", [20, 25, 10, 5, 30, 5], [10, 5, 30, 5, 20, 25]),
+        # a diamond listed top, left, bottom, right (counter-clockwise): top, right, bottom, left
+        ("poly", [50, 0, 40, 10, 50, 20, 60, 10], [50, 0, 60, 10, 50, 20, 40, 10]),
+        # a line drawn from its lower end, and a bent one: start at the top-most end
+        ("line", [5, 60, 40, 10], [40, 10, 5, 60]),
+        ("line", [0, 30, 50, 0, 90, 20], [90, 20, 50, 0, 0, 30]),
+        # equal heights: the left end first
+        ("line", [70, 8, 10, 8], [10, 8, 70, 8]),
+        ("bbox_2d", [1, 2, 3, 4], [1, 2, 3, 4]),
+    ],
+)
+def test_canonical_points(kind, source, expected):
+    from coordexp.preprocess import canonical_points
+
+    assert canonical_points(kind, [float(v) for v in source]) == [float(v) for v in expected]
+
+
+def test_canonical_points_is_idempotent_and_keeps_the_point_set():
+    import random
+
+    from coordexp.preprocess import canonical_points
+
+    rng = random.Random(0)
+    for _ in range(200):
+        kind = rng.choice(["poly", "line"])
+        n = rng.randint(3, 6) if kind == "poly" else rng.randint(2, 4)
+        vals = [float(rng.randint(0, 99)) for _ in range(2 * n)]
+        once = canonical_points(kind, vals)
+        assert canonical_points(kind, once) == once
+        pairs = sorted(zip(vals[0::2], vals[1::2]))
+        assert sorted(zip(once[0::2], once[1::2])) == pairs
+
+
+def test_vertex_order_source_keeps_the_annotation_order(dataset):
+    import copy
+
+    coco = json.loads((dataset / "train.json").read_text())
+    bad = copy.deepcopy(coco)
+    bad["annotations"][1]["segmentation"] = [[20, 25, 30, 5, 10, 5]]  # counter-clockwise, bottom first
+    (dataset / "train.json").write_text(json.dumps(bad))
+    run(_params(dataset), root=dataset)
+    tri = read_jsonl(dataset / "out" / "train.jsonl")[0].objects[0]
+    assert tri.poly == codec.encode_xy([10, 5, 30, 5, 20, 25], 100, 80)
+    run(_params(dataset, vertex_order="source"), root=dataset)
+    tri = read_jsonl(dataset / "out" / "train.jsonl")[0].objects[0]
+    assert tri.poly == codec.encode_xy([20, 25, 30, 5, 10, 5], 100, 80)

@@ -58,7 +58,7 @@ def plain_tokenizer():
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "base"
     build_tiny(None, out, records=_records(), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-               intermediate_size=64, vision_hidden_size=32, vision_depth=1, vision_heads=2)
+               intermediate_size=64, vision_hidden_size=32, vision_depth=1, vision_heads=2, vision_warmup={"steps": 0})
     return out
 
 

@@ -60,6 +60,10 @@ class PreprocessConfig(_Section):
     object_ordering: Literal["sorted", "random"] = "sorted"
     """``sorted``: objects by top-left corner (y1, then x1, then desc); ``random``: shuffled with a
     per-sample seed (ablation)."""
+    vertex_order: Literal["canonical", "source"] = "canonical"
+    """Point order of polygons and lines: ``canonical`` (polygons clockwise from the top-most
+    vertex, lines from their top-most end; see ``preprocess.canonical_points``) or as the source
+    lists them."""
     rle: Literal["bbox", "reject"] = "bbox"
     """What to do with an RLE segmentation: keep the object as its box, or reject it."""
     min_box_side: float = Field(default=1.0, gt=0)
@@ -75,6 +79,18 @@ class PreprocessConfig(_Section):
 
 # --------------------------------------------------------------------------------------------
 # build_base
+
+
+class VisionWarmupConfig(_Section):
+    """Dense warm-up of the tiny model's vision tower before Stage-1 (:mod:`coordexp.vision_warmup`):
+    a stand-in for the pretrained vision encoder a real checkpoint brings."""
+
+    steps: int = Field(default=600, ge=0)
+    """Optimizer steps (0: keep the random vision tower)."""
+    batch_size: int = Field(default=32, ge=1)
+    """Images per step."""
+    learning_rate: float = Field(default=2.0e-3, gt=0)
+    """Peak AdamW learning rate (20-step warm-up, cosine decay to 55%)."""
 
 
 class TinyModelConfig(_Section):
@@ -97,10 +113,12 @@ class TinyModelConfig(_Section):
     """Vision encoder blocks."""
     vision_heads: int = Field(default=4, ge=1)
     """Vision encoder attention heads."""
-    patch_size: int = Field(default=16, ge=2)
+    patch_size: int = Field(default=8, ge=2)
     """Vision patch side in pixels (2x2 patches merge into one visual token)."""
     seed: int = 0
-    """Seed of the random initialisation and of the tokenizer training."""
+    """Seed of the random initialisation, of the tokenizer training and of the vision warm-up."""
+    vision_warmup: VisionWarmupConfig = Field(default_factory=VisionWarmupConfig)
+    """Warm-up of the vision tower on the training split's boxes (see ``VisionWarmupConfig``)."""
 
 
 class ExpandConfig(_Section):
@@ -165,7 +183,7 @@ class TokenTypeMetricsConfig(_Section):
 class TrainConfig(_Section):
     out_dir: str = "artifacts/train"
     """ms-swift output folder: checkpoints and logs."""
-    max_steps: int = Field(default=1500, ge=1)
+    max_steps: int = Field(default=1800, ge=1)
     """Optimizer steps."""
     learning_rate: float = Field(default=1e-3, gt=0)
     """Peak learning rate (AdamW)."""
@@ -183,11 +201,11 @@ class TrainConfig(_Section):
     """Micro-batches per optimizer step (losses are token means over all of them)."""
     logging_steps: int = Field(default=50, ge=1)
     """Log train metrics every this many steps."""
-    eval_steps: int = Field(default=500, ge=1)
+    eval_steps: int = Field(default=600, ge=1)
     """Evaluate (teacher-forced losses and metrics on val) every this many steps."""
     eval_samples: int | None = Field(default=64, ge=1)
     """Teacher-forced evaluation uses the first N val samples (``null``: all of them)."""
-    save_steps: int = Field(default=500, ge=1)
+    save_steps: int = Field(default=600, ge=1)
     """Save a checkpoint every this many steps."""
     save_total_limit: int | None = Field(default=None, ge=1)
     """Keep at most this many checkpoints (``null``: all)."""

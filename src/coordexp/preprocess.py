@@ -103,6 +103,31 @@ def _geometry(ann: dict[str, Any], cfg: PreprocessConfig) -> tuple[str, list[flo
     return "bbox_2d", [x, y, x + w, y + h]
 
 
+def canonical_points(kind: str, values: list[float]) -> list[float]:
+    """The same polygon or polyline with its points in one canonical order (boxes unchanged).
+
+    Why: a polygon's start vertex and direction, and a polyline's direction, carry no meaning,
+    but the model must emit them in SOME order; when the source order is arbitrary (a triangle's
+    first vertex depends on its random rotation, a line's on which end it was drawn from) the
+    training targets of a vertex are a mixture over the possible orders, and the model learns
+    their average: vertices pulled to the centroid, a shrunken box. Canonical: a polygon runs
+    clockwise on screen (y pointing down) from its top-most vertex (then left-most); a polyline
+    starts at its top-most (then left-most) end.
+    """
+    if kind == "bbox_2d":
+        return values
+    pts = [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+    if kind == "poly":
+        twice_area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]))
+        if twice_area < 0:  # counter-clockwise on screen
+            pts.reverse()
+        start = min(range(len(pts)), key=lambda i: (pts[i][1], pts[i][0]))
+        pts = pts[start:] + pts[:start]
+    elif (pts[-1][1], pts[-1][0]) < (pts[0][1], pts[0][0]):
+        pts.reverse()
+    return [c for xy in pts for c in xy]
+
+
 def _extent(values: list[float]) -> tuple[float, float, float, float]:
     xs, ys = values[0::2], values[1::2]
     return min(xs), min(ys), max(xs), max(ys)
@@ -223,6 +248,8 @@ def convert_split(
                 stats.rejects[reason] += 1
                 rejects.append({"split": name, "image_id": img["id"], "ann_id": _ann_id(ann), "reason": reason})
                 continue
+            if cfg.vertex_order == "canonical":
+                values = canonical_points(kind, values)
             scaled = [v * (sx if i % 2 == 0 else sy) for i, v in enumerate(values)]
             stats.clamped_coords += sum(
                 1 for i, v in enumerate(scaled) if v > (width if i % 2 == 0 else height) - 1

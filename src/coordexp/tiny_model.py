@@ -85,19 +85,14 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-TINY_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=1024,
-    hidden_size=128,
-    num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    intermediate_size=384,
-    vision_hidden_size=64,
-    vision_depth=2,
-    vision_heads=4,
-    patch_size=16,
-    seed=0,
-)
+def _tiny_defaults() -> dict[str, Any]:
+    from coordexp.config import TinyModelConfig
+
+    return TinyModelConfig().model_dump()
+
+
+TINY_DEFAULTS: dict[str, Any] = _tiny_defaults()
+"""The ``build_base.tiny`` defaults of :mod:`coordexp.config` (the one place they are set)."""
 
 
 def _require_offline() -> None:
@@ -321,17 +316,19 @@ def build_tiny(
     out_dir: str | Path,
     *,
     records: Sequence[Any] | None = None,
+    image_root: str | Path | None = None,
     coord_tokens: bool = True,
     tie_word_embeddings: bool = True,
     **dims: Any,
 ) -> Path:
     """Build and save the tiny checkpoint into ``out_dir``; returns ``out_dir``.
 
-    ``dims`` are the ``build_base.tiny`` fields (see :data:`TINY_DEFAULTS`). ``records``
-    may replace ``train_jsonl`` (tests). ``coord_tokens=False`` builds a plain base model
-    standing in for a real Qwen checkpoint in the ``expand`` tests. Writes the model
-    (safetensors), processor, tokenizer, chat template, generation config and - with coord
-    tokens - ``coord_vocab.json``.
+    ``dims`` are the ``build_base.tiny`` fields (see :data:`TINY_DEFAULTS`; ``vision_warmup`` may
+    name only the keys it changes). ``records`` may replace ``train_jsonl`` (tests); the vision
+    warm-up (:mod:`coordexp.vision_warmup`) reads their images under ``image_root`` (default: the
+    folder of ``train_jsonl``). ``coord_tokens=False`` builds a plain base model standing in for a
+    real Qwen checkpoint in the ``expand`` tests. Writes the model (safetensors), processor,
+    tokenizer, chat template, generation config and - with coord tokens - ``coord_vocab.json``.
     """
     _require_offline()
     import torch
@@ -343,10 +340,16 @@ def build_tiny(
     if unknown:
         raise TypeError(f"unknown tiny model settings {sorted(unknown)}; allowed: {sorted(TINY_DEFAULTS)}")
     cfg = {**TINY_DEFAULTS, **dims}
+    cfg["vision_warmup"] = warmup = {**TINY_DEFAULTS["vision_warmup"], **dict(cfg["vision_warmup"])}
     if records is None:
         if train_jsonl is None:
             raise ValueError("build_tiny needs train_jsonl or records")
         records = _records_from_jsonl(Path(train_jsonl))
+    if image_root is None and train_jsonl is not None:
+        image_root = Path(train_jsonl).parent
+    if warmup["steps"] and image_root is None:
+        raise ValueError("the vision warm-up reads the training images: pass image_root (or train_jsonl), "
+                         "or set vision_warmup.steps to 0")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -359,8 +362,15 @@ def build_tiny(
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         do_sample=False,
     )
-    model.save_pretrained(out, safe_serialization=True)
     processor = build_processor(tokenizer, int(cfg["patch_size"]))
+    warmup_figures: dict[str, float] = {}
+    if warmup["steps"]:
+        from coordexp.vision_warmup import warm_up_vision
+
+        warmup_figures = warm_up_vision(model, processor, records, Path(image_root), steps=int(warmup["steps"]),
+                                        batch_size=int(warmup["batch_size"]),
+                                        learning_rate=float(warmup["learning_rate"]), seed=int(cfg["seed"]))
+    model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     if coord_tokens:
         write_coord_vocab(tokenizer, config.text_config.vocab_size, out)
@@ -368,7 +378,7 @@ def build_tiny(
         json.dumps(
             {"mode": "tiny", "settings": cfg, "tie_word_embeddings": tie_word_embeddings, "coord_tokens": coord_tokens,
              "parameters": count_parameters(model), "tokenizer_len": len(tokenizer),
-             "vocab_size": config.text_config.vocab_size},
+             "vocab_size": config.text_config.vocab_size, "vision_warmup": warmup_figures},
             indent=2,
         )
         + "\n",
