@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from coordexp.codec import COORD_TOKENS
+from coordexp.config import TinyModelConfig
 
 _COORD_SPLIT_RE = re.compile(r"<\|coord_\d{1,4}\|>")
 
@@ -85,13 +86,7 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-def _tiny_defaults() -> dict[str, Any]:
-    from coordexp.config import TinyModelConfig
-
-    return TinyModelConfig().model_dump()
-
-
-TINY_DEFAULTS: dict[str, Any] = _tiny_defaults()
+TINY_DEFAULTS: dict[str, Any] = TinyModelConfig().model_dump()
 """The ``build_base.tiny`` defaults of :mod:`coordexp.config` (the one place they are set)."""
 
 
