@@ -46,6 +46,7 @@ def _reference_eval(root: Path, enabled: bool) -> dict[str, float]:
     encoded by the same template, one forward per sample, the library loss on the logits."""
     from transformers import AutoModelForImageTextToText
 
+    from coordexp.config import load_params
     from coordexp.contract import read_jsonl
     from coordexp.losses import stage1_loss
     from coordexp.template import encode_record, load_template
@@ -68,7 +69,9 @@ def _reference_eval(root: Path, enabled: bool) -> dict[str, float]:
         labels.append(lab[1:])
     z, y = torch.cat(logits), torch.cat(labels)
     cmap = coord_id_map(final)
-    res = stage1_loss(z, y, cmap)
+    # the project's own loss settings (params.yaml weighs the terms unlike the schema defaults)
+    loss_cfg = load_params(root / "params.yaml").train.coord_soft_ce_w1.model_dump(exclude={"enabled"})
+    res = stage1_loss(z, y, cmap, **loss_cfg)
     ce = torch.nn.functional.cross_entropy(z, y, ignore_index=-100)
     return {"stage1": float(res.total), "ce": float(ce), "w1": float(res.w1), "soft_ce": float(res.soft_ce)}
 
