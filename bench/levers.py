@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "steps_750": {"train.max_steps": 750},
     "steps_3000": {"train.max_steps": 3000},
     "steps_6000": {"train.max_steps": 6000},
+    "steps_3600": {"train.max_steps": 3600},
+    "batch_4": {"train.per_device_train_batch_size": 4},
     "lr_3e-3": {"train.learning_rate": 3e-3},
     "lr_3e-4": {"train.learning_rate": 3e-4},
     "vision_128": {"build_base.tiny.vision_hidden_size": 128},
