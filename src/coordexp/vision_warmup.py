@@ -40,8 +40,7 @@ def object_boxes(record: Any) -> list[tuple[str, tuple[float, float, float, floa
     each geometry's points)."""
     out = []
     for obj in record.objects:
-        kind = next(k for k in ("bbox_2d", "poly", "line") if getattr(obj, k) is not None)
-        vals = [parse_coord_token(t) / (K - 1) for t in getattr(obj, kind)]
+        vals = [parse_coord_token(t) / (K - 1) for t in obj.values]
         xs, ys = vals[0::2], vals[1::2]
         out.append((obj.desc, (min(xs), min(ys), max(xs), max(ys))))
     return out
