@@ -217,8 +217,12 @@ def test_random_cases(n, coord_frac, ignored_frac, mode, chunk, temperature, sca
     for name in TERMS:
         n_terms = res_m.coord_tokens if name.endswith("_sum") and name != "text_ce_sum" else 1
         _close_value(getattr(res_f, name), getattr(res_m, name), atol=1e-6 + 4 * EPS32 * zmax / temperature * max(n_terms, 1))
+    # Gradients: 1e-5 plus the same fp32 conditioning term as the values. With peaked coord rows
+    # (|z| / T ~ 100) the total's gradient is a near-cancellation of the full and the coord-slice
+    # softmax, each carrying a relative error of ~eps |z| / T from its own rounding of the logits
+    # (hypothesis found rows mode 1.6e-5 off at n=7, T=0.25, scale 5, seed 0; vocab mode 4e-7).
     for g, gr in zip(g_f, g_m):
-        _close_grad(g, gr)
+        _close_grad(g, gr, rtol=1e-5 + 4 * EPS32 * zmax / temperature)
 
 
 # ------------------------------------------------------------------------------------------------
