@@ -52,6 +52,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "patch_8": {"build_base.tiny.patch_size": 8},
     "image_64_patch_8": {"preprocess.max_side": 64, "build_base.tiny.patch_size": 8},
     "eval_all": {"evaluate.checkpoints": "all"},
+    "warmup_1800": {"build_base.tiny.vision_warmup.steps": 1800},
+    "warmup_2700": {"build_base.tiny.vision_warmup.steps": 2700},
+    "steps_1200": {"train.max_steps": 1200},
+    "ddp_2": {"train.nproc_per_node": 2, "train.per_device_train_batch_size": 4},  # same global batch of 8
 }
 """name -> dotted params.yaml keys to change. Names join with ``+`` (``coord_weights_0.25+steps_3000``)."""
 

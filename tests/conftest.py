@@ -71,7 +71,7 @@ def set_params(root: Path, updates: dict) -> None:
 TINY_TRAIN = {
     "train.max_steps": 30, "train.per_device_train_batch_size": 4, "train.per_device_eval_batch_size": 4,
     "train.logging_steps": 5, "train.eval_steps": 10, "train.save_steps": 10, "train.eval_samples": 4,
-    "train.learning_rate": 0.002, "train.warmup_ratio": 0.0,
+    "train.learning_rate": 0.002, "train.warmup_ratio": 0.0, "train.nproc_per_node": 1,
     "build_base.tiny.vision_warmup.steps": 3, "build_base.tiny.vision_warmup.batch_size": 4,
     "evaluate.limit": 8, "evaluate.batch_size": 8, "evaluate.max_new_tokens": 64,
 }

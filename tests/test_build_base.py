@@ -136,6 +136,34 @@ def test_tiny_tokenizer_learns_the_descriptions(tiny):
     assert find_coord_token_ids(tok) is not None
 
 
+def test_tiny_grammar_tokens_shorten_the_answer_and_decode_verbatim(tiny, data, tmp_path):
+    """The saved tokenizer, loaded back, keeps each grammar string whole, decodes answers verbatim
+    and types them as structure; without ``grammar_tokens`` the same answers are much longer."""
+    from transformers import AutoTokenizer
+
+    from coordexp.contract import read_jsonl, render_answer
+    from coordexp.template import PROMPT
+    from coordexp.tiny_model import build_tiny, grammar_tokens
+    from coordexp.token_types import STRUCTURE, TokenTyper
+
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    for g in grammar_tokens():
+        assert len(tok.encode(g, add_special_tokens=False)) == 1, g
+    assert tok.encode(PROMPT, add_special_tokens=False) == [tok.convert_tokens_to_ids(PROMPT)]
+    plain = AutoTokenizer.from_pretrained(str(build_tiny(data, tmp_path / "plain", grammar_tokens=False, **SMALL)))
+    answers = [render_answer(list(r.objects)) for r in read_jsonl(data, mode="coord")]
+    short = [tok.encode(a, add_special_tokens=False) for a in answers]
+    long = [plain.encode(a, add_special_tokens=False) for a in answers]
+    for a, ids in zip(answers, short):
+        assert tok.decode(ids) == a
+    assert sum(map(len, short)) < 0.6 * sum(map(len, long))
+    typer = TokenTyper(tok, coord_id_map(tiny))
+    types = typer.types(torch.tensor([short[0]]))[0].tolist()
+    grammar_ids = {tok.convert_tokens_to_ids(g) for g in grammar_tokens()}
+    assert all(t == STRUCTURE for i, t in zip(short[0], types) if i in grammar_ids)
+    assert any(i in grammar_ids for i in short[0])
+
+
 def test_tiny_is_deterministic(data, tmp_path):
     from coordexp.tiny_model import build_tiny
 

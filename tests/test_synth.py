@@ -236,6 +236,35 @@ def test_occlusion_bound_and_pixels(dataset):
     assert max(occluded) > 0.05  # occlusion actually happens
 
 
+def test_min_extent_and_line_aspect(tmp_path):
+    """The two knobs the embedded default turns: no object smaller than ``min_extent`` of the side,
+    and no line whose points' box is thinner than ``line_min_aspect`` of its longer side. The
+    unconstrained default does produce both (so the check can fail)."""
+    def figures(out: Path) -> tuple[float, float]:
+        coco = _load(out, "train")
+        smallest = min(max(a["bbox"][2], a["bbox"][3]) for a in coco["annotations"] if "line" not in a)
+        thinnest = 1.0
+        for a in coco["annotations"]:
+            if "line" in a:
+                span = np.ptp(np.array(a["line"]).reshape(-1, 2), axis=0)
+                thinnest = min(thinnest, span.min() / span.max())
+        return smallest, thinnest
+
+    plain, tight = tmp_path / "plain", tmp_path / "tight"
+    synth.generate_coco_shapes(plain, n_train=80, n_val=0, progress=False)
+    summary = synth.generate_coco_shapes(tight, n_train=80, n_val=0, min_extent=0.25, line_min_aspect=0.35,
+                                         progress=False)
+    smallest, thinnest = figures(plain)
+    assert smallest < 0.2 * SIZE and thinnest < 0.2
+    smallest, thinnest = figures(tight)
+    # sides are rounded to whole pixels and vertices to pixel centres: one pixel of slack
+    assert smallest >= 0.25 * SIZE - 1
+    assert thinnest >= 0.3
+    info = _load(tight, "train")["info"]
+    assert info["min_extent"] == 0.25 and info["line_min_aspect"] == 0.35
+    assert summary["splits"]["train"]["per_category"]["red line"] > 0
+
+
 def test_zero_occlusion(tmp_path):
     synth.generate_coco_shapes(tmp_path, n_train=15, n_val=0, max_objects=3, max_occlusion=0.0, progress=False)
     assert _check_occlusion_and_pixels(tmp_path, "train", 0.0) >= 15
@@ -257,9 +286,22 @@ def test_cli_and_stale_files(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "kw",
-    [{"min_objects": 0}, {"min_objects": 3, "max_objects": 2}, {"max_occlusion": 1.0}, {"seed": -1}, {"n_train": -1}],
+    [{"min_objects": 0}, {"min_objects": 3, "max_objects": 2}, {"max_occlusion": 1.0}, {"seed": -1}, {"n_train": -1},
+     {"min_extent": 0.7}, {"min_extent": 0.0}, {"line_min_aspect": -0.1}, {"line_min_aspect": 0.9}],
 )
 def test_invalid_arguments(tmp_path, kw):
     kw = dict(kw)
     with pytest.raises(ValueError):
         synth.generate_coco_shapes(tmp_path, n_train=kw.pop("n_train", 1), n_val=0, progress=False, **kw)
+
+
+def test_coordexp_synth_command_passes_every_option(tmp_path, capsys):
+    """``coordexp synth --out ...`` is the README's command: options before any positional must reach
+    the generator (argparse's REMAINDER alone would reject them)."""
+    from coordexp.cli import main
+
+    out = tmp_path / "via_cli"
+    assert main(["synth", "--out", str(out), "--n-train", "2", "--n-val", "1", "--min-extent", "0.3",
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["train"]["images"] == 2
+    assert _load(out, "train")["info"]["min_extent"] == 0.3

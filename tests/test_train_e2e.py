@@ -122,8 +122,44 @@ def test_baseline_is_plain_ce_on_every_token(baseline_project):
     assert client.get_metric_history(run.info.run_id, "eval_coord_softce_w1/w1")
 
 
+@pytest.fixture(scope="module")
+def ddp_project(tmp_path_factory):
+    """Two CPU processes of batch 2: the global batch of ``stage1_project``'s single process."""
+    return _trained(tmp_path_factory, "ddp", **{"train.token_type_metrics.enabled": True,
+                                                  "train.nproc_per_node": 2, "train.per_device_train_batch_size": 2})
+
+
 @pytest.mark.slow
-def test_packing_and_multi_gpu_are_refused_on_the_cpu(tmp_path):
+def test_cpu_data_parallel_trains_like_one_process(stage1_project, ddp_project):
+    """``nproc_per_node: 2`` on the CPU: ms-swift's torchrun with gloo, one thread per rank. The
+    loss is normalised over the global batch (all ranks), so the first logged step, before any
+    update, is the single process's loss on the same 4 samples; every metric is logged once."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    client, run = _run(ddp_project)
+    assert run.info.status == "FINISHED"
+    for key in KEYS + TYPE_KEYS:
+        assert client.get_metric_history(run.info.run_id, key), key
+    one = _history(*_client_run(stage1_project), "loss")
+    two = _history(client, run.info.run_id, "loss")
+    assert one.keys() == two.keys()
+    first = min(one)
+    assert two[first] == pytest.approx(one[first], rel=1e-4)
+    tp = json.loads((ddp_project / "artifacts/train/swift/coordexp_throughput.json").read_text())
+    tp1 = json.loads((stage1_project / "artifacts/train/swift/coordexp_throughput.json").read_text())
+    assert tp["global_step"] == tp1["global_step"] == 30
+    # tokens of both ranks (the same number of samples, drawn in another order)
+    assert tp["tokens_seen"] == pytest.approx(tp1["tokens_seen"], rel=0.15)
+    assert (ddp_project / "artifacts/train/final/model.safetensors").is_file()
+
+
+def _client_run(root: Path):
+    client, run = _run(root)
+    return client, run.info.run_id
+
+
+@pytest.mark.slow
+def test_packing_is_refused_on_the_cpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     root = make_tiny_project(tmp_path / "repo", **{"train.packing": True})
@@ -238,3 +274,21 @@ def test_fused_loss_refuses_what_needs_full_logits():
         validate_params({"train": {"fused_loss": True, "coord_soft_ce_w1": {"enabled": False}}})
     with pytest.raises(ConfigError, match="token_type_metrics"):
         validate_params({"train": {"fused_loss": True, "token_type_metrics": {"enabled": True}}})
+
+
+def test_cpu_processes_are_capped_by_the_cores(monkeypatch):
+    """CPU data parallel gets one process per core at most, and the cores are shared out."""
+    from coordexp import training
+    from coordexp.config import load_params
+
+    monkeypatch.setattr(training, "_cuda_available", lambda: False)
+    monkeypatch.setattr(training, "_cpu_count", lambda: 4)
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    params.train.nproc_per_node = 8
+    with pytest.raises(ValueError, match="8 CPU processes on a machine with 4 cores"):
+        training.check_hardware(params)
+    params.train.nproc_per_node = 2
+    training.check_hardware(params)
+    assert training.rank_threads(params) == 2
+    params.train.nproc_per_node = 1
+    assert training.rank_threads(params) is None

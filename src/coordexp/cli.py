@@ -60,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("images", nargs="+", type=Path)
     p.set_defaults(func=_predict)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["synth"]:  # synth's own parser reads all its options (REMAINDER would drop leading ones)
+        return _synth(argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -115,6 +115,10 @@ class TinyModelConfig(_Section):
     """Vision encoder attention heads."""
     patch_size: int = Field(default=8, ge=2)
     """Vision patch side in pixels (2x2 patches merge into one visual token)."""
+    grammar_tokens: bool = True
+    """Keep the answer grammar's fixed strings (``", "`` between coords, ``": {"desc": "``, ...) and
+    the prompt whole, as added tokens: the sequence is a third shorter and every token left is one
+    the model has to choose (bench/RESULTS.md, ``## embedded_default``). False: plain BPE pieces."""
     seed: int = 0
     """Seed of the random initialisation, of the tokenizer training and of the vision warm-up."""
     vision_warmup: VisionWarmupConfig = Field(default_factory=VisionWarmupConfig)

@@ -248,7 +248,7 @@ def _trainer_class() -> type:
             n = super()._get_num_items_in_batch(batch_samples, device)
             labels = [b["labels"][:, 1:].cpu() for b in batch_samples if "labels" in b]
             self.coordexp_counts = global_counts(labels, self._cmap_cpu)
-            for b in batch_samples:
+            for b in batch_samples if self.model.training else ():  # training tokens only
                 mask = b.get("attention_mask")
                 self._tokens_seen += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
             return n
@@ -292,7 +292,8 @@ def _trainer_class() -> type:
             if not self.is_world_process_zero() or self._t0 is None:
                 return
             wall = time.time() - self._t0
-            world = max(getattr(self.args, "world_size", 1), 1)
+            # the process group, not args.world_size: the latter says 1 for CPU (gloo) data parallel
+            world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             out = {"wall_time_s": wall, "tokens_seen": self._tokens_seen * world,
                    "tokens_per_second": self._tokens_seen * world / max(wall, 1e-9),
                    "global_step": int(self.state.global_step)}

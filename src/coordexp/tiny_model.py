@@ -10,8 +10,9 @@ What keeps it small and fast:
 
 * a byte-level BPE tokenizer trained here on the training descriptions and the JSON
   structure of the rendered answers (the coord tokens are atomic added tokens, so they are
-  removed from the BPE corpus), instead of Qwen's 151k vocabulary;
-* 16-pixel patches merged 2x2: a 128x128 image is 8x8 patches -> 16 visual tokens.
+  removed from the BPE corpus), instead of Qwen's 151k vocabulary; the answer grammar's fixed
+  strings and the prompt are atomic added tokens too (:func:`grammar_tokens`);
+* 8-pixel patches merged 2x2: a 128x128 image is 16x16 patches -> 64 visual tokens.
 
 The tokenizer follows Qwen2's pipeline exactly (NFC, Qwen's split regex, byte-level,
 ``Qwen2Tokenizer``), carries Qwen's special tokens (``<|im_start|>``, ``<|image_pad|>``, ...)
@@ -35,6 +36,22 @@ from coordexp.codec import COORD_TOKENS
 from coordexp.config import TinyModelConfig
 
 _COORD_SPLIT_RE = re.compile(r"<\|coord_\d{1,4}\|>")
+
+
+def grammar_tokens() -> tuple[str, ...]:
+    """The fixed strings of every rendered answer (:func:`coordexp.contract.render_answer`) and the
+    prompt, which the tiny tokenizer keeps whole (``build_base.tiny.grammar_tokens``).
+
+    Why: byte-level BPE splits at spaces and punctuation, so ``", "`` between two coord tokens costs
+    two tokens and ``", "bbox_2d": ["`` eight; a third of the sequence was structure the model
+    copies, not chooses. Added tokens are matched before the BPE runs, so the text is unchanged and
+    decodes back verbatim.
+    """
+    from coordexp.contract import GEOMETRY_KEYS
+    from coordexp.template import PROMPT
+
+    return (PROMPT, '{"object_', '"]}, "object_', '": {"desc": "', *(f'", "{k}": ["' for k in GEOMETRY_KEYS),
+            '", "', '"]}}')
 
 # Qwen2/3 special tokens, in Qwen's order. ``<|endoftext|>`` is id 0 of the trained BPE.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -104,7 +121,7 @@ def _objects_of(record: Any) -> list[Any]:
     return list(record["objects"] if isinstance(record, dict) else record.objects)
 
 
-def bpe_corpus(records: Iterable[Any]) -> list[str]:
+def bpe_corpus(records: Iterable[Any], *, grammar: bool = False) -> list[str]:
     """Texts the BPE is trained on: descriptions, rendered answers without coord tokens, prompt, roles.
 
     Coord tokens are cut out because they are atomic added tokens: merges learnt on
@@ -113,13 +130,16 @@ def bpe_corpus(records: Iterable[Any]) -> list[str]:
     from coordexp.contract import render_answer
     from coordexp.template import PROMPT
 
+    split = _COORD_SPLIT_RE
+    if grammar:  # the grammar tokens are added tokens too: no merges spent on them
+        split = re.compile("|".join([_COORD_SPLIT_RE.pattern, *map(re.escape, grammar_tokens())]))
     texts: list[str] = []
     for rec in records:
         objs = _objects_of(rec)
         for o in objs:
             texts.append(o["desc"] if isinstance(o, dict) else o.desc)
         # added tokens split the text before BPE runs: train on the pieces between them
-        texts.extend(piece for piece in _COORD_SPLIT_RE.split(render_answer(objs)) if piece)
+        texts.extend(piece for piece in split.split(render_answer(objs)) if piece)
     # chat scaffolding, repeated so its merges are learnt even from a small data set
     texts += [PROMPT, "user\n", "assistant\n", "system\n", "You are a helpful assistant."] * 8
     return texts
@@ -155,8 +175,10 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> tuple[dict[str, int], li
     return dict(model["vocab"]), merges  # type: ignore[return-value]
 
 
-def build_tokenizer(texts: Sequence[str], vocab_size: int, *, coord_tokens: bool = True) -> Any:
-    """A ``Qwen2Tokenizer`` with a locally trained BPE, Qwen's special tokens and (optionally) coord tokens."""
+def build_tokenizer(texts: Sequence[str], vocab_size: int, *, coord_tokens: bool = True,
+                    grammar: bool = False) -> Any:
+    """A ``Qwen2Tokenizer`` with a locally trained BPE, Qwen's special tokens, (optionally) the
+    answer grammar's fixed strings (:func:`grammar_tokens`) and (optionally) coord tokens."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
@@ -171,6 +193,8 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int, *, coord_tokens: bool
     )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_ADDED_TOKENS])
+    if grammar:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in grammar_tokens()])
     if coord_tokens:
         add_coord_tokens(tok)
     return tok
@@ -348,7 +372,9 @@ def build_tiny(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer(bpe_corpus(records), int(cfg["vocab_size"]), coord_tokens=coord_tokens)
+    grammar = bool(cfg["grammar_tokens"])
+    tokenizer = build_tokenizer(bpe_corpus(records, grammar=grammar), int(cfg["vocab_size"]),
+                                coord_tokens=coord_tokens, grammar=grammar)
     config = tiny_config(tokenizer, tie_word_embeddings=tie_word_embeddings, **cfg)
     torch.manual_seed(int(cfg["seed"]))
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32)

@@ -45,6 +45,29 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_threads(params: Params) -> int | None:
+    """Torch threads per training process for CPU data parallel (``nproc_per_node > 1`` without a
+    GPU): the cores split evenly. Why: a tiny model's matrices are too small for several threads to
+    share one product well, so N processes of ``cores / N`` threads each step faster than one
+    process of ``cores`` threads (bench/RESULTS.md, ``## embedded_default``). None: leave it to torch."""
+    t = params.train
+    if t.nproc_per_node <= 1 or _cuda_available():
+        return None
+    return max(1, _cpu_count() // t.nproc_per_node)
+
+
 def check_hardware(params: Params) -> None:
     t = params.train
     if t.packing and not _cuda_available():
@@ -54,9 +77,10 @@ def check_hardware(params: Params) -> None:
         )
     if t.deepspeed and not _cuda_available():
         raise ValueError(f"train.deepspeed: {t.deepspeed} needs CUDA GPUs; set train.deepspeed: null on the CPU")
-    if t.nproc_per_node > 1 and not _cuda_available():
+    if t.nproc_per_node > 1 and not _cuda_available() and t.nproc_per_node > _cpu_count():
         raise ValueError(
-            f"train.nproc_per_node: {t.nproc_per_node} processes need as many GPUs; set it to 1 on the CPU"
+            f"train.nproc_per_node: {t.nproc_per_node} CPU processes on a machine with {_cpu_count()} cores; "
+            f"set it to at most {_cpu_count()} (one process per core is the fastest CPU layout)"
         )
     if t.dtype != "float32" and not _cuda_available():
         raise ValueError(f"train.dtype: {t.dtype} training needs a GPU here; use float32 on the CPU")
@@ -103,6 +127,7 @@ def swift_cli_args(params: Params, base: Path, train_rows: Path, val_rows: Path,
         "seed": t.seed, "data_seed": t.seed,
         "dataloader_num_workers": t.dataloader_num_workers, "dataset_num_proc": 1,
         "load_from_cache_file": "false", "report_to": "mlflow", "use_hf": "true",
+        "check_model": "false",  # else ms-swift asks the ModelScope hub about the local model (7 s of retries offline)
         "attn_impl": "flash_attn" if t.packing else "sdpa",
         "run_name": "train",
     }
@@ -112,6 +137,9 @@ def swift_cli_args(params: Params, base: Path, train_rows: Path, val_rows: Path,
         # the trainer asks the model for one position of logits and the last hidden states
         # (CoordExpTrainer._prepare_inputs); swift's own trimming would cut the labels instead
         args["use_logits_to_keep"] = "false"
+    if t.nproc_per_node > 1 and not _cuda_available():
+        # without both, transformers sees one process per rank: no gradient sync, every rank saves
+        args["use_cpu"], args["ddp_backend"] = "true", "gloo"
     if t.packing:
         args["packing"] = "true"
     if t.deepspeed:
@@ -301,6 +329,10 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         if t.nproc_per_node > 1:
             env["NPROC_PER_NODE"] = str(t.nproc_per_node)
+            threads = rank_threads(params)
+            if threads and "OMP_NUM_THREADS" not in os.environ:  # a user's own setting wins
+                env["OMP_NUM_THREADS"] = str(threads)
+            env.setdefault("MASTER_PORT", str(_free_port()))  # two runs side by side must not collide
         # the callback must not end our run: it resumes it and we finish it after the artifacts
         mlflow.end_run()  # detach in this process; reopened below
         print(f"[train] {n_train} train / {n_val} val samples; launching: {' '.join(cli)}", flush=True)
