@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "warmup_1800": {"build_base.tiny.vision_warmup.steps": 1800},
     "warmup_2700": {"build_base.tiny.vision_warmup.steps": 2700},
     "steps_1200": {"train.max_steps": 1200},
+    "steps_4000": {"train.max_steps": 4000},
     "ddp_2": {"train.nproc_per_node": 2, "train.per_device_train_batch_size": 4},  # same global batch of 8
 }
 """name -> dotted params.yaml keys to change. Names join with ``+`` (``coord_weights_0.25+steps_3000``)."""

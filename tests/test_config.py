@@ -22,8 +22,13 @@ def test_repo_params_are_valid_and_spec_defaults():
     # the embedded default departs from the spec's weights on purpose (params.yaml says why)
     c = p.train.coord_soft_ce_w1
     assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 0.1, 1.0, 0.1)
+    # and trains on two CPU processes of batch 4 (a global batch of 8), where the schema's default is one
+    # process of 8, which runs anywhere
+    assert (p.train.nproc_per_node, p.train.per_device_train_batch_size) == (2, 4)
+    assert Params().train.nproc_per_node * Params().train.per_device_train_batch_size == 8
     # otherwise the file spells out every default the schema has: nothing hidden
     p.train.coord_soft_ce_w1 = spec
+    p.train.nproc_per_node, p.train.per_device_train_batch_size = 1, 8
     assert p == Params()
 
 

@@ -85,7 +85,7 @@ class VisionWarmupConfig(_Section):
     """Dense warm-up of the tiny model's vision tower before Stage-1 (:mod:`coordexp.vision_warmup`):
     a stand-in for the pretrained vision encoder a real checkpoint brings."""
 
-    steps: int = Field(default=600, ge=0)
+    steps: int = Field(default=1500, ge=0)
     """Optimizer steps (0: keep the random vision tower)."""
     batch_size: int = Field(default=32, ge=1)
     """Images per step."""
@@ -187,7 +187,7 @@ class TokenTypeMetricsConfig(_Section):
 class TrainConfig(_Section):
     out_dir: str = "artifacts/train"
     """ms-swift output folder: checkpoints and logs."""
-    max_steps: int = Field(default=1800, ge=1)
+    max_steps: int = Field(default=2000, ge=1)
     """Optimizer steps."""
     learning_rate: float = Field(default=1e-3, gt=0)
     """Peak learning rate (AdamW)."""
@@ -205,11 +205,11 @@ class TrainConfig(_Section):
     """Micro-batches per optimizer step (losses are token means over all of them)."""
     logging_steps: int = Field(default=50, ge=1)
     """Log train metrics every this many steps."""
-    eval_steps: int = Field(default=600, ge=1)
+    eval_steps: int = Field(default=500, ge=1)
     """Evaluate (teacher-forced losses and metrics on val) every this many steps."""
     eval_samples: int | None = Field(default=64, ge=1)
     """Teacher-forced evaluation uses the first N val samples (``null``: all of them)."""
-    save_steps: int = Field(default=600, ge=1)
+    save_steps: int = Field(default=500, ge=1)
     """Save a checkpoint every this many steps."""
     save_total_limit: int | None = Field(default=None, ge=1)
     """Keep at most this many checkpoints (``null``: all)."""
