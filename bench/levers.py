@@ -13,7 +13,11 @@ the quality figures are (same seeds, same data). A variant copies the working tr
 editing ``src/`` or ``params.yaml`` while a queue runs changes the variants that have not started yet.
 
     .venv/bin/python bench/levers.py --jobs 2 --threads 1 default ce_baseline steps_3000 lr_3e-3
+    .venv/bin/python bench/levers.py --jobs 2 --threads 1 --reuse-base coord_x2 soft_ce_0.5  # train-only levers
     .venv/bin/python bench/levers.py --table bench/levers.jsonl
+
+``--reuse-base`` skips preprocess and build_base (about half the default's time) for variants that change
+neither, by starting from this checkout's own up-to-date outputs.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "warmup_2700": {"build_base.tiny.vision_warmup.steps": 2700},
     "steps_1200": {"train.max_steps": 1200},
     "steps_4000": {"train.max_steps": 4000},
+    "coord_x2": {"train.coord_soft_ce_w1.soft_ce_weight": 0.2, "train.coord_soft_ce_w1.w1_weight": 2.0,
+                 "train.coord_soft_ce_w1.gate_weight": 0.2},
+    "soft_ce_0.5": {"train.coord_soft_ce_w1.soft_ce_weight": 0.5},
+    "lr_2e-3": {"train.learning_rate": 2e-3},
+    "grammar_off": {"build_base.tiny.grammar_tokens": False},
     "ddp_2": {"train.nproc_per_node": 2, "train.per_device_train_batch_size": 4},  # same global batch of 8
 }
 """name -> dotted params.yaml keys to change. Names join with ``+`` (``coord_weights_0.25+steps_3000``)."""
@@ -88,20 +97,51 @@ def copy_project(dest: Path) -> None:
         subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
 
 
-def run_variant(name: str, work: Path, threads: int | None) -> dict[str, object]:
+UPSTREAM = {"preprocess": ("artifacts/preprocess", "reports/metrics/preprocess.json"), "build_base": ("artifacts/base",)}
+"""Stage -> outputs that ``--reuse-base`` copies from this checkout when a variant leaves the stage's keys alone."""
+
+
+def reuse_upstream(dest: Path, changes: dict[str, object]) -> list[str]:
+    """Copy this checkout's preprocess and base outputs into ``dest`` so ``dvc repro`` skips those stages.
+
+    Only stages none of whose ``params.yaml`` keys the variant changes are copied (``seed`` feeds all of
+    them), and ``main`` refuses the option unless this checkout's ``dvc status`` is clean up to
+    build_base, so the copies are exactly what ``dvc.lock`` records; ``dvc commit`` then puts them in
+    the copy's own cache (DVC reruns a stage whose outputs are not cached).
+    """
+    if "seed" in changes:
+        return []
+    copied = []
+    for stage, outs in UPSTREAM.items():
+        if any(k.startswith(stage + ".") for k in changes):
+            break  # a later stage depends on this one's outputs
+        for out in outs:
+            src, dst = ROOT / out, dest / out
+            if src.is_dir():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+            elif src.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+        copied.append(stage)
+    return copied
+
+
+def run_variant(name: str, work: Path, threads: int | None, reuse_base: bool = False) -> dict[str, object]:
     dest = work / name
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     copy_project(dest)
     override_params_file(dest / "params.yaml", changes_of(name))
+    reused = reuse_upstream(dest, changes_of(name)) if reuse_base else []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "COORDEXP_", "DVC_"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     log = (dest / "lever.log").open("w")
     t0 = time.time()
-    for cmd in (["dvc", "pull", "-q", "data.dvc"], ["dvc", "repro", "evaluate"]):
+    commit = [["dvc", "commit", "-f", "-q", *reused]] if reused else []
+    for cmd in (["dvc", "pull", "-q", "data.dvc"], *commit, ["dvc", "repro", "evaluate"]):
         res = subprocess.run(cmd, cwd=dest, env=env, stdout=log, stderr=subprocess.STDOUT)
         if res.returncode:
             return {"variant": name, "changes": changes_of(name), "error": f"{' '.join(cmd)} failed; see {dest}/lever.log"}
@@ -112,6 +152,7 @@ def run_variant(name: str, work: Path, threads: int | None) -> dict[str, object]
     by_step = {int(m[1]): {"bbox_mAP": float(m[2]), "bbox_mAP50": float(m[3])}
                for m in EVAL_LINE.finditer((dest / "lever.log").read_text())}
     return {"variant": name, "changes": changes_of(name), "wall_s": round(wall, 1), "threads": threads,
+            **({"reused": reused} if reused else {}),
             **{k: ev.get(k) for k in KEYS}, "train": tr, **({"by_step": by_step} if len(by_step) > 1 else {})}
 
 
@@ -142,6 +183,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/coordexp-levers"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "levers.jsonl")
+    ap.add_argument("--reuse-base", action="store_true",
+                    help="copy this checkout's artifacts/preprocess and artifacts/base into variants that do not "
+                         "change those stages (run `dvc repro build_base` here first); wall_s then excludes them")
     ap.add_argument("--table", type=Path, default=None, help="only print the table of an existing results file")
     a = ap.parse_args()
     if a.table:
@@ -150,10 +194,15 @@ def main() -> None:
     unknown = [v for v in a.variants if any(p not in VARIANTS for p in v.split("+"))]
     if unknown or not a.variants:
         sys.exit(f"error: unknown or no variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if a.reuse_base:
+        stale = subprocess.run([str(VENV_BIN / "dvc"), "status", "--with-deps", "-q", "build_base"], cwd=ROOT)
+        if stale.returncode:
+            sys.exit("error: --reuse-base needs this checkout's preprocess and build_base outputs up to date; "
+                     "run `dvc repro build_base` first (`dvc status build_base` lists what changed)")
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        for row in pool.map(lambda v: run_variant(v, a.work, a.threads), a.variants):
+        for row in pool.map(lambda v: run_variant(v, a.work, a.threads, a.reuse_base), a.variants):
             rows.append(row)
             with a.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
