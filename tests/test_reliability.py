@@ -166,3 +166,25 @@ def test_same_seed_same_metrics(tmp_path):
         run = mlflow.get_run((root / "artifacts" / "train" / "mlflow_run_id").read_text().strip())
         assert run.data.tags["coordexp.git_commit"] != "unknown" and run.data.tags["coordexp.params_hash"]
     assert metrics[0] == metrics[1]
+
+
+def test_resume_skips_a_checkpoint_cut_short(tmp_path):
+    """A kill while checkpoint-20 is written leaves it without trainer_state.json: resume from checkpoint-10,
+    not from scratch (CI once killed the 20-step run right inside that window)."""
+    from coordexp.config import load_params
+    from coordexp.training import STATE_FILE, SWIFT_DIR, resumable, training_fingerprint
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    out = tmp_path / "train"
+    for step, complete in ((10, True), (20, False)):
+        ckpt = out / SWIFT_DIR / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        if complete:
+            (ckpt / "trainer_state.json").write_text("{}")
+    state = {"fingerprint": training_fingerprint(params), "run_id": "r1", "status": "running"}
+    (out / STATE_FILE).write_text(json.dumps(state))
+    assert resumable(out, params) == ("r1", out / SWIFT_DIR / "checkpoint-10")
+    (out / SWIFT_DIR / "checkpoint-10" / "trainer_state.json").unlink()
+    assert resumable(out, params) is None  # nothing complete: start over
+    (out / STATE_FILE).write_text(json.dumps({**state, "status": "done"}))
+    assert resumable(out, params) is None

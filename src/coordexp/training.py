@@ -265,10 +265,11 @@ def resumable(out: Path, params: Params) -> tuple[str, Path] | None:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         return None
-    ckpt = last_checkpoint(out / SWIFT_DIR)
+    # a kill while a checkpoint is being written leaves it without trainer_state.json: resume from the
+    # last complete one (the trainer rewrites the cut one when it gets there again)
+    complete = [c for c in (out / SWIFT_DIR).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    ckpt = max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
     if state.get("status") != "running" or state.get("fingerprint") != training_fingerprint(params) or ckpt is None:
-        return None
-    if not (ckpt / "trainer_state.json").is_file():  # a checkpoint cut short while being written
         return None
     return state["run_id"], ckpt
 
