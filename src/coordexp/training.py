@@ -202,9 +202,11 @@ def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
     return len(out_rows)
 
 
-def last_checkpoint(swift_out: Path) -> Path | None:
-    ckpts = sorted(swift_out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return ckpts[-1] if ckpts else None
+def last_checkpoint(swift_out: Path, complete: bool = False) -> Path | None:
+    """The highest-step ``checkpoint-N``; with ``complete``, the highest that has its ``trainer_state.json``
+    (a kill while a checkpoint is written leaves it without one)."""
+    ckpts = [c for c in swift_out.glob("checkpoint-*") if not complete or (c / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -265,10 +267,7 @@ def resumable(out: Path, params: Params) -> tuple[str, Path] | None:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         return None
-    # a kill while a checkpoint is being written leaves it without trainer_state.json: resume from the
-    # last complete one (the trainer rewrites the cut one when it gets there again)
-    complete = [c for c in (out / SWIFT_DIR).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-    ckpt = max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    ckpt = last_checkpoint(out / SWIFT_DIR, complete=True)  # the trainer rewrites a cut one when it gets there
     if state.get("status") != "running" or state.get("fingerprint") != training_fingerprint(params) or ckpt is None:
         return None
     return state["run_id"], ckpt
