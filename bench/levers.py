@@ -16,8 +16,9 @@ editing ``src/`` or ``params.yaml`` while a queue runs changes the variants that
     .venv/bin/python bench/levers.py --jobs 2 --threads 1 --reuse-base coord_x2 soft_ce_0.5  # train-only levers
     .venv/bin/python bench/levers.py --table bench/levers.jsonl
 
-``--reuse-base`` skips preprocess and build_base (about half the default's time) for variants that change
-neither, by starting from this checkout's own up-to-date outputs.
+``--reuse-base`` skips preprocess and build_base (about half the default's time) for variants whose params
+for them match those of ``--base-from PROJECT`` (default: this checkout; an earlier variant's folder serves too), by
+starting from its up-to-date outputs.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "soft_ce_0.5": {"train.coord_soft_ce_w1.soft_ce_weight": 0.5},
     "lr_2e-3": {"train.learning_rate": 2e-3},
     "grammar_off": {"build_base.tiny.grammar_tokens": False},
+    "coord_ordinal": {"build_base.tiny.coord_init": "ordinal"},
+    "vit_lr_1e-4": {"train.vit_lr": 1e-4},
+    "vit_lr_0": {"train.vit_lr": 0.0},
+    "lr_5e-4": {"train.learning_rate": 5e-4},
+    "train_seed_1": {"train.seed": 1},
+    "gate_1": {"train.coord_soft_ce_w1.gate_weight": 1.0},
+    "gate_0.5": {"train.coord_soft_ce_w1.gate_weight": 0.5},
     "ddp_2": {"train.nproc_per_node": 2, "train.per_device_train_batch_size": 4},  # same global batch of 8
 }
 """name -> dotted params.yaml keys to change. Names join with ``+`` (``coord_weights_0.25+steps_3000``)."""
@@ -98,25 +106,33 @@ def copy_project(dest: Path) -> None:
 
 
 UPSTREAM = {"preprocess": ("artifacts/preprocess", "reports/metrics/preprocess.json"), "build_base": ("artifacts/base",)}
-"""Stage -> outputs that ``--reuse-base`` copies from this checkout when a variant leaves the stage's keys alone."""
+"""Stage -> outputs that ``--reuse-base`` copies when a variant's params for the stage match the source's."""
 
 
-def reuse_upstream(dest: Path, changes: dict[str, object]) -> list[str]:
-    """Copy this checkout's preprocess and base outputs into ``dest`` so ``dvc repro`` skips those stages.
+def _stage_params(project: Path) -> dict[str, object]:
+    import yaml
 
-    Only stages none of whose ``params.yaml`` keys the variant changes are copied (``seed`` feeds all of
-    them), and ``main`` refuses the option unless this checkout's ``dvc status`` is clean up to
-    build_base, so the copies are exactly what ``dvc.lock`` records; ``dvc commit`` then puts them in
-    the copy's own cache (DVC reruns a stage whose outputs are not cached).
+    raw = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    return {k: raw.get(k) for k in ("seed", *UPSTREAM)}
+
+
+def reuse_upstream(dest: Path, source: Path) -> list[str]:
+    """Copy ``source``'s preprocess and base outputs into ``dest`` so ``dvc repro`` skips those stages.
+
+    A stage is copied only while its ``params.yaml`` section (and ``seed``, which feeds all of them)
+    is the same in both projects; ``main`` refuses a source whose ``dvc status`` is not clean up to
+    build_base, so the copies are exactly what its ``dvc.lock`` records; ``dvc commit`` then puts them
+    in the copy's own cache (DVC reruns a stage whose outputs are not cached).
     """
-    if "seed" in changes:
+    mine, theirs = _stage_params(dest), _stage_params(source)
+    if mine["seed"] != theirs["seed"]:
         return []
     copied = []
     for stage, outs in UPSTREAM.items():
-        if any(k.startswith(stage + ".") for k in changes):
+        if mine[stage] != theirs[stage]:
             break  # a later stage depends on this one's outputs
         for out in outs:
-            src, dst = ROOT / out, dest / out
+            src, dst = source / out, dest / out
             if src.is_dir():
                 shutil.copytree(src, dst, dirs_exist_ok=True)
             elif src.is_file():
@@ -126,14 +142,14 @@ def reuse_upstream(dest: Path, changes: dict[str, object]) -> list[str]:
     return copied
 
 
-def run_variant(name: str, work: Path, threads: int | None, reuse_base: bool = False) -> dict[str, object]:
+def run_variant(name: str, work: Path, threads: int | None, reuse_from: Path | None = None) -> dict[str, object]:
     dest = work / name
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     copy_project(dest)
     override_params_file(dest / "params.yaml", changes_of(name))
-    reused = reuse_upstream(dest, changes_of(name)) if reuse_base else []
+    reused = reuse_upstream(dest, reuse_from) if reuse_from else []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "COORDEXP_", "DVC_"))}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     if threads:
@@ -184,8 +200,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/coordexp-levers"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "levers.jsonl")
     ap.add_argument("--reuse-base", action="store_true",
-                    help="copy this checkout's artifacts/preprocess and artifacts/base into variants that do not "
-                         "change those stages (run `dvc repro build_base` here first); wall_s then excludes them")
+                    help="copy the preprocess and base outputs of --base-from into variants whose params for those "
+                         "stages match it (run `dvc repro build_base` there first); wall_s then excludes them")
+    ap.add_argument("--base-from", type=Path, default=ROOT, metavar="PROJECT",
+                    help="the project --reuse-base copies from (default: this checkout; an earlier variant's folder "
+                         "serves too)")
     ap.add_argument("--table", type=Path, default=None, help="only print the table of an existing results file")
     a = ap.parse_args()
     if a.table:
@@ -195,14 +214,14 @@ def main() -> None:
     if unknown or not a.variants:
         sys.exit(f"error: unknown or no variants {unknown}; choose from {', '.join(VARIANTS)}")
     if a.reuse_base:
-        stale = subprocess.run([str(VENV_BIN / "dvc"), "status", "--with-deps", "-q", "build_base"], cwd=ROOT)
+        stale = subprocess.run([str(VENV_BIN / "dvc"), "status", "--with-deps", "-q", "build_base"], cwd=a.base_from)
         if stale.returncode:
-            sys.exit("error: --reuse-base needs this checkout's preprocess and build_base outputs up to date; "
-                     "run `dvc repro build_base` first (`dvc status build_base` lists what changed)")
+            sys.exit(f"error: --reuse-base needs {a.base_from}'s preprocess and build_base outputs up to date; "
+                     "run `dvc repro build_base` there first (`dvc status build_base` lists what changed)")
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        for row in pool.map(lambda v: run_variant(v, a.work, a.threads, a.reuse_base), a.variants):
+        for row in pool.map(lambda v: run_variant(v, a.work, a.threads, a.base_from if a.reuse_base else None), a.variants):
             rows.append(row)
             with a.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

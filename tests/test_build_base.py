@@ -174,6 +174,35 @@ def test_tiny_is_deterministic(data, tmp_path):
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
 
 
+def test_tiny_ordinal_coord_init(data, tmp_path):
+    """``coord_init: ordinal`` rewrites only the coord rows, at the random rows' scale, smooth in the bin."""
+    from safetensors.torch import load_file
+
+    from coordexp.codec import COORD_TOKENS
+    from transformers import AutoTokenizer
+
+    rand = build_tiny_small(data, tmp_path / "random", coord_init="random")
+    ordi = build_tiny_small(data, tmp_path / "ordinal", coord_init="ordinal")
+    a, b = load_file(str(rand / "model.safetensors")), load_file(str(ordi / "model.safetensors"))
+    key = "model.language_model.embed_tokens.weight"
+    ids = AutoTokenizer.from_pretrained(str(ordi)).convert_tokens_to_ids(list(COORD_TOKENS))
+    others = [i for i in range(a[key].shape[0]) if i not in set(ids)]
+    assert torch.equal(a[key][others], b[key][others])
+    assert all(torch.equal(a[k], b[k]) for k in a if k != key)
+    rows = b[key][ids].double()
+    cos = torch.nn.functional.cosine_similarity
+    near, far = cos(rows[:-1], rows[1:]).mean(), cos(rows[:-500], rows[500:]).mean()
+    assert near > 0.95 and far < 0.5
+    assert rows.std() == pytest.approx(float(a[key][others].std()), rel=0.2)
+    assert cos(a[key][ids][:-1].double(), a[key][ids][1:].double()).mean().abs() < 0.2  # random rows are not
+
+
+def build_tiny_small(data, out, **kw):
+    from coordexp.tiny_model import build_tiny
+
+    return build_tiny(data, out, **{**SMALL, **kw})
+
+
 def test_tiny_rejects_bad_dims(data, tmp_path):
     from coordexp.tiny_model import build_tiny
 

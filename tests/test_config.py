@@ -21,14 +21,18 @@ def test_repo_params_are_valid_and_spec_defaults():
     assert (spec.temperature, spec.target_sigma, spec.target_truncate) == (1.0, 2.0, 16)
     # the embedded default departs from the spec's weights on purpose (params.yaml says why)
     c = p.train.coord_soft_ce_w1
-    assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 0.1, 1.0, 0.1)
+    assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 0.2, 2.0, 1.0)
     # and trains on two CPU processes of batch 4 (a global batch of 8), where the schema's default is one
     # process of 8, which runs anywhere
     assert (p.train.nproc_per_node, p.train.per_device_train_batch_size) == (2, 4)
     assert Params().train.nproc_per_node * Params().train.per_device_train_batch_size == 8
+    # and moves the warmed-up vision tower 10x slower, where the schema's default (for real checkpoints
+    # too) is one learning rate for the whole model
+    assert (p.train.vit_lr, Params().train.vit_lr) == (1e-4, None)
     # otherwise the file spells out every default the schema has: nothing hidden
     p.train.coord_soft_ce_w1 = spec
     p.train.nproc_per_node, p.train.per_device_train_batch_size = 1, 8
+    p.train.vit_lr = None
     assert p == Params()
 
 

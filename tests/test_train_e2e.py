@@ -292,3 +292,22 @@ def test_cpu_processes_are_capped_by_the_cores(monkeypatch):
     assert training.rank_threads(params) == 2
     params.train.nproc_per_node = 1
     assert training.rank_threads(params) is None
+
+
+@pytest.mark.slow
+def test_vit_lr_reaches_the_optimizer(tmp_path_factory):
+    """``train.vit_lr: 0`` keeps the vision tower exactly as built while the merger and decoder train
+    (ms-swift's multimodal optimizer groups, not a frozen module: the tower still gets gradients)."""
+    from safetensors.torch import load_file
+
+    root = _trained(tmp_path_factory, "vit_lr", **{"train.vit_lr": 0.0, "train.max_steps": 5,
+                                                    "train.eval_steps": 5, "train.save_steps": 5})
+    base = load_file(str(root / "artifacts" / "base" / "model.safetensors"))
+    final = load_file(str(root / "artifacts" / "train" / "final" / "model.safetensors"))
+    tower = [k for k in base if ".visual." in k and ".merger" not in k and "deepstack_merger" not in k]
+    merger = [k for k in base if ".visual.merger" in k]
+    decoder = [k for k in base if ".language_model." in k]
+    assert tower and merger and decoder
+    assert all(torch.equal(base[k], final[k]) for k in tower)
+    assert any(not torch.equal(base[k], final[k]) for k in merger)
+    assert any(not torch.equal(base[k], final[k]) for k in decoder)

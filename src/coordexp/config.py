@@ -119,6 +119,11 @@ class TinyModelConfig(_Section):
     """Keep the answer grammar's fixed strings (``", "`` between coords, ``": {"desc": "``, ...) and
     the prompt whole, as added tokens: the sequence is a third shorter and every token left is one
     the model has to choose (bench/RESULTS.md, ``## embedded_default``). False: plain BPE pieces."""
+    coord_init: Literal["random", "ordinal"] = "ordinal"
+    """Initial embedding rows of the coord tokens (tied with the output rows): ``random`` like every
+    other row, or ``ordinal``, a smooth code of the bin index at the same scale
+    (:func:`coordexp.expand.ordinal_code`), so neighbouring bins start close, on the input side (the
+    decoder reads earlier coords as numbers) and on the output side (a logit peak is smooth in the bin)."""
     seed: int = 0
     """Seed of the random initialisation, of the tokenizer training and of the vision warm-up."""
     vision_warmup: VisionWarmupConfig = Field(default_factory=VisionWarmupConfig)
@@ -191,6 +196,12 @@ class TrainConfig(_Section):
     """Optimizer steps."""
     learning_rate: float = Field(default=1e-3, gt=0)
     """Peak learning rate (AdamW)."""
+    vit_lr: float | None = Field(default=None, ge=0)
+    """Peak learning rate of the vision tower (ms-swift ``--vit_lr``); null: ``learning_rate``. A
+    smaller one keeps what a pretrained (or warmed-up) encoder already sees while the decoder learns."""
+    aligner_lr: float | None = Field(default=None, ge=0)
+    """Peak learning rate of the merger that maps visual tokens into the decoder (``--aligner_lr``);
+    null: ``learning_rate``."""
     lr_scheduler_type: str = "cosine"
     """Any transformers scheduler name (cosine, linear, constant, ...)."""
     warmup_ratio: float = Field(default=0.05, ge=0, le=1)

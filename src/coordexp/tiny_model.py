@@ -378,6 +378,12 @@ def build_tiny(
     config = tiny_config(tokenizer, tie_word_embeddings=tie_word_embeddings, **cfg)
     torch.manual_seed(int(cfg["seed"]))
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32)
+    if coord_tokens and cfg["coord_init"] == "ordinal":
+        from coordexp.expand import init_coord_rows
+
+        coord_ids = tokenizer.convert_tokens_to_ids(list(COORD_TOKENS))
+        # scale 1: the code replaces the random rows at their own per-feature spread (mean ~0)
+        init_coord_rows(model.get_input_embeddings().weight, coord_ids, min(coord_ids), "ordinal", 1.0)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),

@@ -133,6 +133,9 @@ def swift_cli_args(params: Params, base: Path, train_rows: Path, val_rows: Path,
     }
     if t.save_total_limit:
         args["save_total_limit"] = t.save_total_limit
+    for key in ("vit_lr", "aligner_lr"):  # ms-swift then builds its multimodal optimizer (param groups)
+        if getattr(t, key) is not None:
+            args[key] = getattr(t, key)
     if t.fused_loss:
         # the trainer asks the model for one position of logits and the last hidden states
         # (CoordExpTrainer._prepare_inputs); swift's own trimming would cut the labels instead
