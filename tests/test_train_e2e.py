@@ -78,11 +78,14 @@ def _reference_eval(root: Path, enabled: bool) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_stage1_training_logs_every_metric_and_learns(stage1_project):
+    from coordexp.config import load_params
+
     root = stage1_project
     client, run = _run(root)
     assert run.info.status == "FINISHED"
     assert run.data.tags["coordexp.stage"] == "train" and run.data.tags["coordexp.loss"] == "stage1_softce_w1"
-    assert run.data.params["cfg.train.coord_soft_ce_w1.w1_weight"] == "1.0"
+    w1_weight = load_params(root / "params.yaml").train.coord_soft_ce_w1.w1_weight
+    assert run.data.params["cfg.train.coord_soft_ce_w1.w1_weight"] == str(w1_weight)
     for key in KEYS + TYPE_KEYS:
         for name in (key, f"eval_{key}"):
             hist = client.get_metric_history(run.info.run_id, name)
