@@ -10,7 +10,8 @@ appended as JSON lines to ``--out`` and printed as a Markdown table.
 Runs may go in parallel (``--jobs``); each then gets ``--threads`` torch threads so they do not
 oversubscribe the cores. Wall times of parallel runs are not comparable with a quiet machine's;
 the quality figures are (same seeds, same data). A variant copies the working tree when it starts, so
-editing ``src/`` or ``params.yaml`` while a queue runs changes the variants that have not started yet.
+editing ``params.yaml`` while a queue runs changes the variants that have not started yet; the copies run
+this checkout's ``src/`` through the venv's editable install, so editing ``src/`` reaches running ones too.
 
     .venv/bin/python bench/levers.py --jobs 2 --threads 1 default ce_baseline steps_3000 lr_3e-3
     .venv/bin/python bench/levers.py --jobs 2 --threads 1 --reuse-base coord_x2 soft_ce_0.5  # train-only levers
