@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make repro   build/refresh .venv, pull the embedded data (DVC, offline), run the whole pipeline
-#   make test    build/refresh .venv, run every test (slow end-to-end ones included)
+#   make test    build/refresh .venv, lint, then run every test (slow end-to-end ones included)
+# Also: make lint (ruff check + format check), make format (apply them), make test-fast (the non-slow tests).
 # .venv is rebuilt only when requirements.lock or pyproject.toml change.
 
 SHELL := /bin/bash
@@ -13,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: venv repro test data clean-venv
+.PHONY: venv repro test test-fast lint format data clean-venv
 
 venv: $(STAMP)
 
@@ -31,8 +32,19 @@ repro: data
 	dvc repro
 	@dvc status
 
-test: venv
+lint: venv
+	ruff check .
+	ruff format --check .
+
+format: venv
+	ruff check --fix .
+	ruff format .
+
+test: lint
 	python -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

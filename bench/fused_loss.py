@@ -1,5 +1,5 @@
-"""Benchmark: fused Stage-1 loss (``coordexp.fused_loss.fused_stage1_loss``) vs the unfused path
-(materialised fp32 logits ``hidden @ weight.T`` + ``coordexp.losses.stage1_loss``), forward +
+"""Benchmark: fused Stage-1 loss (``coordexp.train.fused_loss.fused_stage1_loss``) vs the unfused path
+(materialised fp32 logits ``hidden @ weight.T`` + ``coordexp.train.loss.stage1_loss``), forward +
 backward w.r.t. hidden and weight, on the CPU.
 
 Why subprocesses: peak memory (kernel peak-RSS counters, see below) is
@@ -17,8 +17,10 @@ Usage (2 shared cores: nice it)::
     nice -n 10 .venv/bin/python bench/fused_loss.py --configs 1024x1024 4096x1024 --repeats 3
 
 Prints a markdown table; ``--mode`` (``auto`` | ``rows`` | ``vocab``) picks the fused loss's chunking
-(see ``coordexp.fused_loss``; the table's "mode" column says which ran, and how many supervised rows
-the backwards recomputed: 0 in rows mode with ``total.backward()``, every row in vocab mode);
+(see ``coordexp.train.fused_loss``; the table's "mode" column says which ran (the result's ``mode``),
+and how many supervised rows the backwards recomputed (counted by wrapping the module's recompute
+helper): 0 in rows mode with ``total.backward()``, every row in vocab mode); the loss settings are the
+config's defaults (``CoordSoftCEW1Config``);
 ``--chunk-size`` (vocabulary columns per chunk, vocab mode) and ``--row-chunk`` (supervised rows per
 chunk, rows mode) override the fused defaults. Smoke test with tiny sizes (seconds)::
 
@@ -42,7 +44,7 @@ V_DEFAULT = 151_936
 def _setup(n: int, d: int, v: int, seed: int = 0):
     import torch
 
-    from coordexp.codec import K
+    from coordexp.core.codec import K
 
     g = torch.Generator().manual_seed(seed)
     cmap = torch.full((v,), -1, dtype=torch.long)
@@ -60,10 +62,12 @@ def _setup(n: int, d: int, v: int, seed: int = 0):
 
 
 def _step(path: str, hidden, weight, labels, cmap, fused_kw: dict):
-    from coordexp.fused_loss import fused_stage1_loss
-    from coordexp.losses import stage1_loss
+    """One forward + ``total.backward()``; returns the loss result."""
+    from coordexp.core.config import CoordSoftCEW1Config
+    from coordexp.train.fused_loss import fused_stage1_loss
+    from coordexp.train.loss import stage1_loss
 
-    kw = dict(soft_ce_weight=1.0, w1_weight=1.0, gate_weight=1.0, temperature=1.0)
+    kw = CoordSoftCEW1Config().model_dump(exclude={"enabled"})
     hidden.grad = weight.grad = None
     if path == "unfused":
         z = hidden @ weight.T  # fp32 [N, V]
@@ -71,7 +75,7 @@ def _step(path: str, hidden, weight, labels, cmap, fused_kw: dict):
     else:
         res = fused_stage1_loss(hidden, weight, labels, cmap, **fused_kw, **kw)
     res.total.backward()
-    return float(res.total.detach())
+    return res
 
 
 def _status_kb(key: str) -> int:
@@ -107,17 +111,27 @@ def _fused_kw(args) -> dict:
     return {"mode": args.mode, "chunk_size": args.chunk_size, "row_chunk": args.row_chunk}
 
 
-def _mode_ran(counts) -> str:
-    """E.g. ``"rows, 0 rows recomputed"`` from ``coordexp.fused_loss.CALL_COUNTS`` of the fused steps
-    (all in one mode: the same sizes each time)."""
-    modes = sorted(k.split(":", 1)[1] for k in counts if k.startswith("forward:"))
-    return f"{'+'.join(modes)}, {counts['backward:recomputed_rows']} rows recomputed"
+def _count_recomputed_rows(counts: dict) -> None:
+    """Wrap ``fused_loss._add_recomputed_grads`` (the one place a backward recomputes logits) so that
+    ``counts["recomputed_rows"]`` adds up the supervised rows it recomputes."""
+    from coordexp.train import fused_loss
+
+    recompute = fused_loss._add_recomputed_grads
+
+    def counted(gh, gw, gb, h, *rest):
+        counts["recomputed_rows"] += h.shape[0]
+        return recompute(gh, gw, gb, h, *rest)
+
+    fused_loss._add_recomputed_grads = counted
+
+
+def _mode_ran(modes: set[str], recomputed_rows: int) -> str:
+    """E.g. ``"rows, 0 rows recomputed"`` for the fused steps (all in one mode: the same sizes each time)."""
+    return f"{'+'.join(sorted(modes))}, {recomputed_rows} rows recomputed"
 
 
 def _child(args) -> None:
     import torch
-
-    from coordexp.fused_loss import CALL_COUNTS
 
     torch.set_num_threads(args.threads)
     n, d = args.n, args.d
@@ -130,7 +144,7 @@ def _child(args) -> None:
         weight.grad = None
         reset = _reset_peak()
         base = _rss_kb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        val = _step(args.path, hidden, weight, labels, cmap, _fused_kw(args))
+        val = float(_step(args.path, hidden, weight, labels, cmap, _fused_kw(args)).total.detach())
         peak = _hwm_kb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({"peak_kb": peak - base, "value": val, "method": "VmHWM" if reset else "ru_maxrss"}))
         return
@@ -138,14 +152,20 @@ def _child(args) -> None:
     vals = {}
     if args.warmup:
         for p in ("unfused", "fused"):
-            vals[p] = _step(p, hidden, weight, labels, cmap, _fused_kw(args))
-    CALL_COUNTS.clear()  # the timed steps only
+            vals[p] = float(_step(p, hidden, weight, labels, cmap, _fused_kw(args)).total.detach())
+    counts = {"recomputed_rows": 0}  # the timed steps only
+    _count_recomputed_rows(counts)
+    modes: set[str] = set()
     for _ in range(args.repeats):
         for p in ("unfused", "fused"):
             t = time.perf_counter()
-            vals[p] = _step(p, hidden, weight, labels, cmap, _fused_kw(args))
+            res = _step(p, hidden, weight, labels, cmap, _fused_kw(args))
             times[p].append(time.perf_counter() - t)
-    print(json.dumps({"times": times, "values": vals, "mode": _mode_ran(CALL_COUNTS)}))
+            vals[p] = float(res.total.detach())
+            if p == "fused":
+                modes.add(res.mode)
+            del res
+    print(json.dumps({"times": times, "values": vals, "mode": _mode_ran(modes, counts["recomputed_rows"])}))
 
 
 def _run_child(extra: list[str]) -> dict:
@@ -208,8 +228,8 @@ def main() -> None:
         print(f"| {n} | {d} | {t['mode']} | {logits_mb:.0f} | {tu:.2f} | {tf:.2f} | {tf / tu:.2f}x | {mu:.0f} | {mf:.0f} "
               f"| {grads_mb:.0f} | {mu - grads_mb:.0f} | {mf - grads_mb:.0f} | {(mf - grads_mb) / logits_mb:.1%} "
               f"| {vdiff:.1e} |", flush=True)
-        print(f"  raw times unfused={['%.2f' % x for x in t['times']['unfused']]} "
-              f"fused={['%.2f' % x for x in t['times']['fused']]}", flush=True)
+        print(f"  raw times unfused={[f'{x:.2f}' for x in t['times']['unfused']]} "
+              f"fused={[f'{x:.2f}' for x in t['times']['fused']]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from coordexp.config import override_params_file
+from coordexp.core.config import override_params_file
+from coordexp.pipeline.workspace import copy_project
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -90,22 +91,6 @@ EVAL_LINE = re.compile(r"\[evaluate\] checkpoint-(\d+): bbox_mAP=([\d.]+) mAP50=
 KEYS = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1@0.5", "f1@0.3", "images_per_second")
 
 
-def copy_project(dest: Path) -> None:
-    """Tracked (and untracked, not ignored) files only: like a fresh clone of the working tree."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
-    for rel in files:
-        if rel.startswith(("tests/", "bench/", "reports/")) or not (ROOT / rel).is_file():
-            continue
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "lever copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
-
-
 UPSTREAM = {"preprocess": ("artifacts/preprocess", "reports/metrics/preprocess.json"), "build_base": ("artifacts/base",)}
 """Stage -> outputs that ``--reuse-base`` copies when a variant's params for the stage match the source's."""
 
@@ -148,7 +133,7 @@ def run_variant(name: str, work: Path, threads: int | None, reuse_from: Path | N
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    copy_project(dest)
+    copy_project(ROOT, dest, exclude=("tests", "bench", "reports"))
     override_params_file(dest / "params.yaml", changes_of(name))
     reused = reuse_upstream(dest, reuse_from) if reuse_from else []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "COORDEXP_", "DVC_"))}

@@ -4,8 +4,9 @@ Both sides get the same fp32 ``[N, V]`` logits (a leaf that requires grad) and r
 backward:
 
 * ``ce``      ``F.cross_entropy(logits, labels)`` over every position (the stock SFT loss);
-* ``stage1``  ``coordexp.losses.stage1_loss(logits, labels, coord_id_map)``: text CE on the ~80%
-  text targets + softCE + W1 + gate on the ~20% coord targets (1000 coord ids inside V).
+* ``stage1``  ``coordexp.train.loss.stage1_loss(logits, labels, coord_id_map)`` with the config's default
+  loss settings (``--temperature`` overrides T): text CE on the ~80% text targets + softCE + W1 +
+  gate on the ~20% coord targets (1000 coord ids inside V).
 
 Time: one process, the two methods interleaved repeat by repeat (alternating which goes first,
 so drifting background load on a shared machine hits both alike); we report the median and
@@ -40,12 +41,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from coordexp.codec import K
-from coordexp.losses import stage1_loss
+from coordexp.core.codec import K
+from coordexp.core.config import CoordSoftCEW1Config
+from coordexp.train.loss import stage1_loss
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## loss_overhead"
 BUDGET_BYTES = 16 * 2**30
+LOSS_KW = CoordSoftCEW1Config().model_dump(exclude={"enabled"})
+"""The Stage-1 loss settings at the config's defaults."""
 
 
 def make_inputs(n: int, v: int, coord_frac: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +74,7 @@ def step(method: str, logits: torch.Tensor, labels: torch.Tensor, cmap: torch.Te
     if method == "ce":
         F.cross_entropy(logits, labels).backward()
     else:
-        stage1_loss(logits, labels, cmap, temperature=temperature).total.backward()
+        stage1_loss(logits, labels, cmap, **{**LOSS_KW, "temperature": temperature}).total.backward()
 
 
 def time_pair(n: int, args: argparse.Namespace) -> dict[str, list[float]]:
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="N, tokens per batch")
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--coord-frac", type=float, default=0.2)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=LOSS_KW["temperature"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the per-config memory subprocesses")
     p.add_argument("--allow-over-budget", action="store_true", help=f"run configs predicted over {BUDGET_BYTES / 2**30:.0f} GiB")
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads, {platform.python_version()}")
     header = (
-        f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+        f"### {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n\n"
         f"Command: `{cmd.strip()}`  \nMachine: {machine}; shared with other jobs "
         f"(load average at start {os.getloadavg()[0]:.1f}).  \n"
         f"Setup: fp32 logits leaf, {args.coord_frac:.0%} coord targets, T = {args.temperature}, "

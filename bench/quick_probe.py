@@ -31,15 +31,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from coordexp.contract import read_jsonl, record_to_json
-from coordexp.evaluation import compute_metrics, predict_records
-from coordexp.inference import Detector
-from coordexp.losses import stage1_loss
-from coordexp.template import build_messages, to_hf_messages
-from coordexp.vocab import coord_id_map
+from coordexp.core.contract import read_jsonl, record_to_json
+from coordexp.core.config import CoordSoftCEW1Config
+from coordexp.evaluate.stage import compute_metrics, predict_records
+from coordexp.evaluate.generate import Detector
+from coordexp.train.loss import stage1_loss
+from coordexp.core.template import build_messages, to_hf_messages
+from coordexp.core.vocab import coord_id_map
 
 COLOURS = ("red", "green", "blue")
 SHAPES = ("circle", "rectangle", "triangle", "diamond", "line")
+
+LOSS_DEFAULTS = CoordSoftCEW1Config().model_dump(exclude={"enabled"})
+"""Temperature and soft-target width of the schema; the three weights come from the command line."""
 
 
 def main() -> None:
@@ -163,7 +167,8 @@ def main() -> None:
         if a.ce:
             loss = torch.nn.functional.cross_entropy(flat.float(), tg, ignore_index=-100)
         else:
-            loss = stage1_loss(flat, tg, cmap, soft_ce_weight=a.wce, w1_weight=a.ww1, gate_weight=a.wgate).total
+            loss = stage1_loss(flat, tg, cmap, **{**LOSS_DEFAULTS, "soft_ce_weight": a.wce, "w1_weight": a.ww1,
+                                                  "gate_weight": a.wgate}).total
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

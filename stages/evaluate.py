@@ -1,13 +1,12 @@
 """DVC stage `evaluate`: greedy generation on the val split, COCO mAP (pycocotools), F1, parse rate."""
 
-from coordexp.stage import stage_main
+from coordexp.evaluate import stage
+from coordexp.pipeline.runner import stage_main
 
 
 @stage_main("evaluate")
 def main(params, root):
-    from coordexp import evaluation
-
-    m = evaluation.run(params, root)
+    m = stage.run(params, root)
     print(f"[evaluate] bbox_mAP={m['bbox_mAP']} bbox_mAP50={m['bbox_mAP50']} segm_mAP={m['segm_mAP']} "
           f"f1@0.5={m['f1@0.5']} parse_rate={m['parse_rate']} nan_scores={m['nan_scores']}")
 

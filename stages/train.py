@@ -1,13 +1,12 @@
 """DVC stage `train`: Stage-1 (or the CE baseline) through ms-swift, tracked in MLflow."""
 
-from coordexp.stage import stage_main
+from coordexp.train import stage
+from coordexp.pipeline.runner import stage_main
 
 
 @stage_main("train")
 def main(params, root):
-    from coordexp import training
-
-    m = training.run(params, root)
+    m = stage.run(params, root)
     print(f"[train] steps={m['steps']} wall={m['wall_time_s']}s tokens/s={m['tokens_per_second']} "
           f"final train loss={m['final_train_loss']} eval loss={m['final_eval_loss']} "
           f"coord_vocab_mass={m.get('final_eval_coord_vocab_mass')}")

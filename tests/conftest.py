@@ -10,31 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from coordexp.pipeline.workspace import copy_project
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
-# What a copy of the repo needs (tracked and to-be-tracked files), never the outputs.
-_SKIP = {".venv", ".git", "artifacts", "mlflow.db", "mlartifacts", ".pytest_cache", ".hypothesis", "reports"}
-
-
 def copy_repo(dest: Path) -> Path:
     """A fresh working copy of the project (own git repo, DVC cache empty), like a new clone."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True,
-        text=True, check=True,
-    ).stdout.splitlines()
-    for rel in files:
-        if rel.split("/", 1)[0] in _SKIP or not (ROOT / rel).exists():
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, target)
-    (dest / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
-    return dest
+    return copy_project(ROOT, dest)
 
 
 def stage_env(**extra: str) -> dict[str, str]:
@@ -63,7 +46,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def set_params(root: Path, updates: dict) -> None:
     """Deep-update ``root/params.yaml`` (keys as dotted paths)."""
-    from coordexp.config import override_params_file
+    from coordexp.core.config import override_params_file
 
     override_params_file(root / "params.yaml", updates)
 
@@ -79,7 +62,7 @@ TINY_TRAIN = {
 
 def make_tiny_project(dest: Path, n_train: int = 48, n_val: int = 8, **updates) -> Path:
     """A repo copy whose data is a small freshly generated shapes set (no DVC pull needed)."""
-    from coordexp.synth import generate_coco_shapes
+    from coordexp.preprocess.synth import generate_coco_shapes
 
     root = copy_repo(dest)
     generate_coco_shapes(root / "data" / "shapes", n_train=n_train, n_val=n_val, seed=1, progress=False)

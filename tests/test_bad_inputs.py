@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coordexp.config import ConfigError, load_params
-from coordexp.contract import ContractError, read_jsonl
+from coordexp.core.config import ConfigError, load_params
+from coordexp.core.contract import ContractError, read_jsonl
 
 BAD = Path(__file__).parent / "bad_inputs"
 
@@ -38,8 +38,8 @@ def test_bad_params(name, expected):
 
 
 def test_checkpoint_without_coord_tokens_is_refused(tmp_path):
-    from coordexp.tiny_model import build_tiny
-    from coordexp.vocab import CoordVocabError, coord_id_map
+    from coordexp.build_base.tiny import build_tiny
+    from coordexp.core.vocab import CoordVocabError, coord_id_map
 
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     rec = {"id": 0, "images": ["a.png"], "width": 32, "height": 32,

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordexp.codec import K, encode_xy
-from coordexp.vocab import CoordVocabError, coord_id_map, find_coord_token_ids, load_coord_vocab
+from coordexp.core.codec import K, encode_xy
+from coordexp.core.config import ExpandConfig
+from coordexp.core.vocab import CoordVocabError, coord_id_map, find_coord_token_ids, load_coord_vocab
+
+EXPAND = ExpandConfig()  # the schema's expand defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
@@ -55,7 +58,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(data, tmp_path_factory) -> Path:
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     # the default model, with a token warm-up (its own tests are in test_vision_warmup.py)
     return build_tiny(data, tmp_path_factory.mktemp("tiny") / "base", vision_warmup={"steps": 2})
@@ -64,7 +67,7 @@ def tiny(data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def plain(request, data, tmp_path_factory) -> Path:
     """A checkpoint without coord tokens standing in for a real Qwen3-VL."""
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     out = tmp_path_factory.mktemp("plain") / "base"
     return build_tiny(data, out, coord_tokens=False, tie_word_embeddings=request.param, **SMALL)
@@ -114,8 +117,8 @@ def test_tiny_checkpoint_files_and_loading(tiny):
 def test_tiny_model_is_small_and_runs(tiny):
     from transformers import Qwen3VLForConditionalGeneration
 
-    from coordexp.base_model import safetensors_num_params
-    from coordexp.tiny_model import count_parameters
+    from coordexp.build_base.build import safetensors_num_params
+    from coordexp.build_base.tiny import count_parameters
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(str(tiny))
     n = count_parameters(model)
@@ -141,10 +144,10 @@ def test_tiny_grammar_tokens_shorten_the_answer_and_decode_verbatim(tiny, data, 
     and types them as structure; without ``grammar_tokens`` the same answers are much longer."""
     from transformers import AutoTokenizer
 
-    from coordexp.contract import read_jsonl, render_answer
-    from coordexp.template import PROMPT
-    from coordexp.tiny_model import build_tiny, grammar_tokens
-    from coordexp.token_types import STRUCTURE, TokenTyper
+    from coordexp.core.contract import read_jsonl, render_answer
+    from coordexp.core.template import PROMPT
+    from coordexp.build_base.tiny import build_tiny, grammar_tokens
+    from coordexp.train.token_types import STRUCTURE, TokenTyper
 
     tok = AutoTokenizer.from_pretrained(str(tiny))
     for g in grammar_tokens():
@@ -165,7 +168,7 @@ def test_tiny_grammar_tokens_shorten_the_answer_and_decode_verbatim(tiny, data, 
 
 
 def test_tiny_is_deterministic(data, tmp_path):
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     warm = {**SMALL, "vision_warmup": {"steps": 2, "batch_size": 4}}  # the warm-up is seeded too
     a = build_tiny(data, tmp_path / "a", **warm)
@@ -178,7 +181,7 @@ def test_tiny_ordinal_coord_init(data, tmp_path):
     """``coord_init: ordinal`` rewrites only the coord rows, at the random rows' scale, smooth in the bin."""
     from safetensors.torch import load_file
 
-    from coordexp.codec import COORD_TOKENS
+    from coordexp.core.codec import COORD_TOKENS
     from transformers import AutoTokenizer
 
     rand = build_tiny_small(data, tmp_path / "random", coord_init="random")
@@ -198,13 +201,13 @@ def test_tiny_ordinal_coord_init(data, tmp_path):
 
 
 def build_tiny_small(data, out, **kw):
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     return build_tiny(data, out, **{**SMALL, **kw})
 
 
 def test_tiny_rejects_bad_dims(data, tmp_path):
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     with pytest.raises(ValueError, match="num_heads"):
         build_tiny(data, tmp_path / "x", hidden_size=30, num_heads=4)
@@ -229,9 +232,9 @@ def _n_real(plain: Path) -> int:
 
 
 def test_expand_mean(plain, tmp_path):
-    from coordexp.expand import expand_checkpoint
+    from coordexp.build_base.expand import expand_checkpoint
 
-    out = expand_checkpoint(plain, tmp_path / "exp", init="mean")
+    out = expand_checkpoint(plain, tmp_path / "exp", init="mean", ordinal_scale=EXPAND.ordinal_scale)
     old, new = _load(plain), _load(out)
     tied = old.config.tie_word_embeddings
     n_real = _n_real(plain)
@@ -260,9 +263,9 @@ def test_expand_mean(plain, tmp_path):
 
 
 def test_expand_round_trip_save_load(plain, tmp_path):
-    from coordexp.expand import expand_checkpoint
+    from coordexp.build_base.expand import expand_checkpoint
 
-    out = expand_checkpoint(plain, tmp_path / "exp", init="ordinal")
+    out = expand_checkpoint(plain, tmp_path / "exp", init="ordinal", ordinal_scale=EXPAND.ordinal_scale)
     m1 = _load(out)
     m1.save_pretrained(tmp_path / "again")
     m2 = _load(tmp_path / "again")
@@ -271,7 +274,7 @@ def test_expand_round_trip_save_load(plain, tmp_path):
 
 
 def test_expand_ordinal(plain, tmp_path):
-    from coordexp.expand import expand_checkpoint
+    from coordexp.build_base.expand import expand_checkpoint
 
     out = expand_checkpoint(plain, tmp_path / "exp", init="ordinal", ordinal_scale=0.05)
     old, new = _load(plain), _load(out)
@@ -293,9 +296,9 @@ def test_expand_ordinal(plain, tmp_path):
 
 
 def test_expand_accepts_checkpoint_with_coord_tokens(tiny, tmp_path):
-    from coordexp.expand import expand_checkpoint
+    from coordexp.build_base.expand import expand_checkpoint
 
-    out = expand_checkpoint(tiny, tmp_path / "exp")
+    out = expand_checkpoint(tiny, tmp_path / "exp", init=EXPAND.init, ordinal_scale=EXPAND.ordinal_scale)
     assert load_coord_vocab(out) == load_coord_vocab(tiny)
     assert (out / "model.safetensors").read_bytes() == (tiny / "model.safetensors").read_bytes()
     assert json.loads((out / "build_info.json").read_text())["embeddings_resized"] is False
@@ -313,31 +316,33 @@ def test_expand_accepts_checkpoint_with_coord_tokens(tiny, tmp_path):
     ids=["missing", "file", "no-config", "wrong-type"],
 )
 def test_expand_refuses_non_checkpoints(tmp_path, make, match):
-    from coordexp.expand import CheckpointError, expand_checkpoint
+    from coordexp.build_base.expand import expand_checkpoint
+    from coordexp.core.checkpoint import CheckpointError
 
     src = make(tmp_path)
     with pytest.raises(CheckpointError, match=match) as err:
-        expand_checkpoint(src, tmp_path / "out")
+        expand_checkpoint(src, tmp_path / "out", init=EXPAND.init, ordinal_scale=EXPAND.ordinal_scale)
     assert "Place a complete Hugging Face checkpoint" in str(err.value)
     assert not (tmp_path / "out").exists()
 
 
 def test_expand_refuses_checkpoint_without_weights(tiny, tmp_path):
-    from coordexp.expand import CheckpointError, expand_checkpoint
+    from coordexp.build_base.expand import expand_checkpoint
+    from coordexp.core.checkpoint import CheckpointError
 
     src = tmp_path / "noweights"
     shutil.copytree(tiny, src)
     (src / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights"):
-        expand_checkpoint(src, tmp_path / "out")
+        expand_checkpoint(src, tmp_path / "out", init=EXPAND.init, ordinal_scale=EXPAND.ordinal_scale)
 
 
 def test_expand_refuses_partial_coord_set(plain, tmp_path):
     from tokenizers import AddedToken
     from transformers import AutoProcessor
 
-    from coordexp.codec import COORD_TOKENS
-    from coordexp.expand import expand_checkpoint
+    from coordexp.core.codec import COORD_TOKENS
+    from coordexp.build_base.expand import expand_checkpoint
 
     src = tmp_path / "partial"
     shutil.copytree(plain, src)
@@ -345,7 +350,7 @@ def test_expand_refuses_partial_coord_set(plain, tmp_path):
     proc.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in COORD_TOKENS[:5]])
     proc.save_pretrained(src)
     with pytest.raises(CoordVocabError, match="5 of the 1000"):
-        expand_checkpoint(src, tmp_path / "out")
+        expand_checkpoint(src, tmp_path / "out", init=EXPAND.init, ordinal_scale=EXPAND.ordinal_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +358,7 @@ def test_expand_refuses_partial_coord_set(plain, tmp_path):
 
 
 def test_build_base_tiny_is_atomic(data, tmp_path):
-    from coordexp.base_model import build_base
+    from coordexp.build_base.build import build_base
 
     out = tmp_path / "artifacts" / "base"
     summary = build_base("tiny", out, train_jsonl=data, tiny=SMALL)
@@ -372,8 +377,8 @@ def test_build_base_tiny_is_atomic(data, tmp_path):
 
 
 def test_build_base_refuses_before_writing(tmp_path):
-    from coordexp.base_model import build_base
-    from coordexp.expand import CheckpointError
+    from coordexp.build_base.build import build_base
+    from coordexp.core.checkpoint import CheckpointError
 
     with pytest.raises(FileNotFoundError, match="preprocess"):
         build_base("tiny", tmp_path / "base", train_jsonl=tmp_path / "nope.jsonl")
@@ -385,7 +390,7 @@ def test_build_base_refuses_before_writing(tmp_path):
 
 
 def test_build_base_expand(plain, tmp_path):
-    from coordexp.base_model import build_base
+    from coordexp.build_base.build import build_base
 
     summary = build_base("expand", tmp_path / "base", expand={"source": str(plain), "init": "ordinal", "ordinal_scale": 0.02})
     assert summary["mode"] == "expand"
@@ -430,8 +435,8 @@ def _plain_qwen2_5_vl(data: Path, out: Path) -> Path:
     from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                               Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
-    from coordexp.contract import read_jsonl
-    from coordexp.tiny_model import CHAT_TEMPLATE, bpe_corpus, build_tokenizer
+    from coordexp.core.contract import read_jsonl
+    from coordexp.build_base.tiny import CHAT_TEMPLATE, bpe_corpus, build_tokenizer
 
     tok = build_tokenizer(bpe_corpus(read_jsonl(data)), 512, coord_tokens=False)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
@@ -458,10 +463,10 @@ def test_expand_qwen2_5_vl(data, tmp_path):
     from PIL import Image
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    from coordexp.expand import expand_checkpoint
+    from coordexp.build_base.expand import expand_checkpoint
 
     src = _plain_qwen2_5_vl(data, tmp_path / "q25")
-    out = expand_checkpoint(src, tmp_path / "exp", init="ordinal")
+    out = expand_checkpoint(src, tmp_path / "exp", init="ordinal", ordinal_scale=EXPAND.ordinal_scale)
     cmap = coord_id_map(out)
     old = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(src)).requires_grad_(False)
     new = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(out)).requires_grad_(False)
@@ -476,8 +481,8 @@ def test_expand_qwen2_5_vl(data, tmp_path):
     assert int(inputs["input_ids"][0, -1]) == int((cmap == 7).nonzero())
     assert torch.isfinite(new(**inputs).logits).all()
     # ms-swift's Qwen2.5-VL path through the project template encodes a record with an image
-    from coordexp.contract import read_jsonl
-    from coordexp.template import TEMPLATE_NAME_QWEN2_5_VL, encode_record, load_template
+    from coordexp.core.contract import read_jsonl
+    from coordexp.core.template import TEMPLATE_NAME_QWEN2_5_VL, encode_record, load_template
 
     tmpl = load_template(out)
     assert tmpl.template_meta.template_type == TEMPLATE_NAME_QWEN2_5_VL

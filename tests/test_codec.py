@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordexp import codec
+from coordexp.core import codec
 
 
 @settings(max_examples=300, deadline=None)

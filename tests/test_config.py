@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coordexp.config import ConfigError, Params, load_params, validate_params
+from coordexp.core.config import ConfigError, Params, load_params, validate_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +94,29 @@ def test_check_config_command(tmp_path):
     res = subprocess.run([exe, "check-config", str(bad)], capture_output=True, text=True)
     assert res.returncode == 2
     assert "train.coord_loss" in res.stderr and "train.coord_soft_ce_w1" in res.stderr
+
+
+def _departures_block() -> dict[str, object]:
+    """``key: value`` of the commented "Departures" block at the top of params.yaml."""
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Departures of the embedded default"))
+    found = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("#   "):
+            if found:
+                break
+            continue
+        key, _, rest = line[4:].partition(":")
+        found[key.strip()] = yaml.safe_load(rest.split()[0])
+    return found
+
+
+def test_departures_block_lists_exactly_what_differs_from_the_schema():
+    from coordexp.pipeline.tracking import flatten
+
+    schema = flatten(Params().model_dump(mode="json"))
+    repo = flatten(load_params(ROOT / "params.yaml").model_dump(mode="json"))
+    differs = {k: repo[k] for k in schema if repo[k] != schema[k]}
+    assert differs == _departures_block()
+    # every knob of the schema is spelled out in the file, so a user sees each one where they edit
+    assert set(flatten(_raw())) >= set(schema) - {k for k in schema if k.startswith("preprocess.splits.")}

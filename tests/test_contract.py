@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from coordexp import codec
-from coordexp.contract import (
+from coordexp.core import codec
+from coordexp.core.contract import (
     ContractError, image_path, read_jsonl, render_answer, to_coord_mode, to_pixel_mode, validate_record,
 )
 

@@ -14,8 +14,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coordexp.codec import coord_token, encode_xy
-from coordexp.eval import (
+from coordexp.core.codec import coord_token, encode_xy
+from coordexp.evaluate import (
     build_coco_results,
     coco_map,
     f1_at_iou,
@@ -24,7 +24,7 @@ from coordexp.eval import (
     to_coco_gt,
     to_coco_results,
 )
-from coordexp.eval.metrics import boxes_from_records, duplicate_count, iou_matrix, match_image
+from coordexp.evaluate.metrics import boxes_from_records, duplicate_count, iou_matrix, match_image
 
 S = 1000  # with 1000-pixel images, bin k is pixel k exactly (k / 999 * 999)
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordexp.codec import coord_token, is_coord_token
-from coordexp.eval import (
+from coordexp.core.codec import coord_token, is_coord_token
+from coordexp.evaluate import (
     ParseResult,
     build_prediction,
     object_score,

@@ -23,7 +23,7 @@ def test_dvc_experiment_is_its_own_tagged_run(tmp_path):
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny data"], root)
     _sh(["dvc", "exp", "run", "-n", "w1zero", "-S", "train.coord_soft_ce_w1.w1_weight=0", "train"], root)
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["coordexp-stage1"], filter_string="tags.`coordexp.stage` = 'train'",
+    runs = mlflow.search_runs(experiment_names=["coordexp-stage1"], filter_string="tags.`coordexp.pipeline.runner` = 'train'",
                               output_format="list")
     (run,) = runs
     assert run.data.tags["dvc.exp_name"] == "w1zero"

@@ -1,8 +1,9 @@
 """``fused_stage1_loss`` (hidden + LM head, chunked) against ``stage1_loss`` on materialised logits
-and against a float64 reference written straight from DESIGN §3, in both of its modes ("vocab" and
-"rows"; tests that apply to both are parametrized over ``mode``), to the same tolerances. Rows mode's
-backward (the gradient formed in the forward, plus a recompute of rows whose upstream gradient it
-does not cover) is observed through ``fused_loss.CALL_COUNTS``.
+and against a float64 reference written straight from the formulas of ``coordexp.train.loss``'s
+docstring, in both of its modes ("vocab" and "rows"; tests that apply to both are parametrized over
+``mode``), to the same tolerances. The mode that ran is the result's ``mode``; rows mode's backward
+(the gradient formed in the forward, plus a recompute of rows whose upstream gradient it does not
+cover) is observed by wrapping the module's backward helpers (the ``backward_counts`` fixture).
 
 Tolerances, and why:
 
@@ -22,15 +23,18 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordexp.codec import K
-from coordexp import fused_loss
-from coordexp.fused_loss import CALL_COUNTS, fused_stage1_loss
-from coordexp.losses import GlobalCounts, stage1_loss
+from coordexp.core.codec import K
+from coordexp.core.config import CoordSoftCEW1Config
+from coordexp.train import fused_loss
+from coordexp.train.fused_loss import fused_stage1_loss
+from coordexp.train.loss import GlobalCounts, stage1_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
 
@@ -38,6 +42,8 @@ EPS32 = torch.finfo(torch.float32).eps
 N_TEXT_IDS = 100
 V = K + N_TEXT_IDS
 D = 48
+WEIGHTS = CoordSoftCEW1Config().model_dump(exclude={"enabled"})
+"""The loss keywords at the config's defaults; tests override the ones they are about."""
 TERMS = ("total", "text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass", "text_ce_sum", "soft_ce_sum", "w1_sum", "gate_sum", "mass_sum")
 
 
@@ -95,6 +101,11 @@ def _close_grad(g, g_ref, rtol=1e-5, atol=1e-7):
     assert err <= rtol * scale + atol, (err, scale)
 
 
+def weights(**kw) -> dict:
+    """:data:`WEIGHTS` with ``kw`` overriding."""
+    return {**WEIGHTS, **kw}
+
+
 def chunking(mode: str, chunk: int) -> dict:
     """``fused_stage1_loss`` keywords for ``mode`` with ``chunk`` vocabulary columns (vocab mode) or
     supervised rows (rows mode) per chunk."""
@@ -102,15 +113,31 @@ def chunking(mode: str, chunk: int) -> dict:
 
 
 @pytest.fixture
-def counts():
-    """``fused_loss.CALL_COUNTS``, cleared: which forward mode and backward path ran."""
-    CALL_COUNTS.clear()
-    return CALL_COUNTS
+def backward_counts(monkeypatch):
+    """Which backward path ran, counted by wrapping ``fused_loss``'s helpers: ``"backward:saved"`` per
+    backward that used the gradient a rows-mode forward saved (only those split the upstream
+    gradient, ``_split_upstream``), ``"backward:recomputed_rows"`` += the supervised rows whose
+    logits a backward recomputed (``_add_recomputed_grads``; all rows in vocab mode)."""
+    counts = collections.Counter()
+    split, recompute = fused_loss._split_upstream, fused_loss._add_recomputed_grads
+
+    def counted_split(g, k):
+        counts["backward:saved"] += 1
+        return split(g, k)
+
+    def counted_recompute(gh, gw, gb, h, *rest):
+        counts["backward:recomputed_rows"] += h.shape[0]
+        return recompute(gh, gw, gb, h, *rest)
+
+    monkeypatch.setattr(fused_loss, "_split_upstream", counted_split)
+    monkeypatch.setattr(fused_loss, "_add_recomputed_grads", counted_recompute)
+    return counts
 
 
 def run_both(lab, h, w, b, *, chunks, loss_of=lambda r: r.total, **kw):
     """(fused result, fused grads, materialised result, materialised grads) of ``loss_of``;
     ``chunks`` = the fused-only keywords (see :func:`chunking`)."""
+    kw = weights(**kw)
     hf, wf, bf = _leaves(h, w, b)
     res_f = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunks, **kw)
     g_f = _grads(loss_of(res_f), [hf, wf, bf])
@@ -134,8 +161,8 @@ def _check_all(res_f, g_f, res_m, g_m):
 # ------------------------------------------------------------------------------------------------
 
 
-def reference64(lab, h, w, b, *, temperature=1.0, target_sigma=2.0, target_truncate=16,
-                soft_ce_weight=1.0, w1_weight=1.0, gate_weight=1.0):
+def reference64(lab, h, w, b, *, temperature, target_sigma, target_truncate, soft_ce_weight, w1_weight,
+                gate_weight):
     z = h.double() @ w.double().T + (0 if b is None else b.double())
     T = temperature
     i = torch.arange(K, dtype=torch.float64)
@@ -175,20 +202,21 @@ def reference64(lab, h, w, b, *, temperature=1.0, target_sigma=2.0, target_trunc
                                         ("rows", 1), ("rows", 13), ("rows", 1000)])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_materialised_fp32(mode, chunk, temperature, bias, counts):
+def test_matches_materialised_fp32(mode, chunk, temperature, bias, backward_counts):
     lab, h, w, b = make_case(61, 0.5, 0.2, seed=chunk * 7 + int(temperature * 10), bias=bias)
     kw = dict(temperature=temperature, soft_ce_weight=0.7, w1_weight=1.3, gate_weight=0.9)
-    _check_all(*run_both(lab, h, w, b, chunks=chunking(mode, chunk), **kw))
-    assert counts[f"forward:{mode}"] == 1
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, chunk), **kw)
+    _check_all(res_f, g_f, res_m, g_m)
+    assert res_f.mode == mode and res_m.mode is None
     if mode == "rows":  # total: the gradient the forward formed is used as is
-        assert counts["backward:saved"] == 1 and counts["backward:recomputed_rows"] == 0
+        assert backward_counts["backward:saved"] == 1 and backward_counts["backward:recomputed_rows"] == 0
 
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_matches_float64_reference(mode, temperature):
     lab, h, w, b = make_case(23, 0.6, 0.15, seed=3, scale=2.0)
-    kw = dict(temperature=temperature, soft_ce_weight=0.5, w1_weight=2.0, gate_weight=1.5)
+    kw = weights(temperature=temperature, soft_ce_weight=0.5, w1_weight=2.0, gate_weight=1.5)
     hf, wf, bf = _leaves(h, w, b)
     res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunking(mode, 5), **kw)
     h64, w64, b64 = _leaves(h.double(), w.double(), b.double())
@@ -238,7 +266,7 @@ def test_argmax_is_the_materialised_logits_argmax(mode, chunk, temperature, grad
     are shifted and scaled by 1/T inside the head, which must not move it), -100 elsewhere."""
     lab, h, w, b = make_case(61, 0.5, 0.2, seed=3, bias=True)
     hf = h.clone().requires_grad_(grad)
-    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, temperature=temperature, **chunking(mode, chunk))
+    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, **weights(temperature=temperature), **chunking(mode, chunk))
     z = h @ w.T + b
     sup = lab != -100
     assert res.argmax.shape == lab.reshape(-1).shape
@@ -251,7 +279,7 @@ def test_argmax_ties_take_the_first_maximum():
     lab, h, w, _ = make_case(20, 0.5, 0.0, seed=2, bias=False)
     h[::2] = 0.0
     for mode in ("vocab", "rows"):
-        res = fused_stage1_loss(h, w, lab, CMAP, **chunking(mode, 3))
+        res = fused_stage1_loss(h, w, lab, CMAP, **WEIGHTS, **chunking(mode, 3))
         assert torch.equal(res.argmax, (h @ w.T).argmax(dim=1))
 
 
@@ -272,13 +300,13 @@ def test_only_coord_rows(mode):
 
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
-def test_all_ignored(mode, counts):
+def test_all_ignored(mode):
     lab, h, w, b = make_case(12, 0.5, 0.0, seed=6)
     lab[:] = -100
     res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 5))
     assert res_f.coord_tokens == res_f.text_tokens == 0
     assert float(res_f.total) == 0.0 and torch.isfinite(res_f.coord_vocab_mass)
-    assert counts[f"forward:{mode}"] == 1
+    assert res_f.mode == mode
     for g in g_f:
         assert torch.equal(g, torch.zeros_like(g))
 
@@ -288,7 +316,7 @@ def test_unsupervised_rows_get_zero_gradient(mode):
     lab, h, w, b = make_case(20, 0.5, 0.0, seed=7)
     lab[::3] = -100
     hf, wf, bf = _leaves(h, w, b)
-    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunking(mode, 4))
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **WEIGHTS, **chunking(mode, 4))
     (gh,) = torch.autograd.grad(res.total, [hf])
     assert torch.equal(gh[::3], torch.zeros_like(gh[::3]))
     assert bool((gh[1::3].abs().sum(1) > 0).all())
@@ -296,19 +324,19 @@ def test_unsupervised_rows_get_zero_gradient(mode):
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
 @pytest.mark.parametrize("world", [1, 2])
-def test_normalizer(mode, world, counts):
+def test_normalizer(mode, world, backward_counts):
     lab, h, w, b = make_case(40, 0.5, 0.1, seed=8)
     norm = GlobalCounts(text_tokens=97, coord_tokens=53, world_size=world)
     _check_all(*run_both(lab, h, w, b, chunks=chunking(mode, 9), temperature=0.8, normalizer=norm, gate_weight=2.0))
     if mode == "rows":  # k follows the global divisors: still the saved gradient
-        assert counts["backward:saved"] == 1 and counts["backward:recomputed_rows"] == 0
+        assert backward_counts["backward:saved"] == 1 and backward_counts["backward:recomputed_rows"] == 0
 
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
 def test_batched_3d_input(mode):
     lab, h, w, b = make_case(24, 0.5, 0.2, seed=9)
     hf, wf, bf = _leaves(h.reshape(4, 6, D), w, b)
-    res = fused_stage1_loss(hf, wf, lab.reshape(4, 6), CMAP, bias=bf, **chunking(mode, 5))
+    res = fused_stage1_loss(hf, wf, lab.reshape(4, 6), CMAP, bias=bf, **WEIGHTS, **chunking(mode, 5))
     (gh,) = torch.autograd.grad(res.total, [hf])
     res2, g2, _, _ = run_both(lab, h, w, b, chunks=chunking("vocab", 5))
     _close_value(res.total, res2.total, rtol=1e-6)
@@ -357,15 +385,17 @@ def test_any_upstream_gradient_is_exact(mode, which):
 
 
 @pytest.mark.parametrize("scale", [0.25, 1.0, 7.0])
-def test_rows_mode_uses_the_saved_gradient_for_multiples_of_total(scale, counts):
+def test_rows_mode_uses_the_saved_gradient_for_multiples_of_total(scale, backward_counts):
     lab, h, w, b = make_case(40, 0.5, 0.1, seed=18)
-    _check_all(*run_both(lab, h, w, b, chunks=chunking("rows", 9), temperature=0.6,
-                         loss_of=lambda r: scale * r.total))
-    assert dict(counts) == {"forward:rows": 1, "backward:saved": 1, "backward:recomputed_rows": 0}
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking("rows", 9), temperature=0.6,
+                                      loss_of=lambda r: scale * r.total)
+    _check_all(res_f, g_f, res_m, g_m)
+    assert res_f.mode == "rows"
+    assert backward_counts["backward:saved"] == 1 and backward_counts["backward:recomputed_rows"] == 0
 
 
 @pytest.mark.parametrize("which", ["text_ce", "total_plus_text_ce"])
-def test_rows_mode_recomputes_only_the_rows_off_the_saved_gradient(which, counts):
+def test_rows_mode_recomputes_only_the_rows_off_the_saved_gradient(which, backward_counts):
     """A text-CE-only (or text-CE-heavy) backward differs from ``k`` on one kind of row only: just
     those are recomputed, and the gradient is still exact."""
     lab, h, w, b = make_case(40, 0.5, 0.1, seed=19)
@@ -373,48 +403,48 @@ def test_rows_mode_recomputes_only_the_rows_off_the_saved_gradient(which, counts
     res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking("rows", 9), temperature=0.6, loss_of=loss_of)
     for g, gr in zip(g_f, g_m):
         _close_grad(g, gr)
-    assert counts["backward:saved"] == 1
-    assert counts["backward:recomputed_rows"] in (res_f.text_tokens, res_f.coord_tokens)
+    assert res_f.mode == "rows" and backward_counts["backward:saved"] == 1
+    assert backward_counts["backward:recomputed_rows"] in (res_f.text_tokens, res_f.coord_tokens)
 
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
-def test_retain_graph_second_backward(mode, counts):
+def test_retain_graph_second_backward(mode, backward_counts):
     lab, h, w, b = make_case(30, 0.5, 0.1, seed=13)
     hf, wf, bf = _leaves(h, w, b)
-    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunking(mode, 7))
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **WEIGHTS, **chunking(mode, 7))
     g1 = torch.autograd.grad(res.total, [hf, wf, bf], retain_graph=True)
     g2 = torch.autograd.grad(res.total, [hf, wf, bf])
     for a, c in zip(g1, g2):
         _close_grad(c, a)
     if mode == "rows":  # the saved gradient serves the first backward; the second recomputes all rows
         n_sup = res.text_tokens + res.coord_tokens
-        assert counts["backward:saved"] == 1 and counts["backward:recomputed_rows"] == n_sup
+        assert backward_counts["backward:saved"] == 1 and backward_counts["backward:recomputed_rows"] == n_sup
 
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
 def test_frozen_weight_and_no_grad(mode, monkeypatch):
     lab, h, w, b = make_case(30, 0.5, 0.1, seed=14)
     hf = h.clone().requires_grad_()
-    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, **chunking(mode, 7))
+    res = fused_stage1_loss(hf, w, lab, CMAP, bias=b, **WEIGHTS, **chunking(mode, 7))
     (gh,) = torch.autograd.grad(res.total, [hf])
     _, g_f, _, _ = run_both(lab, h, w, b, chunks=chunking("vocab", 7))
     _close_grad(gh, g_f[0], rtol=1e-6)
     # no gradient wanted: rows mode computes no k and so forms no gradient in its forward
     monkeypatch.setattr(fused_loss, "_total_weights", lambda *a: pytest.fail("gradient work under no_grad"))
     with torch.no_grad():
-        r0 = fused_stage1_loss(hf, w, lab, CMAP, bias=b, **chunking(mode, 7))
+        r0 = fused_stage1_loss(hf, w, lab, CMAP, bias=b, **WEIGHTS, **chunking(mode, 7))
     _close_value(r0.total, res.total, rtol=1e-6)
-    r1 = fused_stage1_loss(h, w, lab, CMAP, bias=b, **chunking(mode, 7))  # no input requires grad
+    r1 = fused_stage1_loss(h, w, lab, CMAP, bias=b, **WEIGHTS, **chunking(mode, 7))  # no input requires grad
     _close_value(r1.total, res.total, rtol=1e-6)
 
 
-def test_auto_mode_picks_rows_for_tall_row_chunks(counts, monkeypatch):
+def test_auto_mode_picks_rows_for_tall_row_chunks(backward_counts, monkeypatch):
     lab, h, w, b = make_case(40, 0.5, 0.0, seed=20)
-    fused_stage1_loss(h, w, lab, CMAP, bias=b)  # default chunk: ceil(40 / 16) = 3 rows
-    assert dict(counts) == {"forward:vocab": 1}
+    res = fused_stage1_loss(h, w, lab, CMAP, bias=b, **WEIGHTS)  # default chunk: ceil(40 / 16) = 3 rows
+    assert res.mode == "vocab" and not backward_counts  # no input requires grad: no backward
     monkeypatch.setattr(fused_loss, "MIN_ROW_CHUNK", 3)
-    fused_stage1_loss(h, w, lab, CMAP, bias=b)
-    assert counts["forward:rows"] == 1
+    res = fused_stage1_loss(h, w, lab, CMAP, bias=b, **WEIGHTS)
+    assert res.mode == "rows"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,21 +473,30 @@ def test_bf16_inputs(mode, temperature):
 def test_validation_errors():
     lab, h, w, b = make_case(8, 0.5, 0.0, seed=16)
     with pytest.raises(ValueError, match="D="):
-        fused_stage1_loss(h[:, :10], w, lab, CMAP)
+        fused_stage1_loss(h[:, :10], w, lab, CMAP, **WEIGHTS)
     with pytest.raises(ValueError, match="aligned"):
-        fused_stage1_loss(h, w, lab[:-1], CMAP)
+        fused_stage1_loss(h, w, lab[:-1], CMAP, **WEIGHTS)
     with pytest.raises(ValueError, match="chunk_size"):
-        fused_stage1_loss(h, w, lab, CMAP, chunk_size=0)
+        fused_stage1_loss(h, w, lab, CMAP, chunk_size=0, **WEIGHTS)
     with pytest.raises(ValueError, match="row_chunk"):
-        fused_stage1_loss(h, w, lab, CMAP, mode="rows", row_chunk=0)
+        fused_stage1_loss(h, w, lab, CMAP, mode="rows", row_chunk=0, **WEIGHTS)
     with pytest.raises(ValueError, match="mode"):
-        fused_stage1_loss(h, w, lab, CMAP, mode="columns")
+        fused_stage1_loss(h, w, lab, CMAP, mode="columns", **WEIGHTS)
     with pytest.raises(ValueError, match="temperature"):
-        fused_stage1_loss(h, w, lab, CMAP, temperature=0.0)
+        fused_stage1_loss(h, w, lab, CMAP, **weights(temperature=0.0))
     with pytest.raises(ValueError, match="bias"):
-        fused_stage1_loss(h, w, lab, CMAP, bias=torch.zeros(V - 1))
+        fused_stage1_loss(h, w, lab, CMAP, bias=torch.zeros(V - 1), **WEIGHTS)
     with pytest.raises(ValueError, match="gate_weight"):
-        fused_stage1_loss(h, w, lab, CMAP, gate_weight=-1.0)
+        fused_stage1_loss(h, w, lab, CMAP, **weights(gate_weight=-1.0))
+
+
+@pytest.mark.parametrize("missing", sorted(WEIGHTS))
+def test_loss_settings_have_no_defaults_here(missing):
+    """The config schema is the one source of the loss settings' defaults: the function has none."""
+    lab, h, w, b = make_case(8, 0.5, 0.0, seed=16)
+    kw = {k: v for k, v in WEIGHTS.items() if k != missing}
+    with pytest.raises(TypeError, match=missing):
+        fused_stage1_loss(h, w, lab, CMAP, **kw)
 
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
@@ -467,7 +506,7 @@ def test_autocast_does_not_lower_precision(mode):
     res_ref, g_ref, _, _ = run_both(lab, h, w, b, chunks=chunking(mode, 7), temperature=0.5)
     hf, wf, bf = _leaves(h, w, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, temperature=0.5, **chunking(mode, 7))
+        res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **weights(temperature=0.5), **chunking(mode, 7))
         gs = _grads(res.total, [hf, wf, bf])
     for name in TERMS:
         _close_value(getattr(res, name), getattr(res_ref, name), rtol=1e-6)

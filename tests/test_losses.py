@@ -1,8 +1,8 @@
 """Stage-1 loss against a plain float64 reference, in the style of Liger-Kernel's tests.
 
-The reference below is written straight from the formulas of DESIGN §3 with explicit ops
+The reference below is written straight from the formulas of ``coordexp.train.loss``'s docstring with explicit ops
 (max-shifted log-sum-exp, explicit softmax, explicit cumsum); it shares no code with
-``coordexp.losses``. Values and gradients (autograd w.r.t. the logits) of every term are compared.
+``coordexp.train.loss``. Values and gradients (autograd w.r.t. the logits) of every term are compared.
 
 Tolerances, and why they are what they are:
 
@@ -27,16 +27,15 @@ Tolerances, and why they are what they are:
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordexp.codec import K
-from coordexp.losses import (
+from coordexp.core.codec import K
+from coordexp.core.config import CoordSoftCEW1Config
+from coordexp.train.loss import (
     GlobalCounts,
     Stage1LossResult,
     count_tokens,
@@ -51,6 +50,13 @@ EPS32 = torch.finfo(torch.float32).eps
 N_TEXT_IDS = 50
 V = K + N_TEXT_IDS
 TERMS = ("text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass", "total")
+WEIGHTS = CoordSoftCEW1Config().model_dump(exclude={"enabled"})
+"""The loss keywords at the config's defaults; tests override the ones they are about."""
+
+
+def weights(**kw) -> dict:
+    """:data:`WEIGHTS` with ``kw`` overriding."""
+    return {**WEIGHTS, **kw}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,7 +102,8 @@ def _lse(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference(z: torch.Tensor, labels: torch.Tensor, *, T: float, sigma: float, truncate: int,
-              w_ce: float = 1.0, w_w1: float = 1.0, w_gate: float = 1.0) -> dict[str, torch.Tensor]:
+              w_ce: float = WEIGHTS["soft_ce_weight"], w_w1: float = WEIGHTS["w1_weight"],
+              w_gate: float = WEIGHTS["gate_weight"]) -> dict[str, torch.Tensor]:
     """Means of each term over its own tokens, float64; 0 for a term without tokens."""
     z = z.reshape(-1, z.shape[-1]).double()
     y = labels.reshape(-1)
@@ -145,7 +152,7 @@ def check_against_reference(z32: torch.Tensor, labels: torch.Tensor, *, T: float
                             truncate: int, grad_rtol: float = 1e-5, value_extra: float = 0.0) -> None:
     z_lib = z32.detach().clone().requires_grad_()
     z_ref = z32.detach().double().clone().requires_grad_()
-    res = stage1_loss(z_lib, labels, CMAP, temperature=T, target_sigma=sigma, target_truncate=truncate)
+    res = stage1_loss(z_lib, labels, CMAP, **weights(temperature=T, target_sigma=sigma, target_truncate=truncate))
     ref = reference(z_ref, labels, T=T, sigma=sigma, truncate=truncate)
     zmax = float(z32.detach().abs().max()) if z32.numel() else 0.0
     for name in TERMS:
@@ -206,9 +213,9 @@ def test_low_precision_logits(dtype, grad_rel):
     g = torch.Generator().manual_seed(4)
     z = (torch.randn(12, V, generator=g) * 4).to(dtype)
     z_lib = z.clone().requires_grad_()
-    res = stage1_loss(z_lib, labels, CMAP, temperature=0.7)
+    res = stage1_loss(z_lib, labels, CMAP, **weights(temperature=0.7))
     z_ref = z.double().requires_grad_()
-    ref = reference(z_ref, labels, T=0.7, sigma=2.0, truncate=16)
+    ref = reference(z_ref, labels, T=0.7, sigma=WEIGHTS["target_sigma"], truncate=WEIGHTS["target_truncate"])
     for name in TERMS:
         got, want = getattr(res, name), ref[name]
         assert got.dtype == torch.float32 and torch.isfinite(got)
@@ -228,7 +235,7 @@ def test_low_precision_logits(dtype, grad_rel):
 def test_truncate_zero_soft_ce_is_ce_over_coord_slice(T):
     labels = make_labels(8, 8, 0, seed=5, bins=[0, 999])
     z = torch.randn(8, V, generator=torch.Generator().manual_seed(6)) * 3
-    res = stage1_loss(z, labels, CMAP, temperature=T, target_truncate=0)
+    res = stage1_loss(z, labels, CMAP, **weights(temperature=T, target_truncate=0))
     bins = CMAP[labels]
     want = F.cross_entropy(z.double()[:, COORD_IDS] / T, bins)
     assert float(res.soft_ce) == pytest.approx(float(want), rel=1e-6)
@@ -240,7 +247,7 @@ def test_w1_of_identical_distributions_is_zero():
     bins = torch.tensor([0, 17, 500, 999])
     z = torch.full((4, V), -30.0)
     z[:, COORD_IDS] = q_table[bins].log()  # p = softmax(log q) = q
-    res = stage1_loss(z, COORD_IDS[bins], CMAP, temperature=T, target_sigma=sigma, target_truncate=999)
+    res = stage1_loss(z, COORD_IDS[bins], CMAP, **weights(temperature=T, target_sigma=sigma, target_truncate=999))
     assert abs(float(res.w1)) < 1e-6
     entropy = -(q_table[bins].double() * q_table[bins].double().log()).sum(1).mean()
     assert float(res.soft_ce) == pytest.approx(float(entropy), rel=1e-5)
@@ -250,14 +257,14 @@ def test_w1_of_identical_distributions_is_zero():
 def test_w1_between_point_masses(a, b):
     z = torch.zeros(1, V)
     z[0, COORD_IDS[a]] = 1e4  # p = one-hot(a) exactly in fp32
-    res = stage1_loss(z, COORD_IDS[[b]], CMAP, target_truncate=0)  # q = one-hot(b)
+    res = stage1_loss(z, COORD_IDS[[b]], CMAP, **weights(target_truncate=0))  # q = one-hot(b)
     assert float(res.w1) == pytest.approx(abs(a - b) / (K - 1), abs=1e-7)
 
 
 def test_gate_zero_when_all_mass_on_coord_tokens():
     z = torch.randn(5, V, generator=torch.Generator().manual_seed(11)) * 2
     z[:, TEXT_IDS] = -1e4
-    res = stage1_loss(z, make_labels(5, 5, 0, seed=7), CMAP, temperature=0.5)
+    res = stage1_loss(z, make_labels(5, 5, 0, seed=7), CMAP, **weights(temperature=0.5))
     # the gate is a difference of two fp32 logsumexps of size ~|z|/T: zero up to a few of their ulps
     ulps = 4 * torch.finfo(torch.float32).eps * float(torch.logsumexp(z / 0.5, dim=-1).abs().max())
     assert abs(float(res.gate)) <= ulps
@@ -267,7 +274,7 @@ def test_gate_zero_when_all_mass_on_coord_tokens():
 def test_gate_is_nonnegative_and_mass_in_unit_interval():
     z = torch.randn(40, V) * 5
     z[:, TEXT_IDS] -= 50  # push mass onto the coord slice so round-off could go negative
-    res = stage1_loss(z, make_labels(40, 40, 0, seed=8), CMAP)
+    res = stage1_loss(z, make_labels(40, 40, 0, seed=8), CMAP, **WEIGHTS)
     assert float(res.gate) >= 0.0
     assert 0.0 < float(res.coord_vocab_mass) <= 1.0
 
@@ -287,7 +294,7 @@ def test_degenerate_batches_are_finite_zero_and_differentiable(kind):
         "empty": torch.zeros(0, dtype=torch.long),
     }[kind]
     z = torch.randn(n, V, requires_grad=True)
-    res = stage1_loss(z, labels, CMAP)
+    res = stage1_loss(z, labels, CMAP, **WEIGHTS)
     for name in TERMS:
         assert torch.isfinite(getattr(res, name)), name
     if kind in ("no_coord", "all_ignored", "empty"):
@@ -313,9 +320,9 @@ def test_batched_and_flat_agree_and_noncontiguous_input():
     c = torch.randn(B, L + 1, V)
     c[:, :-1] = z3
     c.requires_grad_()
-    ra = stage1_loss(a, labels, CMAP, temperature=0.8)
-    rb = stage1_loss(b, labels.reshape(-1), CMAP, temperature=0.8)
-    rc = stage1_loss(c[:, :-1], labels, CMAP, temperature=0.8)
+    ra = stage1_loss(a, labels, CMAP, **weights(temperature=0.8))
+    rb = stage1_loss(b, labels.reshape(-1), CMAP, **weights(temperature=0.8))
+    rc = stage1_loss(c[:, :-1], labels, CMAP, **weights(temperature=0.8))
     for name in TERMS:
         assert float(getattr(ra, name)) == pytest.approx(float(getattr(rb, name)), rel=1e-6, abs=1e-7)
         assert float(getattr(rc, name)) == pytest.approx(float(getattr(rb, name)), rel=1e-6, abs=1e-7)
@@ -330,7 +337,7 @@ def test_batched_and_flat_agree_and_noncontiguous_input():
 def test_result_fields_and_sums():
     labels = make_labels(10, 4, 2, seed=12)
     z = torch.randn(10, V)
-    res = stage1_loss(z, labels, CMAP, soft_ce_weight=0.5, w1_weight=2.0, gate_weight=0.25)
+    res = stage1_loss(z, labels, CMAP, **weights(soft_ce_weight=0.5, w1_weight=2.0, gate_weight=0.25))
     assert isinstance(res, Stage1LossResult)
     sup = labels != -100
     is_coord = sup & (CMAP[labels.clamp_min(0)] >= 0)
@@ -358,16 +365,16 @@ def test_normalizer_over_micro_batches_equals_whole_batch():
     labels[8:][CMAP[labels[8:].clamp_min(0)] >= 0] = TEXT_IDS[0]  # 2nd micro-batch: no coord
     z = torch.randn(16, V, generator=torch.Generator().manual_seed(14))
     whole = z.clone().requires_grad_()
-    stage1_loss(whole, labels, CMAP, w1_weight=3.0).total.backward()
+    stage1_loss(whole, labels, CMAP, **weights(w1_weight=3.0)).total.backward()
     parts = z.clone().requires_grad_()
     counts = global_counts([labels[:8], labels[8:]], CMAP)
     assert counts == GlobalCounts(*count_tokens(labels, CMAP), world_size=1)
     total = 0.0
     for sl in (slice(0, 8), slice(8, 16)):
-        r = stage1_loss(parts[sl], labels[sl], CMAP, w1_weight=3.0, normalizer=counts)
+        r = stage1_loss(parts[sl], labels[sl], CMAP, normalizer=counts, **weights(w1_weight=3.0))
         r.total.backward()
         total += float(r.total)
-    whole_total = float(stage1_loss(z, labels, CMAP, w1_weight=3.0).total)
+    whole_total = float(stage1_loss(z, labels, CMAP, **weights(w1_weight=3.0)).total)
     assert total == pytest.approx(whole_total, rel=1e-6)
     torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-5, atol=1e-8)
 
@@ -376,7 +383,7 @@ def test_normalizer_clamps_empty_denominators():
     counts = GlobalCounts(0, 0, world_size=2)
     assert counts.text_denominator == 1.0 and counts.coord_denominator == 1.0
     z = torch.randn(3, V, requires_grad=True)
-    r = stage1_loss(z, torch.full((3,), -100), CMAP, normalizer=counts)
+    r = stage1_loss(z, torch.full((3,), -100), CMAP, normalizer=counts, **WEIGHTS)
     r.total.backward()
     assert float(r.total) == 0.0 and torch.isfinite(z.grad).all()
 
@@ -427,7 +434,7 @@ def test_input_validation(kwargs, match):
     labels = kwargs.pop("labels", make_labels(3, 1, 0, seed=17))
     cmap = kwargs.pop("cmap", CMAP)
     with pytest.raises(ValueError, match=match):
-        stage1_loss(logits, labels, cmap, **kwargs)
+        stage1_loss(logits, labels, cmap, **weights(**kwargs))
 
 
 def test_no_full_vocab_fp32_copy_is_saved_for_backward():
@@ -438,8 +445,16 @@ def test_no_full_vocab_fp32_copy_is_saved_for_backward():
     labels = make_labels(n, 13, 5, seed=18)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
-        res = stage1_loss(z, labels, CMAP, temperature=0.5)
+        res = stage1_loss(z, labels, CMAP, **weights(temperature=0.5))
     big = [t for t in saved if t.numel() >= n * V]
     assert big and all(t.data_ptr() == z.data_ptr() for t in big)
     res.total.backward()
     assert z.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("missing", sorted(WEIGHTS))
+def test_loss_settings_have_no_defaults_here(missing):
+    """The config schema is the one source of the loss settings' defaults: the function has none."""
+    kw = {k: v for k, v in WEIGHTS.items() if k != missing}
+    with pytest.raises(TypeError, match=missing):
+        stage1_loss(torch.randn(3, V), make_labels(3, 1, 0, seed=17), CMAP, **kw)

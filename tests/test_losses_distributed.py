@@ -1,6 +1,6 @@
 """2 data-parallel ranks x 2 micro-batches == 1 rank with the whole batch (CPU, gloo).
 
-Each rank runs the trainer recipe documented in ``coordexp.losses``: count tokens over its
+Each rank runs the trainer recipe documented in ``coordexp.train.loss``: count tokens over its
 micro-batches with :func:`global_counts` (one unconditional all-reduce), backpropagate
 ``stage1_loss(..., normalizer=counts).total`` per micro-batch, then average parameter gradients
 over ranks as DDP does. The parent process computes the same step on one rank with the whole
@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from coordexp.codec import K
-from coordexp.losses import global_counts, stage1_loss
+from coordexp.core.codec import K
+from coordexp.train.loss import global_counts, stage1_loss
 
 HIDDEN = 16
 N_TEXT = 50

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coordexp import codec
-from coordexp.config import Params
-from coordexp.contract import read_jsonl
-from coordexp.preprocess import CocoFormatError, run
+from coordexp.core import codec
+from coordexp.core.config import Params
+from coordexp.core.contract import read_jsonl
+from coordexp.preprocess.coco import CocoFormatError, run
 
 
 def _png(path: Path, w=100, h=80):
@@ -168,7 +168,7 @@ def test_empty_split_fails_and_keeps_previous_output(dataset):
     ],
 )
 def test_canonical_points(kind, source, expected):
-    from coordexp.preprocess import canonical_points
+    from coordexp.preprocess.coco import canonical_points
 
     assert canonical_points(kind, [float(v) for v in source]) == [float(v) for v in expected]
 
@@ -176,7 +176,7 @@ def test_canonical_points(kind, source, expected):
 def test_canonical_points_is_idempotent_and_keeps_the_point_set():
     import random
 
-    from coordexp.preprocess import canonical_points
+    from coordexp.preprocess.coco import canonical_points
 
     rng = random.Random(0)
     for _ in range(200):

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-from conftest import VENV_BIN, make_tiny_project, run_stage, stage_env
+from conftest import VENV_BIN, make_tiny_project, run_stage, set_params, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +57,7 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, sig):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
-    runs = mlflow.search_runs(experiment_names=["coordexp-stage1"], filter_string="tags.`coordexp.stage` = 'train'",
+    runs = mlflow.search_runs(experiment_names=["coordexp-stage1"], filter_string="tags.`coordexp.pipeline.runner` = 'train'",
                               output_format="list")
     assert [r.info.run_id for r in runs] == [run_id]
 
@@ -71,10 +70,15 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, sig):
     assert resumed[20] == pytest.approx(straight[20], rel=1e-4)
 
 
+NAN_PLUGIN = Path(__file__).resolve().parent / "plugins" / "nan_at_step.py"
+"""Test-only ms-swift plugin: NaN into the Stage-1 loss at the step named in ``COORDEXP_TEST_NAN_AT_STEP``."""
+
+
 def test_nan_stops_training_names_the_step_and_keeps_the_checkpoint(tmp_path):
     root = make_tiny_project(tmp_path / "repo", **{"train.max_steps": 20, "train.save_steps": 5})
+    set_params(root, {"train.swift_plugins": [str(NAN_PLUGIN)]})
     _prepare(root)
-    res = run_stage(root, "train", check=False, COORDEXP_FAULT_NAN_AT_STEP="7")
+    res = run_stage(root, "train", check=False, COORDEXP_TEST_NAN_AT_STEP="7")
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()[-1]
     assert "non-finite loss term(s)" in err and "at step 7" in err
@@ -171,8 +175,8 @@ def test_same_seed_same_metrics(tmp_path):
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):
     """A kill while checkpoint-20 is written leaves it without trainer_state.json: resume from checkpoint-10,
     not from scratch (CI once killed the 20-step run right inside that window)."""
-    from coordexp.config import load_params
-    from coordexp.training import STATE_FILE, SWIFT_DIR, resumable, training_fingerprint
+    from coordexp.core.config import load_params
+    from coordexp.train.stage import STATE_FILE, SWIFT_DIR, resumable, training_fingerprint
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     out = tmp_path / "train"

@@ -1,4 +1,4 @@
-"""The report: helpers of ``coordexp.reporting`` on synthetic data (fast), and the real ``report`` stage
+"""The report: helpers of the ``coordexp.report`` modules on synthetic data (fast), and the real ``report`` stage
 on a tiny project built by the real stages (slow): every figure exists, is a real image, and a rerun
 on unchanged inputs rewrites the same bytes (the figures are committed for the README)."""
 
@@ -9,11 +9,12 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 
-from coordexp import reporting as R
+from coordexp.report import compare, distributions, evaluation, figures, render, runs, training
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -56,12 +57,12 @@ def history(mass: list[float], eval_loss: list[float], loss: list[float] | None 
 
 
 def test_save_figure_is_byte_identical_and_undated(tmp_path: Path) -> None:
-    R.style()
+    figures.style()
     paths = []
     for sub in ("a", "b"):
-        fig = R.plot_curves(history([0.9, 0.92, 0.95, 0.96], [3.0, 2.5]))
-        paths.append(R.save_figure(fig, "curves", tmp_path / sub))
-        R.plt.close(fig)
+        fig = training.plot_curves(history([0.9, 0.92, 0.95, 0.96], [3.0, 2.5]))
+        paths.append(figures.save_figure(fig, "curves", tmp_path / sub))
+        plt.close(fig)
     for p, q in zip(*paths):
         assert p.read_bytes() == q.read_bytes(), p.name
     png, pdf = paths[0]
@@ -72,13 +73,13 @@ def test_save_figure_is_byte_identical_and_undated(tmp_path: Path) -> None:
 
 def test_diagnose_flags_falling_mass_nan_and_rising_eval_loss() -> None:
     good = history([0.80, 0.85, 0.90, 0.92], [3.0, 2.5, 2.4])
-    assert R.diagnose(good) == []
+    assert training.diagnose(good) == []
     bad = history([0.90, 0.95, 0.80, 0.70], [3.0, 2.0, 2.6], loss=[5.0, float("nan"), 3.0, 2.0])
-    text = " | ".join(R.diagnose(bad))
+    text = " | ".join(training.diagnose(bad))
     assert "coord-vocab mass is falling" in text
     assert "non-finite values in loss" in text
     assert "eval loss is rising" in text
-    assert R.diagnose(pd.DataFrame(columns=["step", "split"])) == ["no training history was found"]
+    assert training.diagnose(pd.DataFrame(columns=["step", "split"])) == ["no training history was found"]
 
 
 def test_load_history_tells_logged_nan_from_not_logged(tmp_path: Path) -> None:
@@ -86,15 +87,15 @@ def test_load_history_tells_logged_nan_from_not_logged(tmp_path: Path) -> None:
     csv = tmp_path / "h.csv"
     csv.write_text("step,split,loss,grad_norm,train_runtime\n10,train,2.0,nan,\n20,train,1.5,1.0,\n"
                    "20,eval,1.7,,\n20,train,,,12.5\n")
-    hist, source = R.load_history(csv)
+    hist, source = runs.load_history(csv)
     assert source == str(csv) and len(hist) == 4
-    assert R.nonfinite_cells(hist) == [("grad_norm", 10)]
-    assert R.diagnose(hist) == ["non-finite values in grad_norm (steps [10])"]
+    assert training.nonfinite_cells(hist) == [("grad_norm", 10)]
+    assert training.diagnose(hist) == ["non-finite values in grad_norm (steps [10])"]
 
 
 def test_final_values_take_last_non_missing_value_per_split() -> None:
     h = history([0.8, 0.9, float("nan")], [3.0, 2.0])
-    fv = R.final_values(h, ["loss", "coord_softce_w1/coord_vocab_mass"])
+    fv = training.final_values(h, ["loss", "coord_softce_w1/coord_vocab_mass"])
     assert fv.loc["coord_softce_w1/coord_vocab_mass", "train_final"] == pytest.approx(0.9)
     assert fv.loc["coord_softce_w1/coord_vocab_mass", "train_final_step"] == 20
     assert fv.loc["loss", "eval_final"] == pytest.approx(2.0)
@@ -116,22 +117,22 @@ def test_match_objects_hungarian_same_desc_errors_in_bins() -> None:
         {"desc": "red circle", "bbox_2d": [104, 97, 300, 302], "score": 0.9},
         {"desc": "red square", "bbox_2d": [100, 100, 300, 300], "score": 0.9},  # wrong desc: never matched
     ]}
-    err = R.match_objects([_gt_record()], [pred], iou_thr=0.1)
+    err = evaluation.match_objects([_gt_record()], [pred], iou_thr=0.1)
     assert len(err) == 8 and set(err["desc"]) == {"red circle", "blue triangle"}
     circle = err[err["desc"] == "red circle"].set_index("coord")["error"].to_dict()
     assert circle == {"x1": 4, "y1": -3, "x2": 0, "y2": 2}
     tri = err[err["desc"] == "blue triangle"].set_index("coord")["error"].to_dict()
     assert tri == {"x1": 5, "y1": -2, "x2": 0, "y2": 10}
     assert set(err["axis"]) == {"x", "y"}
-    assert R.match_objects([_gt_record()], [{"id": 7, "objects": []}]).empty
+    assert evaluation.match_objects([_gt_record()], [{"id": 7, "objects": []}]).empty
 
 
-def test_gaussian_target_matches_the_loss_table() -> None:
-    from coordexp.losses import soft_target_table
+def test_plotted_soft_target_is_the_loss_table_row() -> None:
+    from coordexp.train.loss import soft_target_table
 
     q, _ = soft_target_table(2.0, 16)
     for k in (0, 17, 500, 999):
-        np.testing.assert_allclose(R.gaussian_target(k, 2.0, 16), q[k].double().numpy(), atol=1e-6)
+        np.testing.assert_allclose(distributions.soft_target_row(k, 2.0, 16), q[k].double().numpy(), atol=1e-6)
 
 
 def test_plots_render_with_thin_or_empty_data(tmp_path: Path) -> None:
@@ -140,23 +141,23 @@ def test_plots_render_with_thin_or_empty_data(tmp_path: Path) -> None:
 
     img = tmp_path / "x.png"
     Image.fromarray(np.full((128, 128, 3), 200, dtype=np.uint8)).save(img)
-    R.style()
+    figures.style()
     empty_runs = pd.DataFrame(columns=["run_id", "label", "loss_kind"])
     figs = {
-        "curves": R.plot_curves(pd.DataFrame(columns=["step", "split"])),
-        "grad": R.plot_grad_norm(pd.DataFrame(columns=["step", "split"])),
-        "ap": R.plot_per_class_ap({}),
-        "pr": R.plot_pr_curves([0.0, 0.5, 1.0], {"a": [-1, -1, -1]}),
-        "grid": R.plot_predictions_grid([_gt_record()], [{"id": 7, "objects": [], "ok": False}], tmp_path),
-        "err": R.plot_coord_errors(R.match_objects([], []), 3),
-        "dist": R.plot_coord_distributions([], 2.0, 16),
-        "vs": R.plot_metric_vs_params(empty_runs),
-        "overlay": R.plot_overlaid_curves(pd.DataFrame(columns=["run_id", "key", "step", "value"]), {}),
-        "kinds": R.plot_loss_kinds(empty_runs),
+        "curves": training.plot_curves(pd.DataFrame(columns=["step", "split"])),
+        "grad": training.plot_grad_norm(pd.DataFrame(columns=["step", "split"])),
+        "ap": evaluation.plot_per_class_ap({}),
+        "pr": evaluation.plot_pr_curves([0.0, 0.5, 1.0], {"a": [-1, -1, -1]}),
+        "grid": evaluation.plot_predictions_grid([_gt_record()], [{"id": 7, "objects": [], "ok": False}], tmp_path),
+        "err": evaluation.plot_coord_errors(evaluation.match_objects([], []), 3),
+        "dist": distributions.plot_coord_distributions([], 2.0, 16),
+        "vs": compare.plot_metric_vs_params(empty_runs),
+        "overlay": compare.plot_overlaid_curves(pd.DataFrame(columns=["run_id", "key", "step", "value"]), {}),
+        "kinds": compare.plot_loss_kinds(empty_runs),
     }
     for name, fig in figs.items():
-        png, _ = R.save_figure(fig, name, tmp_path / "figs")
-        R.plt.close(fig)
+        png, _ = figures.save_figure(fig, name, tmp_path / "figs")
+        plt.close(fig)
         assert_real_png(png)
 
 
@@ -176,19 +177,19 @@ def test_history_and_runs_table_from_mlflow(mlflow_store: str) -> None:
         mlflow.set_tag("coordexp.stage", "preprocess")
     rid = run.info.run_id
 
-    hist = R.history_from_mlflow(mlflow_store, rid)
-    train, ev = R.split_history(hist)
+    hist = runs.history_from_mlflow(mlflow_store, rid)
+    train, ev = training.split_history(hist)
     assert train["loss"].tolist() == [3.0, 2.0] and train["step"].tolist() == [10, 20]
     assert ev["loss"].tolist() == [2.5] and "bbox_mAP" not in hist and "f1_at_0.5" not in hist
 
-    runs = R.runs_table(mlflow_store, "exp")
-    assert runs["run_id"].tolist() == [rid]  # the untagged run is not a training run
-    assert runs.loc[0, "cfg.train.coord_soft_ce_w1.w1_weight"] == 0.5  # numbers, not strings
-    assert runs.loc[0, "bbox_mAP"] == 0.25 and runs.loc[0, "loss_kind"] == "stage1_softce_w1"
-    assert runs.loc[0, "f1@0.5"] == 0.5  # MLflow's f1_at_0.5, named as in eval.json
-    overview = R.runs_overview(runs)
+    table = runs.runs_table(mlflow_store, "exp")
+    assert table["run_id"].tolist() == [rid]  # the untagged run is not a training run
+    assert table.loc[0, "cfg.train.coord_soft_ce_w1.w1_weight"] == 0.5  # numbers, not strings
+    assert table.loc[0, "bbox_mAP"] == 0.25 and table.loc[0, "loss_kind"] == "stage1_softce_w1"
+    assert table.loc[0, "f1@0.5"] == 0.5  # MLflow's f1_at_0.5, named as in eval.json
+    overview = compare.runs_overview(table)
     assert {"label", "w1_weight", "bbox_mAP"} <= set(overview.columns)
-    assert R.runs_table(mlflow_store, "no-such-experiment").empty
+    assert runs.runs_table(mlflow_store, "no-such-experiment").empty
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_history_and_runs_table_from_mlflow(mlflow_store: str) -> None:
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny project taken through every stage once (training ~1-2 min); token-type metrics on so
+    """A tiny project taken through every stage once, with token-type metrics on so
     the optional figure is exercised too."""
     from conftest import make_tiny_project, run_stage
 
@@ -208,7 +209,7 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def expected_figures() -> list[str]:
-    stems = [s for nb in R.NOTEBOOKS for s in R.EXPECTED_FIGURES[nb]] + ["train_token_types"]
+    stems = [s for nb in render.NOTEBOOKS for s in render.EXPECTED_FIGURES[nb]] + ["train_token_types"]
     return [f"{s}.{ext}" for s in stems for ext in ("png", "pdf")]
 
 
@@ -217,7 +218,7 @@ def test_report_stage_renders_notebooks_html_and_figures(reported: Path) -> None
     import nbformat
 
     out = reported / "reports"
-    for name in R.NOTEBOOKS:
+    for name in render.NOTEBOOKS:
         nb = nbformat.read(out / "notebooks" / f"{name}.ipynb", as_version=4)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
         assert not errors, f"{name}: {errors}"
@@ -238,7 +239,7 @@ def test_report_figures_are_logged_to_the_training_run(reported: Path) -> None:
     c = MlflowClient(tracking_uri=f"sqlite:///{reported / 'mlflow.db'}")
     logged = {Path(a.path).name for a in c.list_artifacts(run_id, "report/figures")}
     assert set(expected_figures()) <= logged
-    assert {f"{n}.html" for n in R.NOTEBOOKS} <= {Path(a.path).name for a in c.list_artifacts(run_id, "report/html")}
+    assert {f"{n}.html" for n in render.NOTEBOOKS} <= {Path(a.path).name for a in c.list_artifacts(run_id, "report/html")}
 
 
 @pytest.mark.slow
@@ -261,10 +262,10 @@ def test_eval_report_notebook_runs_alone_through_papermill(reported: Path, tmp_p
     import papermill as pm
 
     out_nb, figs = tmp_path / "eval_report.ipynb", tmp_path / "figs"
-    pm.execute_notebook(str(reported / "notebooks" / "eval_report.ipynb"), str(out_nb), kernel_name=R.KERNEL,
+    pm.execute_notebook(str(reported / "notebooks" / "eval_report.ipynb"), str(out_nb), kernel_name=render.KERNEL,
                         parameters={"figures_dir": str(figs)}, cwd=str(reported), progress_bar=False)
     ref = digests(reported / "reports" / "figures")
-    for stem in R.EXPECTED_FIGURES["eval_report"]:
+    for stem in render.EXPECTED_FIGURES["eval_report"]:
         assert_real_png(figs / f"{stem}.png")
         assert hashlib.sha256((figs / f"{stem}.png").read_bytes()).hexdigest() == ref[f"{stem}.png"], stem
     meta = json.loads(out_nb.read_text())["metadata"]["papermill"]

@@ -1,4 +1,4 @@
-"""Tests for the synthetic shapes data set (coordexp.synth)."""
+"""Tests for the synthetic shapes data set (coordexp.preprocess.synth)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from coordexp import synth
+from coordexp.preprocess import synth
 
 N_TRAIN, N_VAL, SIZE = 60, 10, 128
 

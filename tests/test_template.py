@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordexp.codec import encode_xy, parse_coord_token
-from coordexp.template import IMAGE_TAG, PROMPT, TEMPLATE_NAME, build_messages, encode_record
+from coordexp.core.codec import encode_xy, parse_coord_token
+from coordexp.core.template import IMAGE_TAG, PROMPT, TEMPLATE_NAME, build_messages, encode_record
 
 SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
              vision_hidden_size=32, vision_depth=2, vision_heads=2,
@@ -38,7 +38,7 @@ def _records(root: Path, n: int = 6) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("tmpl")
     recs = _records(root)
@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def template(setup):
-    from coordexp.template import load_template
+    from coordexp.core.template import load_template
 
     return load_template(setup[2], mode="train")
 
@@ -61,7 +61,7 @@ def test_build_messages_train_and_infer_share_the_user_turn(tmp_path):
     recs = _records(tmp_path, 1)
     train = build_messages(recs[0], tmp_path, with_answer=True)
     infer = build_messages(recs[0], tmp_path, with_answer=False)
-    from coordexp.contract import render_answer
+    from coordexp.core.contract import render_answer
 
     assert train["messages"][0] == infer["messages"][0] == {"role": "user", "content": IMAGE_TAG + PROMPT}
     assert train["messages"][0]["content"].startswith(IMAGE_TAG)  # image first, then the text
@@ -72,7 +72,7 @@ def test_build_messages_train_and_infer_share_the_user_turn(tmp_path):
 
 
 def test_build_messages_accepts_contract_records(tmp_path):
-    from coordexp.contract import read_jsonl
+    from coordexp.core.contract import read_jsonl
 
     recs = _records(tmp_path, 2)
     validated = read_jsonl(tmp_path / "train.jsonl")
@@ -87,7 +87,7 @@ def test_register_is_idempotent_and_leaves_stock_template_alone():
     from swift.template import TEMPLATE_MAPPING
     from swift.template.templates.qwen import Qwen3VLTemplate
 
-    from coordexp.template import TEMPLATE_NAME_QWEN2_5_VL, register_swift_template
+    from coordexp.core.template import TEMPLATE_NAME_QWEN2_5_VL, register_swift_template
 
     stock = list(Qwen3VLTemplate.placeholder_tokens)
     assert register_swift_template() == TEMPLATE_NAME
@@ -106,8 +106,8 @@ def test_template_uses_the_tokenizers_image_ids(template):
 
 
 def test_encode_labels_cover_exactly_the_answer(setup, template):
-    from coordexp.contract import render_answer
-    from coordexp.vocab import coord_id_map
+    from coordexp.core.contract import render_answer
+    from coordexp.core.vocab import coord_id_map
 
     root, recs, ckpt = setup
     tok = template.tokenizer
@@ -142,7 +142,7 @@ def test_encode_labels_cover_exactly_the_answer(setup, template):
 
 def test_inference_prompt_is_the_training_prefix(setup, template):
     """Same image/text order at train and inference (DESIGN: defect 'image first in training only')."""
-    from coordexp.template import load_template
+    from coordexp.core.template import load_template
 
     root, recs, ckpt = setup
     infer_t = load_template(ckpt, mode="transformers")
@@ -174,7 +174,7 @@ def test_hf_chat_template_renders_the_same_prompt(setup, template):
     from PIL import Image
     from transformers import AutoProcessor
 
-    from coordexp.template import load_template, to_hf_messages
+    from coordexp.core.template import load_template, to_hf_messages
 
     root, recs, ckpt = setup
     proc = AutoProcessor.from_pretrained(str(ckpt))

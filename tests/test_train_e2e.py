@@ -46,11 +46,11 @@ def _reference_eval(root: Path, enabled: bool) -> dict[str, float]:
     encoded by the same template, one forward per sample, the library loss on the logits."""
     from transformers import AutoModelForImageTextToText
 
-    from coordexp.config import load_params
-    from coordexp.contract import read_jsonl
-    from coordexp.losses import stage1_loss
-    from coordexp.template import encode_record, load_template
-    from coordexp.vocab import coord_id_map
+    from coordexp.core.config import load_params
+    from coordexp.core.contract import read_jsonl
+    from coordexp.train.loss import stage1_loss
+    from coordexp.core.template import encode_record, load_template
+    from coordexp.core.vocab import coord_id_map
 
     final = root / "artifacts" / "train" / "final"
     tpl = load_template(final, mode="train")
@@ -78,7 +78,7 @@ def _reference_eval(root: Path, enabled: bool) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_stage1_training_logs_every_metric_and_learns(stage1_project):
-    from coordexp.config import load_params
+    from coordexp.core.config import load_params
 
     root = stage1_project
     client, run = _run(root)
@@ -271,7 +271,7 @@ def test_fused_loss_training_gives_the_unfused_loss_curve(stage1_project, fused_
 
 
 def test_fused_loss_refuses_what_needs_full_logits():
-    from coordexp.config import ConfigError, validate_params
+    from coordexp.core.config import ConfigError, validate_params
 
     with pytest.raises(ConfigError, match="baseline"):
         validate_params({"train": {"fused_loss": True, "coord_soft_ce_w1": {"enabled": False}}})
@@ -281,8 +281,8 @@ def test_fused_loss_refuses_what_needs_full_logits():
 
 def test_cpu_processes_are_capped_by_the_cores(monkeypatch):
     """CPU data parallel gets one process per core at most, and the cores are shared out."""
-    from coordexp import training
-    from coordexp.config import load_params
+    from coordexp.train import stage as training
+    from coordexp.core.config import load_params
 
     monkeypatch.setattr(training, "_cuda_available", lambda: False)
     monkeypatch.setattr(training, "_cpu_count", lambda: 4)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordexp.contract import read_jsonl
-from coordexp.vision_warmup import object_boxes, token_targets, warm_up_vision
+from coordexp.core.contract import read_jsonl
+from coordexp.build_base.vision_warmup import object_boxes, token_targets, warm_up_vision
 from tests.test_build_base import SMALL, write_dataset
 
 
@@ -43,7 +43,7 @@ def test_object_boxes_enclose_every_geometry(tmp_path):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("warm")
     jsonl = write_dataset(root, n=6)
@@ -100,7 +100,7 @@ def test_zero_steps_is_a_no_op(setup):
 
 
 def test_build_tiny_records_the_warm_up(tmp_path):
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     jsonl = write_dataset(tmp_path, n=4)
     out = build_tiny(jsonl, tmp_path / "base", **{**SMALL, "vision_warmup": {"steps": 2, "batch_size": 2}})
@@ -110,7 +110,7 @@ def test_build_tiny_records_the_warm_up(tmp_path):
 
 
 def test_build_tiny_warm_up_needs_the_images(tmp_path):
-    from coordexp.tiny_model import build_tiny
+    from coordexp.build_base.tiny import build_tiny
 
     recs = read_jsonl(write_dataset(tmp_path, n=2))
     with pytest.raises(ValueError, match="image_root"):

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from coordexp.codec import COORD_TOKENS, K, encode_xy, parse_coord_token
-from coordexp.tiny_model import add_coord_tokens, build_tiny, build_tokenizer
-from coordexp.vocab import (
+from coordexp.core.codec import COORD_TOKENS, K, encode_xy, parse_coord_token
+from coordexp.build_base.tiny import add_coord_tokens, build_tiny, build_tokenizer
+from coordexp.core.vocab import (
     CoordVocabError,
     check_coord_tokens_atomic,
     coord_id_map,
@@ -39,7 +39,7 @@ def _records(n: int = 12, seed: int = 0) -> list[dict]:
 
 
 def _corpus() -> list[str]:
-    from coordexp.tiny_model import bpe_corpus
+    from coordexp.build_base.tiny import bpe_corpus
 
     return bpe_corpus(_records())
 
@@ -196,7 +196,7 @@ def test_each_coord_token_is_one_token(tokenizer):
 
 
 def test_answer_round_trip_and_skip_special(tokenizer):
-    from coordexp.contract import render_answer
+    from coordexp.core.contract import render_answer
 
     for rec in _records(5, seed=3):
         answer = render_answer(rec["objects"])

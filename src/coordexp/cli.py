@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from coordexp.core.config import ConfigError, load_params
+
 
 def _check_config(args: argparse.Namespace) -> int:
-    from coordexp.config import ConfigError, load_params
-
     try:
         load_params(args.path)
     except ConfigError as exc:
@@ -21,13 +21,13 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from coordexp import synth
+    from coordexp.preprocess import synth  # lazy: the CLI answers --help without numpy/PIL
 
     return synth.main(args.rest) or 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from coordexp.predict import predict
+    from coordexp.evaluate.predict import predict  # lazy: torch and transformers, only for predict
 
     try:
         res = predict(args.checkpoint, args.images, args.out, max_new_tokens=args.max_new_tokens)

@@ -1,0 +1,431 @@
+"""The typed schema of ``params.yaml``: the one file a user edits.
+
+Every stage validates the whole file before doing any work, so a typo in the ``report``
+section fails ``preprocess`` at once instead of an hour later. Unknown keys are errors (a
+misspelt knob silently falling back to its default is the worst kind of bug in an ablation),
+and so is the legacy ``coord_loss`` block of the v1 recipe, wherever it appears.
+
+Each field's docstring is its documentation; ``coordexp check-config`` prints errors as
+``key.path: what is wrong; what to write instead``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from coordexp.core import paths
+from coordexp.core.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A ``params.yaml`` problem; the message names the key path and says what to write instead."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# preprocess
+
+
+class SplitSource(_Section):
+    annotations: str
+    """COCO instances JSON of the split (relative to the project root or absolute)."""
+    images: str
+    """Folder that the COCO ``file_name`` entries are relative to."""
+
+
+class PreprocessConfig(_Section):
+    splits: dict[str, SplitSource] = Field(
+        default_factory=lambda: {
+            "train": SplitSource(
+                annotations="data/shapes/annotations/instances_train.json", images="data/shapes/train"
+            ),
+            "val": SplitSource(
+                annotations="data/shapes/annotations/instances_val.json", images="data/shapes/val"
+            ),
+        }
+    )
+    """COCO-format inputs by split name; ``train`` and ``val`` are required."""
+    out_dir: str = "artifacts/preprocess"
+    """Where the contract JSONL files (``<split>.jsonl``), images and rejects are written."""
+    max_side: int | None = Field(default=None, ge=32)
+    """Resize images so that their longer side is at most this many pixels (coordinates are
+    rescaled); ``null`` keeps the original size."""
+    object_ordering: Literal["sorted", "random"] = "sorted"
+    """``sorted``: objects by top-left corner (y1, then x1, then desc); ``random``: shuffled with a
+    per-sample seed (ablation)."""
+    vertex_order: Literal["canonical", "source"] = "canonical"
+    """Point order of polygons and lines: ``canonical`` (polygons clockwise from the top-most
+    vertex, lines from their top-most end; see ``preprocess.canonical_points``) or as the source
+    lists them."""
+    rle: Literal["bbox", "reject"] = "bbox"
+    """What to do with an RLE segmentation: keep the object as its box, or reject it."""
+    min_box_side: float = Field(default=1.0, gt=0)
+    """Boxes narrower or shorter than this (pixels) are degenerate and rejected."""
+
+    @model_validator(mode="after")
+    def _needs_train_and_val(self) -> "PreprocessConfig":
+        missing = {"train", "val"} - set(self.splits)
+        if missing:
+            raise ValueError(f"splits must define {sorted(missing)} (each with annotations and images)")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# build_base
+
+
+class VisionWarmupConfig(_Section):
+    """Dense warm-up of the tiny model's vision tower before Stage-1 (:mod:`coordexp.build_base.vision_warmup`):
+    a stand-in for the pretrained vision encoder a real checkpoint brings."""
+
+    steps: int = Field(default=1500, ge=0)
+    """Optimizer steps (0: keep the random vision tower)."""
+    batch_size: int = Field(default=32, ge=1)
+    """Images per step."""
+    learning_rate: float = Field(default=2.0e-3, gt=0)
+    """Peak AdamW learning rate (20-step warm-up, cosine decay to 55%)."""
+
+
+class TinyModelConfig(_Section):
+    vocab_size: int = Field(default=1024, ge=300, le=65536)
+    """Byte-level BPE vocabulary trained on the train descriptions and answers (before the
+    special and coord tokens are added)."""
+    hidden_size: int = Field(default=128, ge=16)
+    """Text decoder width."""
+    num_layers: int = Field(default=4, ge=1)
+    """Text decoder layers."""
+    num_heads: int = Field(default=4, ge=1)
+    """Attention heads of the text decoder."""
+    num_kv_heads: int = Field(default=2, ge=1)
+    """Key/value heads (grouped-query attention)."""
+    intermediate_size: int = Field(default=384, ge=16)
+    """MLP width of the text decoder."""
+    vision_hidden_size: int = Field(default=64, ge=16)
+    """Vision encoder width."""
+    vision_depth: int = Field(default=2, ge=1)
+    """Vision encoder blocks."""
+    vision_heads: int = Field(default=4, ge=1)
+    """Vision encoder attention heads."""
+    patch_size: int = Field(default=8, ge=2)
+    """Vision patch side in pixels (2x2 patches merge into one visual token)."""
+    grammar_tokens: bool = True
+    """Keep the answer grammar's fixed strings (``", "`` between coords, ``": {"desc": "``, ...) and
+    the prompt whole, as added tokens: the sequence is a third shorter and every token left is one
+    the model has to choose (bench/RESULTS.md, ``## embedded_default``). False: plain BPE pieces."""
+    coord_init: Literal["random", "ordinal"] = "ordinal"
+    """Initial embedding rows of the coord tokens (tied with the output rows): ``random`` like every
+    other row, or ``ordinal``, a smooth code of the bin index at the same scale
+    (:func:`coordexp.build_base.expand.ordinal_code`), so neighbouring bins start close, on the input side (the
+    decoder reads earlier coords as numbers) and on the output side (a logit peak is smooth in the bin)."""
+    seed: int = 0
+    """Seed of the random initialisation, of the tokenizer training and of the vision warm-up."""
+    vision_warmup: VisionWarmupConfig = Field(default_factory=VisionWarmupConfig)
+    """Warm-up of the vision tower on the training split's boxes (see ``VisionWarmupConfig``)."""
+
+
+class ExpandConfig(_Section):
+    source: str | None = None
+    """Local Qwen3-VL or Qwen2.5-VL checkpoint directory to extend with the coord tokens."""
+    init: Literal["mean", "ordinal"] = "mean"
+    """Initial embedding rows of the new tokens: the mean of existing rows, or the mean plus a
+    small smooth code of the bin index so that neighbouring bins start close."""
+    ordinal_scale: float = Field(default=0.02, ge=0)
+    """Size of the ordinal code relative to the embedding rows' standard deviation."""
+
+
+class BuildBaseConfig(_Section):
+    mode: Literal["tiny", "expand"] = "tiny"
+    """``tiny``: build a small random Qwen3-VL-architecture model here; ``expand``: add the coord
+    tokens to ``expand.source``."""
+    out_dir: str = "artifacts/base"
+    """Where the base checkpoint and its ``coord_vocab.json`` are written."""
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    """Dimensions of the tiny model (mode tiny)."""
+    expand: ExpandConfig = Field(default_factory=ExpandConfig)
+    """Checkpoint to expand (mode expand)."""
+
+    @model_validator(mode="after")
+    def _expand_needs_source(self) -> "BuildBaseConfig":
+        if self.mode == "expand" and not self.expand.source:
+            raise ValueError(
+                "mode is 'expand' but expand.source is not set: set build_base.expand.source to a local "
+                "Qwen3-VL / Qwen2.5-VL checkpoint directory"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+class CoordSoftCEW1Config(_Section):
+    """The Stage-1 loss (formulas in :mod:`coordexp.train.loss`): softCE + W1 + gate on coord tokens, masked CE
+    elsewhere. The defaults are the method's."""
+
+    enabled: bool = True
+    """``false`` trains plain full-vocabulary CE on every token, coord tokens included (baseline)."""
+    soft_ce_weight: float = Field(default=1.0, ge=0)
+    """lambda_ce: weight of the soft cross-entropy against the Gaussian target."""
+    w1_weight: float = Field(default=1.0, ge=0)
+    """lambda_w1: weight of the 1-D Wasserstein-1 distance (CDF form, divided by K - 1)."""
+    gate_weight: float = Field(default=1.0, ge=0)
+    """lambda_gate: weight of -log(coord-vocab mass) at coord positions."""
+    temperature: float = Field(default=1.0, gt=0)
+    """T: coord distributions are softmax(s / T); the gate uses z / T too."""
+    target_sigma: float = Field(default=2.0, gt=0)
+    """Standard deviation, in bins, of the Gaussian soft target."""
+    target_truncate: int = Field(default=16, ge=0, le=999)
+    """Radius, in bins, beyond which the soft target is zero (0 gives a one-hot target)."""
+
+
+class TokenTypeMetricsConfig(_Section):
+    enabled: bool = False
+    """Log loss and accuracy per token type (description, structure, coord)."""
+
+
+class TrainConfig(_Section):
+    out_dir: str = "artifacts/train"
+    """ms-swift output folder: checkpoints and logs."""
+    max_steps: int = Field(default=2000, ge=1)
+    """Optimizer steps."""
+    learning_rate: float = Field(default=1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    vit_lr: float | None = Field(default=None, ge=0)
+    """Peak learning rate of the vision tower (ms-swift ``--vit_lr``); null: ``learning_rate``. A
+    smaller one keeps what a pretrained (or warmed-up) encoder already sees while the decoder learns."""
+    aligner_lr: float | None = Field(default=None, ge=0)
+    """Peak learning rate of the merger that maps visual tokens into the decoder (``--aligner_lr``);
+    null: ``learning_rate``."""
+    lr_scheduler_type: str = "cosine"
+    """Any transformers scheduler name (cosine, linear, constant, ...)."""
+    warmup_ratio: float = Field(default=0.05, ge=0, le=1)
+    """Fraction of the steps spent warming the learning rate up."""
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW weight decay."""
+    per_device_train_batch_size: int = Field(default=8, ge=1)
+    """Samples per device per micro-batch."""
+    per_device_eval_batch_size: int = Field(default=8, ge=1)
+    """Samples per device per evaluation batch."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step (losses are token means over all of them)."""
+    logging_steps: int = Field(default=50, ge=1)
+    """Log train metrics every this many steps."""
+    eval_steps: int = Field(default=500, ge=1)
+    """Evaluate (teacher-forced losses and metrics on val) every this many steps."""
+    eval_samples: int | None = Field(default=64, ge=1)
+    """Teacher-forced evaluation uses the first N val samples (``null``: all of them)."""
+    save_steps: int = Field(default=500, ge=1)
+    """Save a checkpoint every this many steps."""
+    save_total_limit: int | None = Field(default=None, ge=1)
+    """Keep at most this many checkpoints (``null``: all)."""
+    max_length: int = Field(default=512, ge=16)
+    """Longest tokenised sample; longer ones are rejected and counted, not truncated."""
+    seed: int = 0
+    """Seed of the trainer (initial data order, dropout)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model dtype; the loss is computed in fp32 whatever this is."""
+    nproc_per_node: int = Field(default=1, ge=1)
+    """GPUs per node; more than one launches through ms-swift's torchrun path."""
+    deepspeed: Literal["zero0", "zero1", "zero2", "zero3"] | None = None
+    """DeepSpeed ZeRO stage through ms-swift (GPU only)."""
+    packing: bool = False
+    """ms-swift packing (needs flash-attention, so a GPU); refused on the CPU."""
+    fused_loss: bool = False
+    """Compute the Stage-1 loss from the last hidden states through the LM head in chunks
+    (``coordexp.train.fused_loss``): the model returns logits for one position only and the ``[N, V]``
+    logits never exist. Same loss and gradients as ``false`` (tested). Turn it on when the logits
+    dominate memory (a real checkpoint with V ~ 152k); its cost on the CPU is in bench/RESULTS.md
+    (``## fused_loss``)."""
+    dataloader_num_workers: int = Field(default=0, ge=0)
+    """Background data-loading processes."""
+    coord_soft_ce_w1: CoordSoftCEW1Config = Field(default_factory=CoordSoftCEW1Config)
+    """The Stage-1 loss block."""
+    token_type_metrics: TokenTypeMetricsConfig = Field(default_factory=TokenTypeMetricsConfig)
+    """Per-token-type loss and accuracy."""
+    swift_plugins: list[str] = Field(default_factory=list)
+    """Extra ms-swift plugin files (``--external_plugins``), imported after the project's own in every
+    training process: your callbacks, metrics or loss wrappers. Paths relative to the project root."""
+    log_checkpoint: Literal["reference", "full"] = "reference"
+    """Log the final checkpoint to MLflow as a path reference (tag) or upload it as artifacts."""
+
+    @model_validator(mode="after")
+    def _fused_needs_stage1(self) -> "TrainConfig":
+        if self.fused_loss and not self.coord_soft_ce_w1.enabled:
+            raise ValueError(
+                "fused_loss: true computes the Stage-1 loss; the plain-CE baseline (coord_soft_ce_w1.enabled: "
+                "false) runs on materialised logits: set train.fused_loss: false for the baseline"
+            )
+        if self.fused_loss and self.token_type_metrics.enabled:
+            raise ValueError(
+                "token_type_metrics.enabled: true needs the full logits, which fused_loss: true never builds: "
+                "turn one of them off"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate / report / tracking
+
+
+class EvaluateConfig(_Section):
+    out_dir: str = "artifacts/eval"
+    """Where predictions and COCO files are written."""
+    checkpoints: Literal["last", "all"] = "last"
+    """Evaluate the final checkpoint, or every saved one and pick the best by bbox mAP."""
+    batch_size: int = Field(default=16, ge=1)
+    """Images per generation batch."""
+    max_new_tokens: int = Field(default=256, ge=8)
+    """Longest generated answer; a longer one is truncated and salvaged by the parser."""
+    split: str = "val"
+    """Which preprocessed split to evaluate."""
+    limit: int | None = Field(default=None, ge=1)
+    """Evaluate only the first N records (``null``: all)."""
+
+
+class ReportConfig(_Section):
+    out_dir: str = "reports"
+    """Where rendered notebooks, HTML and figures go."""
+
+
+class TrackingConfig(_Section):
+    experiment: str = "coordexp-stage1"
+    """MLflow experiment name."""
+    uri: str | None = None
+    """Tracking URI; ``null`` means ``sqlite:///<project root>/mlflow.db``. The environment
+    variable ``MLFLOW_TRACKING_URI`` overrides both."""
+    artifact_location: str | None = None
+    """Artifact root for a new experiment; ``null`` means ``<project root>/mlartifacts``."""
+
+
+class Params(_Section):
+    """The whole ``params.yaml``."""
+
+    seed: int = 0
+    """Global seed (data order, sampling); stages derive theirs from it unless they set one."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Where MLflow runs go."""
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    """COCO inputs -> contract JSONL."""
+    build_base: BuildBaseConfig = Field(default_factory=BuildBaseConfig)
+    """The base checkpoint with coord tokens."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Stage-1 training through ms-swift."""
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """Offline detection evaluation."""
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    """papermill reports and figures."""
+
+
+# --------------------------------------------------------------------------------------------
+# loading and error messages
+
+_LEGACY_KEYS = {
+    "coord_loss": (
+        "the legacy v1 'coord_loss' block was removed; configure the Stage-1 loss in "
+        "train.coord_soft_ce_w1 {enabled, soft_ce_weight, w1_weight, gate_weight, temperature, "
+        "target_sigma, target_truncate}"
+    ),
+}
+
+
+def _find_legacy(node: Any, path: tuple[str, ...] = ()) -> list[str]:
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = (*path, str(key))
+            if key in _LEGACY_KEYS:
+                found.append(f"{'.'.join(here)}: {_LEGACY_KEYS[key]}")
+            found.extend(_find_legacy(value, here))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found.extend(_find_legacy(value, (*path, str(i))))
+    return found
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class that owns the field at ``loc`` (for listing the allowed keys)."""
+    model: Any = Params
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return None
+        if part in fields:
+            ann = fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if model is None:
+                args = getattr(ann, "__args__", ())
+                model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        elif model is PreprocessConfig or getattr(model, "__name__", "") == "SplitSource":
+            model = SplitSource
+        else:
+            return None
+    return model
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = sorted(owner.model_fields) if owner else []
+        key_name = str(loc[-1])
+        close = difflib.get_close_matches(key_name, allowed, n=1) or [a for a in allowed if key_name in a][:1]
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{key}: unknown key; {hint}allowed keys here: {', '.join(allowed)}"
+    got = error.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {error['msg']}{got_txt}"
+
+
+def validate_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-parsed params mapping; raise :class:`ConfigError` naming every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    problems = _find_legacy(raw)
+    if not problems:
+        try:
+            return Params.model_validate(raw)
+        except ValidationError as exc:
+            problems = [_describe(e) for e in exc.errors()]
+    raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    """Read and validate ``params.yaml`` (default: the project's own)."""
+    file = Path(path) if path is not None else paths.params_file()
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such params file; copy params.yaml from the repository root")
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{file}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return validate_params(raw, source=str(file))
+
+
+def override_params_file(path: str | Path, updates: dict[str, Any]) -> None:
+    """Set ``dotted.key: value`` entries in a params file in place (experiment copies, tests, benches).
+
+    Not validated here on purpose: a stage validates the file before it does any work, so a
+    wrong key still fails with the schema's message, where a user would meet it."""
+    file = Path(path)
+    raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    for dotted, value in updates.items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    file.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

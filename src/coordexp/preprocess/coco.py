@@ -1,0 +1,322 @@
+"""COCO-format detection data -> contract JSONL in coord-token mode.
+
+What becomes what:
+
+* an annotation with a ``line`` list (x, y pairs; the embedded data's extension) -> ``line``;
+* a polygon ``segmentation`` -> ``poly`` (the part with the largest area when there are several);
+* an RLE ``segmentation`` -> ``bbox_2d`` from its box (``rle: bbox``) or a reject (``rle: reject``);
+* anything else -> ``bbox_2d`` from the COCO ``bbox`` (x, y, w, h).
+
+Nothing is dropped silently: every object or image that does not make it is written to
+``rejects.jsonl`` with its reason and counted in ``reports/metrics/preprocess.json``. An image
+whose annotations were *all* rejected is rejected as well (``no_valid_objects``) rather than kept
+as an "empty" example that would teach the model to see nothing; an image that never had
+annotations is kept, with an empty answer.
+
+Images are copied (or resized, with coordinates rescaled) into ``<out_dir>/images/<split>/`` so
+that the output folder is self-contained and record image paths are relative to it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from coordexp.core import paths
+from coordexp.core.config import Params, PreprocessConfig
+from coordexp.core.errors import UserError
+from coordexp.core.contract import Record, record_to_json, to_coord_mode
+from coordexp.core.geometry import GEOMETRY_KEYS, geometry_of, polygon_area
+from coordexp.core.io import atomic_dir, write_json, write_jsonl
+
+
+class CocoFormatError(UserError, ValueError):
+    """The COCO file itself is unusable (not JSON, missing top-level lists)."""
+
+
+@dataclass
+class SplitStats:
+    records_in: int = 0
+    records_out: int = 0
+    objects_in: int = 0
+    objects_out: int = 0
+    geometry: Counter = field(default_factory=Counter)
+    rejects: Counter = field(default_factory=Counter)
+    clamped_coords: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records_in": self.records_in,
+            "records_out": self.records_out,
+            "objects_in": self.objects_in,
+            "objects_out": self.objects_out,
+            "geometry": {k: self.geometry.get(k, 0) for k in GEOMETRY_KEYS},
+            "rejects": dict(sorted(self.rejects.items())),
+            "clamped_coords": self.clamped_coords,
+        }
+
+
+def load_coco(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CocoFormatError(f"{path}: no such COCO annotations file; run `dvc pull` or fix preprocess.splits")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CocoFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{path}: top-level '{key}' list is missing; is this a COCO instances file?")
+    return data
+
+
+def _geometry(ann: dict[str, Any], cfg: PreprocessConfig) -> tuple[str, list[float]] | str:
+    """(kind, flat pixel values) of an annotation, or the reason it is rejected."""
+    if ann.get("line") is not None:
+        line = ann["line"]
+        if not isinstance(line, list) or len(line) < 4 or len(line) % 2:
+            return "bad_line"
+        return "line", [float(v) for v in line]
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict):
+        if cfg.rle == "reject":
+            return "rle_segmentation"
+    elif isinstance(seg, list) and seg:
+        parts = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not parts:
+            return "degenerate_polygon"
+        return "poly", [float(v) for v in max(parts, key=polygon_area)]
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return "missing_bbox"
+    x, y, w, h = (float(v) for v in bbox)
+    return "bbox_2d", [x, y, x + w, y + h]
+
+
+def canonical_points(kind: str, values: list[float]) -> list[float]:
+    """The same polygon or polyline with its points in one canonical order (boxes unchanged).
+
+    Why: a polygon's start vertex and direction, and a polyline's direction, carry no meaning,
+    but the model must emit them in SOME order; when the source order is arbitrary (a triangle's
+    first vertex depends on its random rotation, a line's on which end it was drawn from) the
+    training targets of a vertex are a mixture over the possible orders, and the model learns
+    their average: vertices pulled to the centroid, a shrunken box. Canonical: a polygon runs
+    clockwise on screen (y pointing down) from its top-most vertex (then left-most); a polyline
+    starts at its top-most (then left-most) end.
+    """
+    if kind == "bbox_2d":
+        return values
+    pts = [(values[i], values[i + 1]) for i in range(0, len(values), 2)]
+    if kind == "poly":
+        twice_area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1]))
+        if twice_area < 0:  # counter-clockwise on screen
+            pts.reverse()
+        start = min(range(len(pts)), key=lambda i: (pts[i][1], pts[i][0]))
+        pts = pts[start:] + pts[:start]
+    elif (pts[-1][1], pts[-1][0]) < (pts[0][1], pts[0][0]):
+        pts.reverse()
+    return [c for xy in pts for c in xy]
+
+
+def _extent(values: list[float]) -> tuple[float, float, float, float]:
+    xs, ys = values[0::2], values[1::2]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _check_geometry(kind: str, values: list[float], width: int, height: int, cfg: PreprocessConfig) -> str | None:
+    if not all(np.isfinite(values)):
+        return "non_finite_coord"
+    x1, y1, x2, y2 = _extent(values)
+    tol = 1e-6
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        return "outside_image"
+    if kind == "bbox_2d" and (x2 - x1 < cfg.min_box_side or y2 - y1 < cfg.min_box_side):
+        return "degenerate_box"
+    if kind == "poly" and polygon_area(values) <= 0:
+        return "degenerate_polygon"
+    if kind == "line" and max(x2 - x1, y2 - y1) < cfg.min_box_side:
+        return "degenerate_line"
+    return None
+
+
+def _order(objects: list[dict[str, Any]], cfg: PreprocessConfig, seed: int, image_id: int) -> list[dict[str, Any]]:
+    if cfg.object_ordering == "random":
+        perm = np.random.default_rng([seed, image_id]).permutation(len(objects))
+        return [objects[i] for i in perm]
+
+    def key(o: dict[str, Any]) -> tuple[Any, ...]:
+        kind, _ = geometry_of(o)
+        x1, y1, _, _ = _extent(o[kind])
+        return (y1, x1, o["desc"], kind, tuple(o[kind]))
+
+    return sorted(objects, key=key)
+
+
+def _place_image(src: Path, dst: Path, max_side: int | None) -> tuple[int, int, float, float]:
+    """Copy or resize one image; returns the new size and the x/y scale factors."""
+    with Image.open(src) as im:
+        im.load()
+        w, h = im.size
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if max_side is None or max(w, h) <= max_side:
+            shutil.copyfile(src, dst)
+            return w, h, 1.0, 1.0
+        s = max_side / max(w, h)
+        nw, nh = max(2, round(w * s)), max(2, round(h * s))
+        im.convert("RGB").resize((nw, nh), Image.Resampling.BICUBIC).save(dst, format="PNG", optimize=False)
+        return nw, nh, nw / w, nh / h
+
+
+def convert_split(
+    name: str, ann_file: Path, image_dir: Path, out_dir: Path, cfg: PreprocessConfig, seed: int,
+    rejects: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], SplitStats]:
+    coco = load_coco(ann_file)
+    stats = SplitStats()
+    categories = {c.get("id"): c.get("name") for c in coco["categories"] if isinstance(c, dict)}
+    by_image: dict[Any, list[dict[str, Any]]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann.get("image_id") if isinstance(ann, dict) else None, []).append(ann)
+    image_ids = {img.get("id") for img in coco["images"] if isinstance(img, dict)}
+    for orphan in sorted(set(by_image) - image_ids, key=str):
+        for ann in by_image[orphan]:
+            stats.objects_in += 1
+            stats.rejects["unknown_image_id"] += 1
+            rejects.append({"split": name, "image_id": orphan, "ann_id": _ann_id(ann), "reason": "unknown_image_id"})
+
+    out: list[dict[str, Any]] = []
+    images = sorted((i for i in coco["images"] if isinstance(i, dict)), key=_image_sort_key)
+    for img in tqdm(images, desc=f"preprocess {name}", unit="img", leave=False, disable=None):
+        stats.records_in += 1
+        anns = by_image.get(img.get("id"), [])
+        stats.objects_in += len(anns)
+
+        def reject_image(reason: str, detail: str = "") -> None:
+            stats.rejects[reason] += 1
+            rejects.append({"split": name, "image_id": img.get("id"), "file_name": img.get("file_name"),
+                            "reason": reason, "detail": detail, "objects_lost": len(anns)})
+
+        file_name = img.get("file_name")
+        if not isinstance(file_name, str) or not isinstance(img.get("id"), int):
+            reject_image("bad_image_entry", "image entry needs an int 'id' and a 'file_name'")
+            continue
+        src = (image_dir / file_name).resolve()
+        if image_dir.resolve() not in src.parents:
+            reject_image("image_path_escapes_root", f"{file_name!r} escapes {image_dir}")
+            continue
+        if not src.is_file():
+            reject_image("missing_image", str(src))
+            continue
+        dst = out_dir / "images" / name / (Path(file_name).with_suffix("").as_posix().replace("/", "__") + Path(file_name).suffix)
+        try:
+            width, height, sx, sy = _place_image(src, dst, cfg.max_side)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            reject_image("unreadable_image", f"{src}: {exc}")
+            continue
+        if (img.get("width"), img.get("height")) not in ((None, None), (round(width / sx), round(height / sy))):
+            dst.unlink()
+            reject_image("size_mismatch", f"COCO says {img.get('width')}x{img.get('height')}, file is "
+                         f"{round(width / sx)}x{round(height / sy)}")
+            continue
+
+        objects: list[dict[str, Any]] = []
+        for ann in anns:
+            reason = None
+            if ann.get("iscrowd"):
+                reason = "crowd"
+            elif ann.get("category_id") not in categories or not categories[ann.get("category_id")]:
+                reason = "unknown_category"
+            if reason is None:
+                geom = _geometry(ann, cfg)
+                if isinstance(geom, str):
+                    reason = geom
+                else:
+                    kind, values = geom
+                    # check against the original image, then rescale
+                    reason = _check_geometry(kind, values, round(width / sx), round(height / sy), cfg)
+            if reason is not None:
+                stats.rejects[reason] += 1
+                rejects.append({"split": name, "image_id": img["id"], "ann_id": _ann_id(ann), "reason": reason})
+                continue
+            if cfg.vertex_order == "canonical":
+                values = canonical_points(kind, values)
+            scaled = [v * (sx if i % 2 == 0 else sy) for i, v in enumerate(values)]
+            stats.clamped_coords += sum(
+                1 for i, v in enumerate(scaled) if v > (width if i % 2 == 0 else height) - 1
+            )
+            objects.append({"desc": str(categories[ann["category_id"]]).strip(), kind: scaled})
+
+        if anns and not objects:
+            dst.unlink()
+            stats.rejects["no_valid_objects"] += 1
+            rejects.append({"split": name, "image_id": img["id"], "file_name": file_name,
+                            "reason": "no_valid_objects", "objects_lost": 0})
+            continue
+        objects = _order(objects, cfg, seed, img["id"])
+        rec = Record.model_validate({
+            "id": img["id"], "images": [dst.relative_to(out_dir).as_posix()], "width": width, "height": height,
+            "objects": [_clip(o, width, height) for o in objects],
+        })
+        rec.check_mode("pixel")
+        rec = to_coord_mode(rec)
+        out.append(record_to_json(rec))
+        stats.records_out += 1
+        stats.objects_out += len(objects)
+        for o in rec.objects:
+            stats.geometry[o.kind] += 1
+    return out, stats
+
+
+def _image_sort_key(img: dict[str, Any]) -> tuple[int, Any]:
+    """Numeric ids in numeric order (1, 2, 10), anything else after them by its text."""
+    iid = img.get("id")
+    return (0, iid) if isinstance(iid, int) else (1, str(iid))
+
+
+def _ann_id(ann: Any) -> Any:
+    return ann.get("id") if isinstance(ann, dict) else None
+
+
+def _clip(obj: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    """Round-off from rescaling may push an edge a hair past the border; clip it back."""
+    kind, _ = geometry_of(obj)
+    vals = [min(max(v, 0.0), float(width if i % 2 == 0 else height)) for i, v in enumerate(obj[kind])]
+    return {"desc": obj["desc"], kind: vals}
+
+
+def run(params: Params, root: Path | None = None) -> dict[str, Any]:
+    """Convert every split; write ``<out_dir>`` atomically and the metrics file. Returns the metrics."""
+    root = root or paths.project_root()
+    cfg = params.preprocess
+    out_dir = paths.resolve(cfg.out_dir, root)
+    rejects: list[dict[str, Any]] = []
+    metrics: dict[str, Any] = {"splits": {}}
+    with atomic_dir(out_dir) as tmp:
+        for name, src in cfg.splits.items():
+            records, stats = convert_split(
+                name, paths.resolve(src.annotations, root), paths.resolve(src.images, root), tmp, cfg,
+                params.seed, rejects,
+            )
+            if not records:
+                raise CocoFormatError(
+                    f"preprocess.splits.{name}: no record survived preprocessing ({dict(stats.rejects)}); "
+                    f"see the reasons above and fix the input data"
+                )
+            write_jsonl(tmp / f"{name}.jsonl", records)
+            metrics["splits"][name] = stats.as_dict()
+        write_jsonl(tmp / "rejects.jsonl", rejects)
+    totals: Counter = Counter()
+    for s in metrics["splits"].values():
+        totals.update({k: s[k] for k in ("records_in", "records_out", "objects_in", "objects_out")})
+        totals.update({f"rejects.{k}": v for k, v in s["rejects"].items()})
+    metrics["total"] = dict(sorted(totals.items()))
+    metrics["total"]["rejects"] = len(rejects)
+    write_json(paths.metrics_dir(root) / "preprocess.json", metrics)
+    return metrics

@@ -1,0 +1,21 @@
+"""The ``preprocess`` stage: COCO inputs -> contract JSONL (coord-token mode), rejects and counts, logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from coordexp.core.config import Params
+from coordexp.pipeline import tracking
+from coordexp.preprocess import coco
+
+
+def run(params: Params, root: Path) -> dict[str, Any]:
+    """Convert every split of ``preprocess.splits``; returns the counts written to ``reports/metrics/preprocess.json``."""
+    with tracking.stage_run(params, "preprocess"):
+        metrics = coco.run(params, root)
+        mlflow.log_metrics({f"preprocess.{k}": float(v) for k, v in metrics["total"].items()})
+        mlflow.log_dict(metrics, "preprocess/metrics.json")
+    return metrics

@@ -1,0 +1,359 @@
+"""The ``train`` stage: ``params.yaml`` -> ms-swift ``sft`` -> checkpoint, metrics, MLflow run.
+
+Training runs through ms-swift's own command line (``swift sft``), which is also what scales
+out: with ``train.nproc_per_node > 1`` it launches torchrun itself, and ``train.deepspeed``
+selects a ZeRO stage. The project's template, trainer and loss reach it through
+``--external_plugins`` (:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in
+``COORDEXP_TRAIN_CONFIG``.
+
+MLflow: the stage creates the run (tags, params), hands its id to the trainer's MLflow callback
+through ``MLFLOW_RUN_ID``, and, after training, reopens the same run to log the artifacts and the
+summary. The run id is written to ``<out_dir>/mlflow_run_id`` so that ``evaluate`` and
+``report`` add to the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from coordexp.core import paths
+from coordexp.core.checkpoint import FINAL_DIR, RUN_ID_FILE, SUPPORTED_MODEL_TYPES, SWIFT_DIR, last_checkpoint, model_type
+from coordexp.core.config import Params
+from coordexp.core.contract import read_jsonl
+from coordexp.core.errors import MissingInputError, StageError, UserError
+from coordexp.core.io import atomic_open, write_json, write_jsonl
+from coordexp.core.template import build_messages
+from coordexp.pipeline import tracking
+from coordexp.train.swift_plugin import LOSS_NAME, PLUGIN_FILE
+
+
+class TrainingError(StageError):
+    """Training could not start or did not finish; the message says why and what to do."""
+
+
+class HardwareError(UserError, ValueError):
+    """A ``train`` setting this machine cannot run (packing, DeepSpeed or bf16 without a GPU, ...)."""
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_threads(params: Params) -> int | None:
+    """Torch threads per training process for CPU data parallel (``nproc_per_node > 1`` without a
+    GPU): the cores split evenly. Why: a tiny model's matrices are too small for several threads to
+    share one product well, so N processes of ``cores / N`` threads each step faster than one
+    process of ``cores`` threads (bench/RESULTS.md, ``## embedded_default``). None: leave it to torch."""
+    t = params.train
+    if t.nproc_per_node <= 1 or _cuda_available():
+        return None
+    return max(1, _cpu_count() // t.nproc_per_node)
+
+
+def check_hardware(params: Params) -> None:
+    t = params.train
+    if t.packing and not _cuda_available():
+        raise HardwareError(
+            "train.packing: ms-swift packing needs flash-attention, which needs a CUDA GPU; this machine has "
+            "none. Set train.packing: false to train on the CPU."
+        )
+    if t.deepspeed and not _cuda_available():
+        raise HardwareError(f"train.deepspeed: {t.deepspeed} needs CUDA GPUs; set train.deepspeed: null on the CPU")
+    if t.nproc_per_node > 1 and not _cuda_available() and t.nproc_per_node > _cpu_count():
+        raise HardwareError(
+            f"train.nproc_per_node: {t.nproc_per_node} CPU processes on a machine with {_cpu_count()} cores; "
+            f"set it to at most {_cpu_count()} (one process per core is the fastest CPU layout)"
+        )
+    if t.dtype != "float32" and not _cuda_available():
+        raise HardwareError(f"train.dtype: {t.dtype} training needs a GPU here; use float32 on the CPU")
+
+
+def swift_rows(jsonl: Path, out: Path, limit: int | None = None) -> int:
+    """Contract records -> ms-swift conversation rows, through THE template builder."""
+    records = read_jsonl(jsonl)[:limit]
+    return write_jsonl(out, (build_messages(r, jsonl.parent, with_answer=True) for r in records))
+
+
+def swift_cli_args(params: Params, base: Path, train_rows: Path, val_rows: Path, out: Path,
+                   root: Path | None = None) -> list[str]:
+    t = params.train
+    mtype = model_type(base)
+    args: dict[str, Any] = {
+        "model": base, "model_type": mtype, "template": SUPPORTED_MODEL_TYPES[mtype].template,
+        "external_plugins": PLUGIN_FILE, "loss_type": LOSS_NAME,
+        "tuner_type": "full", "torch_dtype": t.dtype,
+        "freeze_vit": "false", "freeze_aligner": "false", "freeze_llm": "false",
+        "dataset": train_rows, "val_dataset": val_rows, "split_dataset_ratio": 0,
+        "output_dir": out, "add_version": "false", "create_checkpoint_symlink": "false",
+        "max_steps": t.max_steps, "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "logging_steps": t.logging_steps, "logging_first_step": "true",
+        "eval_strategy": "steps", "eval_steps": t.eval_steps,
+        "save_strategy": "steps", "save_steps": t.save_steps,
+        "max_length": t.max_length, "truncation_strategy": "delete",
+        "seed": t.seed, "data_seed": t.seed,
+        "dataloader_num_workers": t.dataloader_num_workers, "dataset_num_proc": 1,
+        "load_from_cache_file": "false", "report_to": "mlflow", "use_hf": "true",
+        "check_model": "false",  # else ms-swift asks the ModelScope hub about the local model (retries offline)
+        "attn_impl": "flash_attn" if t.packing else "sdpa",
+        "run_name": "train",
+    }
+    if t.save_total_limit:
+        args["save_total_limit"] = t.save_total_limit
+    for key in ("vit_lr", "aligner_lr"):  # ms-swift then builds its multimodal optimizer (param groups)
+        if getattr(t, key) is not None:
+            args[key] = getattr(t, key)
+    if t.fused_loss:
+        # the trainer asks the model for one position of logits and the last hidden states
+        # (CoordExpTrainer._prepare_inputs); swift's own trimming would cut the labels instead
+        args["use_logits_to_keep"] = "false"
+    if t.nproc_per_node > 1 and not _cuda_available():
+        # without both, transformers sees one process per rank: no gradient sync, every rank saves
+        args["use_cpu"], args["ddp_backend"] = "true", "gloo"
+    if t.packing:
+        args["packing"] = "true"
+    if t.deepspeed:
+        args["deepspeed"] = t.deepspeed
+    cli: list[str] = []
+    for k, v in args.items():
+        cli += [f"--{k}", str(v)]
+        if k == "external_plugins":  # the user's plugins load after the project's
+            cli += [str(paths.resolve(p, root)) for p in t.swift_plugins]
+    return cli
+
+
+def _history(swift_out: Path) -> list[dict[str, Any]]:
+    f = swift_out / "logging.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _num(v: Any) -> Any:
+    """swift logs some values as strings like '12.3%'; keep only numbers."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return v
+    return None
+
+
+def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
+    """One row per logging event (train or eval) with every numeric field as a column."""
+    keep = [r for r in rows if "global_step/max_steps" in r or "loss" in r or "eval_loss" in r]
+    cols: list[str] = ["step", "split"]
+    out_rows = []
+    for r in keep:
+        step = r.get("global_step/max_steps", "")
+        step = int(str(step).split("/")[0]) if step else r.get("step")
+        split = "eval" if any(k.startswith("eval_") for k in r) else "train"
+        flat = {"step": step, "split": split}
+        for k, v in r.items():
+            n = _num(v)
+            if n is None:
+                continue
+            name = k[5:] if split == "eval" and k.startswith("eval_") else k
+            flat[name] = n
+            if name not in cols:
+                cols.append(name)
+        out_rows.append(flat)
+    with atomic_open(path, newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in out_rows:
+            w.writerow(r)
+    return len(out_rows)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (same filesystem) or copy a checkpoint, so ``final`` costs no extra space."""
+    if dst.exists():
+        shutil.rmtree(dst)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str, Any]:
+    train = [r for r in rows if "loss" in r and _num(r.get("loss")) is not None]
+    evals = [r for r in rows if "eval_loss" in r]
+    out: dict[str, Any] = {
+        "steps": throughput.get("global_step"),
+        "wall_time_s": round(throughput.get("wall_time_s", float("nan")), 2),
+        "tokens_per_second": round(throughput.get("tokens_per_second", float("nan")), 2),
+        "final_train_loss": train[-1]["loss"] if train else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+    }
+    for key in ("coord_softce_w1/coord_vocab_mass", "coord_softce_w1/soft_ce", "coord_softce_w1/w1", "token_acc"):
+        if train and key in train[-1]:
+            out[f"final_train_{key.split('/')[-1]}"] = train[-1][key]
+        if evals and f"eval_{key}" in evals[-1]:
+            out[f"final_eval_{key.split('/')[-1]}"] = evals[-1][f"eval_{key}"]
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+STATE_FILE = "state.json"
+
+
+def training_fingerprint(params: Params) -> str:
+    """Hash of everything that shapes the training run (not evaluate/report knobs)."""
+    d = params.model_dump(mode="json")
+    keep = {k: d[k] for k in ("seed", "preprocess", "build_base", "train")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resumable(out: Path, params: Params) -> tuple[str, Path] | None:
+    """(run id, last checkpoint) of an interrupted run with the same params, else None.
+
+    A run killed between checkpoints (SIGTERM, SIGKILL, a crash) leaves ``state.json`` saying
+    ``running``; ``dvc repro`` then starts the stage again (its outputs are ``persist``-ed) and
+    training continues from the last checkpoint in the same MLflow run, instead of starting over.
+    """
+    state_file = out / STATE_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    ckpt = last_checkpoint(out / SWIFT_DIR, complete=True)  # the trainer rewrites a cut one when it gets there
+    if state.get("status") != "running" or state.get("fingerprint") != training_fingerprint(params) or ckpt is None:
+        return None
+    return state["run_id"], ckpt
+
+
+def run(params: Params, root: Path | None = None) -> dict[str, Any]:
+    root = root or paths.project_root()
+    check_hardware(params)
+    t = params.train
+    pre_dir = paths.resolve(params.preprocess.out_dir, root)
+    base = paths.resolve(params.build_base.out_dir, root)
+    out = paths.resolve(t.out_dir, root)
+    for f in (pre_dir / "train.jsonl", pre_dir / "val.jsonl"):
+        if not f.is_file():
+            raise MissingInputError(f"{f}: missing; run `dvc repro preprocess` first")
+    if not (base / "coord_vocab.json").is_file():
+        raise MissingInputError(f"{base}/coord_vocab.json: missing; run `dvc repro build_base` first")
+
+    uri = tracking.tracking_uri(params)
+    tracking.check_reachable(uri)  # fail before any work, not after the run
+    resume = resumable(out, params)
+    if resume is None:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    else:
+        print(f"[train] resuming run {resume[0]} from {resume[1]}", flush=True)
+    data_dir = out / "data"
+    n_train = swift_rows(pre_dir / "train.jsonl", data_dir / "train.jsonl")
+    n_val = swift_rows(pre_dir / "val.jsonl", data_dir / "val.jsonl", t.eval_samples)
+    plugin_cfg = {
+        "coord_vocab": str(base / "coord_vocab.json"),
+        "loss": params.train.coord_soft_ce_w1.model_dump(),
+        "token_type_metrics": params.train.token_type_metrics.enabled,
+        "fused_loss": params.train.fused_loss,
+        "train_rows": str(data_dir / "train.jsonl"),
+    }
+    write_json(out / "coordexp_plugin.json", plugin_cfg)
+    write_json(out / "resolved_params.json", params.model_dump(mode="json"))
+    swift_out = out / SWIFT_DIR
+    cli = ["swift", "sft", *swift_cli_args(params, base, data_dir / "train.jsonl", data_dir / "val.jsonl", swift_out, root)]
+
+    if resume is not None:
+        cli += ["--resume_from_checkpoint", str(resume[1])]
+    with tracking.stage_run(params, "train", run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline",
+                            run_id=resume[0] if resume else None) as r:
+        run_id = r.info.run_id
+        (out / RUN_ID_FILE).write_text(run_id + "\n")
+        write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id,
+                                      "status": "running"})
+        mlflow.set_tags({"coordexp.loss": "stage1_softce_w1" if t.coord_soft_ce_w1.enabled else "ce_baseline",
+                         "coordexp.base_checkpoint": str(base)})
+        env = {**os.environ, "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
+               "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id,
+               "MLFLOW_EXPERIMENT_NAME": params.tracking.experiment,
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        if t.nproc_per_node > 1:
+            env["NPROC_PER_NODE"] = str(t.nproc_per_node)
+            threads = rank_threads(params)
+            if threads and "OMP_NUM_THREADS" not in os.environ:  # a user's own setting wins
+                env["OMP_NUM_THREADS"] = str(threads)
+            env.setdefault("MASTER_PORT", str(_free_port()))  # two runs side by side must not collide
+        # the callback must not end our run: it resumes it and we finish it after the artifacts
+        mlflow.end_run()  # detach in this process; reopened below
+        print(f"[train] {n_train} train / {n_val} val samples; launching: {' '.join(cli)}", flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cli, env=env, cwd=root)
+        wall = time.time() - t0
+        mlflow.start_run(run_id=run_id)
+        if proc.returncode != 0:
+            failure = swift_out / "coordexp_failure.txt"
+            cause = failure.read_text().strip() if failure.is_file() else "see its output above"
+            raise TrainingError(
+                f"ms-swift training failed (exit {proc.returncode}): {cause} The MLflow run {run_id} "
+                f"is marked FAILED; checkpoints saved so far are in {swift_out}"
+            )
+        rows = _history(swift_out)
+        tp_file = swift_out / "coordexp_throughput.json"
+        throughput = json.loads(tp_file.read_text()) if tp_file.is_file() else {"wall_time_s": wall}
+        ckpt = last_checkpoint(swift_out)
+        if ckpt is None:
+            raise TrainingError(f"{swift_out}: training ended without a checkpoint")
+        final = out / FINAL_DIR
+        _link_tree(ckpt, final)
+        shutil.copy2(base / "coord_vocab.json", final / "coord_vocab.json")
+        metrics = summary(rows, throughput)
+        metrics["final_checkpoint"] = str(final.relative_to(root)) if final.is_relative_to(root) else str(final)
+        metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+        write_json(paths.metrics_dir(root) / "train.json", metrics)
+        hist = paths.resolve(params.report.out_dir, root) / "train_history.csv"
+        write_history_csv(rows, hist)
+        mlflow.log_metrics({f"train_summary.{k}": float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_artifact(str(out / "resolved_params.json"), "config")
+        mlflow.log_artifact(str(base / "coord_vocab.json"), "config")
+        mlflow.log_artifact(str(hist), "history")
+        if t.log_checkpoint == "full":
+            mlflow.log_artifacts(str(final), "checkpoint")
+        mlflow.set_tag("coordexp.final_checkpoint", str(final))
+        write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id,
+                                      "status": "done"})
+    return metrics
