@@ -206,16 +206,35 @@ def main() -> None:
         common += ["--row-chunk", str(args.row_chunk)]
     chunk = args.chunk_size or "default (vocab columns for a ~1/32-of-the-logits workspace, 32..256 MB)"
     rows = args.row_chunk or "default (ceil(n_sup / 16) rows)"
-    print(f"V={args.vocab} mode={args.mode} chunk_size={chunk} row_chunk={rows} threads={args.threads} "
-          f"repeats={args.repeats} warmup={args.warmup}", flush=True)
-    print("| N | D | fused mode (timed steps) | logits fp32 MB | unfused s (median) | fused s (median) "
-          "| fused/unfused time | unfused peak MB | fused peak MB | grads MB | unfused loss MB | fused loss MB "
-          "| fused loss / logits | value diff |", flush=True)
+    print(
+        f"V={args.vocab} mode={args.mode} chunk_size={chunk} row_chunk={rows} threads={args.threads} "
+        f"repeats={args.repeats} warmup={args.warmup}",
+        flush=True,
+    )
+    print(
+        "| N | D | fused mode (timed steps) | logits fp32 MB | unfused s (median) | fused s (median) "
+        "| fused/unfused time | unfused peak MB | fused peak MB | grads MB | unfused loss MB | fused loss MB "
+        "| fused loss / logits | value diff |",
+        flush=True,
+    )
     print("|" + "---|" * 14, flush=True)
     for cfg in args.configs:
         n, d = (int(x) for x in cfg.lower().split("x"))
-        t = _run_child(common + ["--what", "time", "--n", str(n), "--d", str(d), "--repeats", str(args.repeats),
-                                 "--warmup", str(args.warmup)])
+        t = _run_child(
+            common
+            + [
+                "--what",
+                "time",
+                "--n",
+                str(n),
+                "--d",
+                str(d),
+                "--repeats",
+                str(args.repeats),
+                "--warmup",
+                str(args.warmup),
+            ]
+        )
         tu, tf = statistics.median(t["times"]["unfused"]), statistics.median(t["times"]["fused"])
         vdiff = abs(t["values"]["unfused"] - t["values"]["fused"]) / abs(t["values"]["unfused"])
         logits_mb = n * args.vocab * 4 / 2**20
@@ -223,13 +242,25 @@ def main() -> None:
         if args.skip_mem:
             mu = mf = float("nan")
         else:
-            mu = _run_child(common + ["--what", "mem", "--path", "unfused", "--n", str(n), "--d", str(d)])["peak_kb"] / 1024
-            mf = _run_child(common + ["--what", "mem", "--path", "fused", "--n", str(n), "--d", str(d)])["peak_kb"] / 1024
-        print(f"| {n} | {d} | {t['mode']} | {logits_mb:.0f} | {tu:.2f} | {tf:.2f} | {tf / tu:.2f}x | {mu:.0f} | {mf:.0f} "
-              f"| {grads_mb:.0f} | {mu - grads_mb:.0f} | {mf - grads_mb:.0f} | {(mf - grads_mb) / logits_mb:.1%} "
-              f"| {vdiff:.1e} |", flush=True)
-        print(f"  raw times unfused={[f'{x:.2f}' for x in t['times']['unfused']]} "
-              f"fused={[f'{x:.2f}' for x in t['times']['fused']]}", flush=True)
+            mu = (
+                _run_child(common + ["--what", "mem", "--path", "unfused", "--n", str(n), "--d", str(d)])["peak_kb"]
+                / 1024
+            )
+            mf = (
+                _run_child(common + ["--what", "mem", "--path", "fused", "--n", str(n), "--d", str(d)])["peak_kb"]
+                / 1024
+            )
+        print(
+            f"| {n} | {d} | {t['mode']} | {logits_mb:.0f} | {tu:.2f} | {tf:.2f} | {tf / tu:.2f}x | {mu:.0f} | {mf:.0f} "
+            f"| {grads_mb:.0f} | {mu - grads_mb:.0f} | {mf - grads_mb:.0f} | {(mf - grads_mb) / logits_mb:.1%} "
+            f"| {vdiff:.1e} |",
+            flush=True,
+        )
+        print(
+            f"  raw times unfused={[f'{x:.2f}' for x in t['times']['unfused']]} "
+            f"fused={[f'{x:.2f}' for x in t['times']['fused']]}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ VENV_BIN = ROOT / ".venv" / "bin"
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "ce_baseline": {"train.coord_soft_ce_w1.enabled": False},
-    "coord_weights_0.25": {"train.coord_soft_ce_w1.soft_ce_weight": 0.25, "train.coord_soft_ce_w1.w1_weight": 0.25,
-                           "train.coord_soft_ce_w1.gate_weight": 0.25},
+    "coord_weights_0.25": {
+        "train.coord_soft_ce_w1.soft_ce_weight": 0.25,
+        "train.coord_soft_ce_w1.w1_weight": 0.25,
+        "train.coord_soft_ce_w1.gate_weight": 0.25,
+    },
     "steps_750": {"train.max_steps": 750},
     "steps_3000": {"train.max_steps": 3000},
     "steps_6000": {"train.max_steps": 6000},
@@ -63,8 +66,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "warmup_2700": {"build_base.tiny.vision_warmup.steps": 2700},
     "steps_1200": {"train.max_steps": 1200},
     "steps_4000": {"train.max_steps": 4000},
-    "coord_x2": {"train.coord_soft_ce_w1.soft_ce_weight": 0.2, "train.coord_soft_ce_w1.w1_weight": 2.0,
-                 "train.coord_soft_ce_w1.gate_weight": 0.2},
+    "coord_x2": {
+        "train.coord_soft_ce_w1.soft_ce_weight": 0.2,
+        "train.coord_soft_ce_w1.w1_weight": 2.0,
+        "train.coord_soft_ce_w1.gate_weight": 0.2,
+    },
     "soft_ce_0.5": {"train.coord_soft_ce_w1.soft_ce_weight": 0.5},
     "lr_2e-3": {"train.learning_rate": 2e-3},
     "grammar_off": {"build_base.tiny.grammar_tokens": False},
@@ -87,11 +93,15 @@ def changes_of(name: str) -> dict[str, object]:
         merged.update(VARIANTS[part])
     return merged
 
+
 EVAL_LINE = re.compile(r"\[evaluate\] checkpoint-(\d+): bbox_mAP=([\d.]+) mAP50=([\d.]+)")
 KEYS = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1@0.5", "f1@0.3", "images_per_second")
 
 
-UPSTREAM = {"preprocess": ("artifacts/preprocess", "reports/metrics/preprocess.json"), "build_base": ("artifacts/base",)}
+UPSTREAM = {
+    "preprocess": ("artifacts/preprocess", "reports/metrics/preprocess.json"),
+    "build_base": ("artifacts/base",),
+}
 """Stage -> outputs that ``--reuse-base`` copies when a variant's params for the stage match the source's."""
 
 
@@ -146,21 +156,37 @@ def run_variant(name: str, work: Path, threads: int | None, reuse_from: Path | N
     for cmd in (["dvc", "pull", "-q", "data.dvc"], *commit, ["dvc", "repro", "evaluate"]):
         res = subprocess.run(cmd, cwd=dest, env=env, stdout=log, stderr=subprocess.STDOUT)
         if res.returncode:
-            return {"variant": name, "changes": changes_of(name), "error": f"{' '.join(cmd)} failed; see {dest}/lever.log"}
+            return {
+                "variant": name,
+                "changes": changes_of(name),
+                "error": f"{' '.join(cmd)} failed; see {dest}/lever.log",
+            }
     wall = time.time() - t0
     ev = json.loads((dest / "reports/metrics/eval.json").read_text())
     tr = json.loads((dest / "reports/metrics/train.json").read_text())
     # with evaluate.checkpoints=all the stage prints one line per checkpoint: keep mAP50 against step
-    by_step = {int(m[1]): {"bbox_mAP": float(m[2]), "bbox_mAP50": float(m[3])}
-               for m in EVAL_LINE.finditer((dest / "lever.log").read_text())}
-    return {"variant": name, "changes": changes_of(name), "wall_s": round(wall, 1), "threads": threads,
-            **({"reused": reused} if reused else {}),
-            **{k: ev.get(k) for k in KEYS}, "train": tr, **({"by_step": by_step} if len(by_step) > 1 else {})}
+    by_step = {
+        int(m[1]): {"bbox_mAP": float(m[2]), "bbox_mAP50": float(m[3])}
+        for m in EVAL_LINE.finditer((dest / "lever.log").read_text())
+    }
+    return {
+        "variant": name,
+        "changes": changes_of(name),
+        "wall_s": round(wall, 1),
+        "threads": threads,
+        **({"reused": reused} if reused else {}),
+        **{k: ev.get(k) for k in KEYS},
+        "train": tr,
+        **({"by_step": by_step} if len(by_step) > 1 else {}),
+    }
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    out = ["| variant | changes | steps | eval W1 | eval softCE | token_acc | parse_rate | bbox_mAP50 | bbox_mAP | "
-           "f1@0.5 | wall |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| variant | changes | steps | eval W1 | eval softCE | token_acc | parse_rate | bbox_mAP50 | bbox_mAP | "
+        "f1@0.5 | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['variant']} | {r['changes']} | error: {r['error']} |||||||||")
@@ -174,7 +200,8 @@ def table(rows: list[dict[str, object]]) -> str:
         out.append(
             f"| {r['variant']} | {ch} | {tr.get('steps', '-')} | {f(tr.get('final_eval_w1'))} | "
             f"{f(tr.get('final_eval_soft_ce'), 2)} | {f(tr.get('final_eval_token_acc'))} | {f(r['parse_rate'])} | "
-            f"{f(r['bbox_mAP50'], 4)} | {f(r['bbox_mAP'], 4)} | {f(r['f1@0.5'])} | {float(r['wall_s']) / 60:.1f} min |")
+            f"{f(r['bbox_mAP50'], 4)} | {f(r['bbox_mAP'], 4)} | {f(r['f1@0.5'])} | {float(r['wall_s']) / 60:.1f} min |"
+        )
     return "\n".join(out)
 
 
@@ -185,12 +212,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/coordexp-levers"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "levers.jsonl")
-    ap.add_argument("--reuse-base", action="store_true",
-                    help="copy the preprocess and base outputs of --base-from into variants whose params for those "
-                         "stages match it (run `dvc repro build_base` there first); wall_s then excludes them")
-    ap.add_argument("--base-from", type=Path, default=ROOT, metavar="PROJECT",
-                    help="the project --reuse-base copies from (default: this checkout; an earlier variant's folder "
-                         "serves too)")
+    ap.add_argument(
+        "--reuse-base",
+        action="store_true",
+        help="copy the preprocess and base outputs of --base-from into variants whose params for those "
+        "stages match it (run `dvc repro build_base` there first); wall_s then excludes them",
+    )
+    ap.add_argument(
+        "--base-from",
+        type=Path,
+        default=ROOT,
+        metavar="PROJECT",
+        help="the project --reuse-base copies from (default: this checkout; an earlier variant's folder serves too)",
+    )
     ap.add_argument("--table", type=Path, default=None, help="only print the table of an existing results file")
     a = ap.parse_args()
     if a.table:
@@ -202,17 +236,23 @@ def main() -> None:
     if a.reuse_base:
         stale = subprocess.run([str(VENV_BIN / "dvc"), "status", "--with-deps", "-q", "build_base"], cwd=a.base_from)
         if stale.returncode:
-            sys.exit(f"error: --reuse-base needs {a.base_from}'s preprocess and build_base outputs up to date; "
-                     "run `dvc repro build_base` there first (`dvc status build_base` lists what changed)")
+            sys.exit(
+                f"error: --reuse-base needs {a.base_from}'s preprocess and build_base outputs up to date; "
+                "run `dvc repro build_base` there first (`dvc status build_base` lists what changed)"
+            )
     a.work.mkdir(parents=True, exist_ok=True)
     rows = []
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        for row in pool.map(lambda v: run_variant(v, a.work, a.threads, a.base_from if a.reuse_base else None), a.variants):
+        for row in pool.map(
+            lambda v: run_variant(v, a.work, a.threads, a.base_from if a.reuse_base else None), a.variants
+        ):
             rows.append(row)
             with a.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(json.dumps({k: row.get(k) for k in ("variant", "bbox_mAP50", "parse_rate", "wall_s", "error")}),
-                  flush=True)
+            print(
+                json.dumps({k: row.get(k) for k in ("variant", "bbox_mAP50", "parse_rate", "wall_s", "error")}),
+                flush=True,
+            )
     print(table(rows))
 
 

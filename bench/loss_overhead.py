@@ -112,8 +112,19 @@ def mem_child(n: int, method: str, args: argparse.Namespace) -> None:
 
 
 def peak_memory(n: int, method: str, args: argparse.Namespace) -> int | None:
-    cmd = [sys.executable, __file__, "--mem-child", str(n), method, "--vocab", str(args.vocab),
-           "--coord-frac", str(args.coord_frac), "--temperature", str(args.temperature)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--mem-child",
+        str(n),
+        method,
+        "--vocab",
+        str(args.vocab),
+        "--coord-frac",
+        str(args.coord_frac),
+        "--temperature",
+        str(args.temperature),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1])["delta"])
 
@@ -131,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=LOSS_KW["temperature"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-memory", action="store_true", help="skip the per-config memory subprocesses")
-    p.add_argument("--allow-over-budget", action="store_true", help=f"run configs predicted over {BUDGET_BYTES / 2**30:.0f} GiB")
+    p.add_argument(
+        "--allow-over-budget", action="store_true", help=f"run configs predicted over {BUDGET_BYTES / 2**30:.0f} GiB"
+    )
     p.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
     p.add_argument("--mem-child", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -181,9 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     table = "\n".join(lines)
     cmd = "PYTHONPATH=src .venv/bin/python bench/loss_overhead.py " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write")
-    machine = (f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads, {platform.python_version()}")
+        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--write"
+    )
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.python_version()}"
+    )
     header = (
         f"### {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n\n"
         f"Command: `{cmd.strip()}`  \nMachine: {machine}; shared with other jobs "

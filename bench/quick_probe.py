@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from coordexp.core.contract import read_jsonl, record_to_json
 from coordexp.core.config import CoordSoftCEW1Config
-from coordexp.evaluate.stage import compute_metrics, predict_records
-from coordexp.evaluate.generate import Detector
-from coordexp.train.loss import stage1_loss
+from coordexp.core.contract import read_jsonl, record_to_json
 from coordexp.core.template import build_messages, to_hf_messages
 from coordexp.core.vocab import coord_id_map
+from coordexp.evaluate.generate import Detector
+from coordexp.evaluate.stage import compute_metrics, predict_records
+from coordexp.train.loss import stage1_loss
 
 COLOURS = ("red", "green", "blue")
 SHAPES = ("circle", "rectangle", "triangle", "diamond", "line")
@@ -80,8 +80,12 @@ def main() -> None:
     c0 = tok.convert_tokens_to_ids("<|coord_0|>")
 
     def encode(rec):
-        inp = proc.apply_chat_template([to_hf_messages(build_messages(rec, root, with_answer=True))], tokenize=True,
-                                       return_dict=True, return_tensors="pt")
+        inp = proc.apply_chat_template(
+            [to_hf_messages(build_messages(rec, root, with_answer=True))],
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
         ids = inp["input_ids"][0]
         lab = ids.clone()
         lab[: (ids == start_id).nonzero()[-1].item() + 3] = -100  # supervise the answer only
@@ -96,8 +100,13 @@ def main() -> None:
         for b, it in enumerate(items):
             k = len(it[0])
             ids[b, :k], lab[b, :k], am[b, :k], mt[b, :k] = it[0], it[1], 1, it[4]
-        return dict(input_ids=ids, attention_mask=am, mm_token_type_ids=mt, pixel_values=torch.cat([i[2] for i in items]),
-                    image_grid_thw=torch.cat([i[3] for i in items])), lab
+        return dict(
+            input_ids=ids,
+            attention_mask=am,
+            mm_token_type_ids=mt,
+            pixel_values=torch.cat([i[2] for i in items]),
+            image_grid_thw=torch.cat([i[3] for i in items]),
+        ), lab
 
     t0 = time.time()
     cache = [encode(r) for r in train]
@@ -121,13 +130,18 @@ def main() -> None:
         is_col = torch.isin(tg, torch.tensor(sorted(colour_ids)))
         is_shp = torch.isin(tg, torch.tensor(sorted(shape_ids)))
         crd = (tg >= c0) & (tg < c0 + 1000)
-        p = lp[..., c0:c0 + 1000].exp()
+        p = lp[..., c0 : c0 + 1000].exp()
         p = p / p.sum(-1, keepdim=True)
         err = ((p * torch.arange(1000.0)).sum(-1) - (tg - c0).float()).abs()
         arg_err = (p.argmax(-1) - (tg - c0)).abs().float()
         model.train()
-        return (nll[is_col].mean().item(), nll[is_shp].mean().item(), nll[crd].mean().item(), err[crd].mean().item(),
-                arg_err[crd].median().item())
+        return (
+            nll[is_col].mean().item(),
+            nll[is_shp].mean().item(),
+            nll[crd].mean().item(),
+            err[crd].mean().item(),
+            arg_err[crd].median().item(),
+        )
 
     def report_tf(step):
         t, s = teacher_forced(vcache), teacher_forced(vshift)
@@ -140,18 +154,30 @@ def main() -> None:
         proc.save_pretrained(ck)
         (ck / "coord_vocab.json").write_text((Path(a.ck) / "coord_vocab.json").read_text())
         t1 = time.time()
-        preds, parses, _ = predict_records(Detector(ck, device="cpu"), val, root, batch_size=20, max_new_tokens=256,
-                                           desc="decode")
+        preds, parses, _ = predict_records(
+            Detector(ck, device="cpu"), val, root, batch_size=20, max_new_tokens=256, desc="decode"
+        )
         m = compute_metrics([record_to_json(r) for r in val], preds, parses)
         keys = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1@0.5", "f1@0.3", "recall@0.5")
-        print(json.dumps({"tag": a.tag, "step": step, "t": round(time.time() - t0), "eval_s": round(time.time() - t1),
-                          **{k: round(m[k], 4) for k in keys}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "tag": a.tag,
+                    "step": step,
+                    "t": round(time.time() - t0),
+                    "eval_s": round(time.time() - t1),
+                    **{k: round(m[k], 4) for k in keys},
+                }
+            ),
+            flush=True,
+        )
         model.train()
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     warm = max(1, int(0.05 * a.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, a.steps - warm))))
+        opt, lambda s: s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, a.steps - warm)))
+    )
     evals = {int(x) for x in a.evals.split(",")}
     order: list[int] = []
     t0 = time.time()
@@ -167,8 +193,9 @@ def main() -> None:
         if a.ce:
             loss = torch.nn.functional.cross_entropy(flat.float(), tg, ignore_index=-100)
         else:
-            loss = stage1_loss(flat, tg, cmap, **{**LOSS_DEFAULTS, "soft_ce_weight": a.wce, "w1_weight": a.ww1,
-                                                  "gate_weight": a.wgate}).total
+            loss = stage1_loss(
+                flat, tg, cmap, **{**LOSS_DEFAULTS, "soft_ce_weight": a.wce, "w1_weight": a.ww1, "gate_weight": a.wgate}
+            ).total
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -7,8 +7,10 @@ from coordexp.pipeline.runner import stage_main
 @stage_main("evaluate")
 def main(params, root):
     m = stage.run(params, root)
-    print(f"[evaluate] bbox_mAP={m['bbox_mAP']} bbox_mAP50={m['bbox_mAP50']} segm_mAP={m['segm_mAP']} "
-          f"f1@0.5={m['f1@0.5']} parse_rate={m['parse_rate']} nan_scores={m['nan_scores']}")
+    print(
+        f"[evaluate] bbox_mAP={m['bbox_mAP']} bbox_mAP50={m['bbox_mAP50']} segm_mAP={m['segm_mAP']} "
+        f"f1@0.5={m['f1@0.5']} parse_rate={m['parse_rate']} nan_scores={m['nan_scores']}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from coordexp.pipeline.workspace import copy_project
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+
 
 def copy_repo(dest: Path) -> Path:
     """A fresh working copy of the project (own git repo, DVC cache empty), like a new clone."""
@@ -52,11 +52,21 @@ def set_params(root: Path, updates: dict) -> None:
 
 
 TINY_TRAIN = {
-    "train.max_steps": 30, "train.per_device_train_batch_size": 4, "train.per_device_eval_batch_size": 4,
-    "train.logging_steps": 5, "train.eval_steps": 10, "train.save_steps": 10, "train.eval_samples": 4,
-    "train.learning_rate": 0.002, "train.warmup_ratio": 0.0, "train.nproc_per_node": 1,
-    "build_base.tiny.vision_warmup.steps": 3, "build_base.tiny.vision_warmup.batch_size": 4,
-    "evaluate.limit": 8, "evaluate.batch_size": 8, "evaluate.max_new_tokens": 64,
+    "train.max_steps": 30,
+    "train.per_device_train_batch_size": 4,
+    "train.per_device_eval_batch_size": 4,
+    "train.logging_steps": 5,
+    "train.eval_steps": 10,
+    "train.save_steps": 10,
+    "train.eval_samples": 4,
+    "train.learning_rate": 0.002,
+    "train.warmup_ratio": 0.0,
+    "train.nproc_per_node": 1,
+    "build_base.tiny.vision_warmup.steps": 3,
+    "build_base.tiny.vision_warmup.batch_size": 4,
+    "evaluate.limit": 8,
+    "evaluate.batch_size": 8,
+    "evaluate.max_new_tokens": 64,
 }
 
 
@@ -71,8 +81,14 @@ def make_tiny_project(dest: Path, n_train: int = 48, n_val: int = 8, **updates) 
 
 
 def run_stage(root: Path, name: str, *, check: bool = True, timeout: int = 900, **env: str):
-    res = subprocess.run([sys.executable, f"stages/{name}.py"], cwd=root, env=stage_env(**env),
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, f"stages/{name}.py"],
+        cwd=root,
+        env=stage_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
         assert res.returncode == 0, f"stage {name} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
     return res

@@ -20,9 +20,17 @@ from coordexp.core.vocab import CoordVocabError, coord_id_map, find_coord_token_
 EXPAND = ExpandConfig()  # the schema's expand defaults
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-             vision_hidden_size=32, vision_depth=2, vision_heads=2,
-             vision_warmup={"steps": 0})  # the warm-up has tests of its own (test_vision_warmup.py)
+SMALL = dict(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=64,
+    vision_hidden_size=32,
+    vision_depth=2,
+    vision_heads=2,
+    vision_warmup={"steps": 0},
+)  # the warm-up has tests of its own (test_vision_warmup.py)
 DESCS = ["red circle", "blue square", "green triangle"]
 
 
@@ -96,8 +104,16 @@ def _forward(ckpt: Path, model=None):
 def test_tiny_checkpoint_files_and_loading(tiny):
     from transformers import AutoProcessor, Qwen2VLImageProcessor, Qwen3VLProcessor
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "processor_config.json", "chat_template.jinja", "generation_config.json", "coord_vocab.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "coord_vocab.json",
+    ):
         assert (tiny / name).is_file(), name
     proc = AutoProcessor.from_pretrained(str(tiny), local_files_only=True)
     assert isinstance(proc, Qwen3VLProcessor)
@@ -144,9 +160,9 @@ def test_tiny_grammar_tokens_shorten_the_answer_and_decode_verbatim(tiny, data, 
     and types them as structure; without ``grammar_tokens`` the same answers are much longer."""
     from transformers import AutoTokenizer
 
+    from coordexp.build_base.tiny import build_tiny, grammar_tokens
     from coordexp.core.contract import read_jsonl, render_answer
     from coordexp.core.template import PROMPT
-    from coordexp.build_base.tiny import build_tiny, grammar_tokens
     from coordexp.train.token_types import STRUCTURE, TokenTyper
 
     tok = AutoTokenizer.from_pretrained(str(tiny))
@@ -180,9 +196,9 @@ def test_tiny_is_deterministic(data, tmp_path):
 def test_tiny_ordinal_coord_init(data, tmp_path):
     """``coord_init: ordinal`` rewrites only the coord rows, at the random rows' scale, smooth in the bin."""
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     from coordexp.core.codec import COORD_TOKENS
-    from transformers import AutoTokenizer
 
     rand = build_tiny_small(data, tmp_path / "random", coord_init="random")
     ordi = build_tiny_small(data, tmp_path / "ordinal", coord_init="ordinal")
@@ -280,8 +296,10 @@ def test_expand_ordinal(plain, tmp_path):
     old, new = _load(plain), _load(out)
     n_real = _n_real(plain)
     ids = load_coord_vocab(out)["coord_token_ids"]
-    for w_old, w_new in ((old.get_input_embeddings().weight, new.get_input_embeddings().weight),
-                         (old.get_output_embeddings().weight, new.get_output_embeddings().weight)):
+    for w_old, w_new in (
+        (old.get_input_embeddings().weight, new.get_input_embeddings().weight),
+        (old.get_output_embeddings().weight, new.get_output_embeddings().weight),
+    ):
         real = w_old[:n_real]
         rows = w_new[ids]
         dev = (rows - real.mean(0)) / real.std(0)
@@ -310,8 +328,10 @@ def test_expand_accepts_checkpoint_with_coord_tokens(tiny, tmp_path):
         (lambda p: p / "missing", "does not exist"),
         (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "not a directory"),
         (lambda p: (p / "d").mkdir() or p / "d", "no config.json"),
-        (lambda p: (p / "d").mkdir() or (p / "d" / "config.json").write_text('{"model_type": "llama"}') and p / "d",
-         "model_type 'llama'"),
+        (
+            lambda p: (p / "d").mkdir() or (p / "d" / "config.json").write_text('{"model_type": "llama"}') and p / "d",
+            "model_type 'llama'",
+        ),
     ],
     ids=["missing", "file", "no-config", "wrong-type"],
 )
@@ -341,8 +361,8 @@ def test_expand_refuses_partial_coord_set(plain, tmp_path):
     from tokenizers import AddedToken
     from transformers import AutoProcessor
 
-    from coordexp.core.codec import COORD_TOKENS
     from coordexp.build_base.expand import expand_checkpoint
+    from coordexp.core.codec import COORD_TOKENS
 
     src = tmp_path / "partial"
     shutil.copytree(plain, src)
@@ -392,7 +412,9 @@ def test_build_base_refuses_before_writing(tmp_path):
 def test_build_base_expand(plain, tmp_path):
     from coordexp.build_base.build import build_base
 
-    summary = build_base("expand", tmp_path / "base", expand={"source": str(plain), "init": "ordinal", "ordinal_scale": 0.02})
+    summary = build_base(
+        "expand", tmp_path / "base", expand={"source": str(plain), "init": "ordinal", "ordinal_scale": 0.02}
+    )
     assert summary["mode"] == "expand"
     coord_id_map(tmp_path / "base")
 
@@ -411,10 +433,21 @@ def test_stage_script(tmp_path):
     params["build_base"]["tiny"].update(SMALL)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     write_dataset(root / params["preprocess"]["out_dir"])
-    env = {**os.environ, "COORDEXP_ROOT": str(root), "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"}
-    res = subprocess.run([sys.executable, str(REPO / "stages" / "build_base.py")], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "COORDEXP_ROOT": str(root),
+        "PYTHONPATH": str(REPO / "src"),
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+    }
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "build_base.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "build_base: mode=tiny params=" in res.stdout
     out = root / params["build_base"]["out_dir"]
@@ -423,8 +456,14 @@ def test_stage_script(tmp_path):
     params["build_base"]["mode"] = "expand"
     params["build_base"]["expand"]["source"] = str(tmp_path / "nowhere")
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    res = subprocess.run([sys.executable, str(REPO / "stages" / "build_base.py")], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "build_base.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2
     assert "error: [build_base]" in res.stderr and "does not exist" in res.stderr
     coord_id_map(out)  # the previous checkpoint survived
@@ -432,30 +471,63 @@ def test_stage_script(tmp_path):
 
 def _plain_qwen2_5_vl(data: Path, out: Path) -> Path:
     """A tiny random Qwen2.5-VL checkpoint (no coord tokens), standing in for Qwen2.5-VL-3B."""
-    from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
-    from coordexp.core.contract import read_jsonl
     from coordexp.build_base.tiny import CHAT_TEMPLATE, bpe_corpus, build_tokenizer
+    from coordexp.core.contract import read_jsonl
 
     tok = build_tokenizer(bpe_corpus(read_jsonl(data)), 512, coord_tokens=False)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, out_hidden_size=32,
-                           window_size=112, fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            out_hidden_size=32,
+            window_size=112,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
     model.generation_config = GenerationConfig(eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     model.save_pretrained(out)
-    common = dict(patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 3136, "longest_edge": 200704})
-    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**common), tokenizer=tok,
-                        video_processor=Qwen2VLVideoProcessor(**common), chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    common = dict(
+        patch_size=14, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 3136, "longest_edge": 200704}
+    )
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(**common),
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(out)
     return out
 
 

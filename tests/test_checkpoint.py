@@ -64,8 +64,12 @@ def test_checkpoint_listing_orders_by_step_and_skips_incomplete(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-200").mkdir()  # cut short: no trainer_state.json
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10", "checkpoint-100",
-                                                           "checkpoint-200"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint-2",
+        "checkpoint-10",
+        "checkpoint-100",
+        "checkpoint-200",
+    ]
     assert last_checkpoint(tmp_path).name == "checkpoint-200"
     assert last_checkpoint(tmp_path, complete=True).name == "checkpoint-100"
     assert last_checkpoint(tmp_path / "none") is None

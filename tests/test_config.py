@@ -53,12 +53,27 @@ def test_every_field_is_documented():
         (lambda r: r["train"].__setitem__("coord_loss", {"l1": 1.0}), "train.coord_loss: the legacy"),
         (lambda r: r.__setitem__("coord_loss", {}), "coord_loss: the legacy"),
         (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("w1_weigth", 1), "did you mean 'w1_weight'"),
-        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("temperature", 0), "temperature: Input should be greater than 0"),
-        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("target_sigma", -1), "target_sigma: Input should be greater than 0"),
-        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("gate_weight", -0.5), "gate_weight: Input should be greater than or equal to 0"),
-        (lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("target_truncate", 1000), "target_truncate: Input should be less than or equal to 999"),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("temperature", 0),
+            "temperature: Input should be greater than 0",
+        ),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("target_sigma", -1),
+            "target_sigma: Input should be greater than 0",
+        ),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("gate_weight", -0.5),
+            "gate_weight: Input should be greater than or equal to 0",
+        ),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("target_truncate", 1000),
+            "target_truncate: Input should be less than or equal to 999",
+        ),
         (lambda r: r["train"].__setitem__("max_steps", "many"), "train.max_steps: Input should be a valid integer"),
-        (lambda r: r["preprocess"].__setitem__("object_ordering", "area"), "preprocess.object_ordering: Input should be 'sorted' or 'random'"),
+        (
+            lambda r: r["preprocess"].__setitem__("object_ordering", "area"),
+            "preprocess.object_ordering: Input should be 'sorted' or 'random'",
+        ),
         (lambda r: r.__setitem__("trian", {}), "trian: unknown key; did you mean 'train'?"),
         (lambda r: r["preprocess"]["splits"].pop("val"), "splits must define ['val']"),
         (lambda r: r["build_base"].__setitem__("mode", "expand"), "expand.source is not set"),
@@ -101,7 +116,7 @@ def _departures_block() -> dict[str, object]:
     lines = (ROOT / "params.yaml").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# Departures of the embedded default"))
     found = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("#   "):
             if found:
                 break

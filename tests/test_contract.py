@@ -4,15 +4,28 @@ import pytest
 
 from coordexp.core import codec
 from coordexp.core.contract import (
-    ContractError, image_path, read_jsonl, render_answer, to_coord_mode, to_pixel_mode, validate_record,
+    ContractError,
+    image_path,
+    read_jsonl,
+    render_answer,
+    to_coord_mode,
+    to_pixel_mode,
+    validate_record,
 )
 
 
 def rec(**over):
-    base = {"id": 1, "images": ["images/a.png"], "width": 100, "height": 50,
-            "objects": [{"desc": "red circle", "bbox_2d": [1, 2, 30, 40]},
-                        {"desc": "blue triangle", "poly": [0, 0, 10, 0, 5, 8]},
-                        {"desc": "green line", "line": [0, 0, 99, 49]}]}
+    base = {
+        "id": 1,
+        "images": ["images/a.png"],
+        "width": 100,
+        "height": 50,
+        "objects": [
+            {"desc": "red circle", "bbox_2d": [1, 2, 30, 40]},
+            {"desc": "blue triangle", "poly": [0, 0, 10, 0, 5, 8]},
+            {"desc": "green line", "line": [0, 0, 99, 49]},
+        ],
+    }
     base.update(over)
     return base
 
@@ -33,15 +46,27 @@ def test_valid_pixel_record_and_coord_roundtrip():
     "data, mode, expected",
     [
         (rec(objects=[{"desc": "x"}]), "pixel", "objects.0: Value error, needs exactly one geometry"),
-        (rec(objects=[{"desc": "x", "bbox_2d": [1, 1, 2, 2], "line": [0, 0, 1, 1]}]), "pixel", "found 2 (bbox_2d, line)"),
+        (
+            rec(objects=[{"desc": "x", "bbox_2d": [1, 1, 2, 2], "line": [0, 0, 1, 1]}]),
+            "pixel",
+            "found 2 (bbox_2d, line)",
+        ),
         (rec(objects=[{"desc": "x", "bbox_2d": [1, 1, 2]}]), "pixel", "bbox_2d needs 4 values"),
         (rec(objects=[{"desc": "x", "poly": [1, 1, 2, 2]}]), "pixel", "poly needs an even number >= 6"),
         (rec(objects=[{"desc": "x", "line": [1, 1, 2]}]), "pixel", "line needs an even number >= 4"),
         (rec(objects=[{"desc": " ", "bbox_2d": [1, 1, 2, 2]}]), "pixel", "desc is blank"),
-        (rec(objects=[{"desc": "x", "bbox_2d": [1, 1, 200, 2]}]), "pixel", "objects.0.bbox_2d.2: x=200 is outside the image [0, 100]"),
+        (
+            rec(objects=[{"desc": "x", "bbox_2d": [1, 1, 200, 2]}]),
+            "pixel",
+            "objects.0.bbox_2d.2: x=200 is outside the image [0, 100]",
+        ),
         (rec(objects=[{"desc": "x", "bbox_2d": [5, 1, 2, 2]}]), "pixel", "x2 < x1"),
         (rec(objects=[{"desc": "x", "bbox_2d": [1, 1, 2, 2]}]), "coord", "objects.0.bbox_2d.0: expected a coord token"),
-        (rec(objects=[{"desc": "x", "bbox_2d": ["<|coord_1|>"] * 3 + ["<|coord_1000|>"]}]), "coord", "expected a coord token"),
+        (
+            rec(objects=[{"desc": "x", "bbox_2d": ["<|coord_1|>"] * 3 + ["<|coord_1000|>"]}]),
+            "coord",
+            "expected a coord token",
+        ),
         (rec(images=["../outside.png"]), "pixel", "must be relative to the JSONL folder"),
         (rec(images=["/etc/passwd"]), "pixel", "must be relative"),
         (rec(width=1), "pixel", "width: Input should be greater than 1"),

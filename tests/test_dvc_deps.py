@@ -78,14 +78,20 @@ def test_the_import_walk_sees_through_packages_and_function_imports(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("def f():\n    from coordexp.train import stage\n")
     files = {str(f.relative_to(ROOT)) for f in code_files(script) if f != script}
-    assert {"src/coordexp/__init__.py", "src/coordexp/train/__init__.py", "src/coordexp/train/stage.py",
-            "src/coordexp/core/config.py"} <= files
+    assert {
+        "src/coordexp/__init__.py",
+        "src/coordexp/train/__init__.py",
+        "src/coordexp/train/stage.py",
+        "src/coordexp/core/config.py",
+    } <= files
 
 
 def test_no_import_cycles():
     """No module imports (directly or through others) a module that imports it back."""
-    modules = {".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in (SRC / "coordexp").rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (SRC / "coordexp").rglob("*.py")
+    }
     graph = {m: {n for n in _imports(p) if n in modules and n != m} for m, p in modules.items()}
     for m in graph:  # a package's __init__ is not an edge back: importing a.b runs a/__init__ first, by design
         graph[m] = {n for n in graph[m] if not m.startswith(n + ".")}
@@ -96,7 +102,7 @@ def test_no_import_cycles():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycles.append(stack[stack.index(n):] + [n] if n in stack else [m, n])
+                cycles.append(stack[stack.index(n) :] + [n] if n in stack else [m, n])
             elif n not in state:
                 visit(n, stack + [n])
         state[m] = 2

@@ -98,8 +98,9 @@ def random_dataset(seed: int, n_img: int = 12) -> tuple[list[dict], list[dict]]:
         for _ in range(int(rng.integers(0, 3))):  # false positives, one with an unknown desc
             x, y = rng.uniform(0, 0.6) * w, rng.uniform(0, 0.6) * h
             d = classes[int(rng.integers(0, 4))] if rng.uniform() < 0.8 else "hexagon"
-            pr_objs.append({"desc": d, "bbox_2d": encode_xy([x, y, x + 0.3 * w, y + 0.3 * h], w, h),
-                            "score": float(rng.uniform())})
+            pr_objs.append(
+                {"desc": d, "bbox_2d": encode_xy([x, y, x + 0.3 * w, y + 0.3 * h], w, h), "score": float(rng.uniform())}
+            )
         records.append({"id": i, "images": [f"{i}.png"], "width": w, "height": h, "objects": gt_objs})
         preds.append({"id": i, "width": w, "height": h, "objects": pr_objs})
     return records, preds
@@ -152,8 +153,11 @@ def test_categories_and_unknown_desc() -> None:
 
 
 def test_perfect_predictions_give_ap_one() -> None:
-    objs = [box("sq", 100, 100, 300, 300), poly("tri", [500, 100, 700, 400, 300, 400]),
-            {"desc": "ln", "line": tok(10, 900, 800, 900)}]  # horizontal line: zero-height box
+    objs = [
+        box("sq", 100, 100, 300, 300),
+        poly("tri", [500, 100, 700, 400, 300, 400]),
+        {"desc": "ln", "line": tok(10, 900, 800, 900)},
+    ]  # horizontal line: zero-height box
     records = [rec(1, objs), rec(2, [box("sq", 0, 0, 50, 60)]), rec(3, [])]
     preds = [rec(r["id"], [dict(o, score=0.9) for o in r["objects"]]) for r in records]
     for iou_type in ("bbox", "segm"):
@@ -290,8 +294,10 @@ def test_summarize() -> None:
     ]
     parses = [parse_prediction(t) for t in texts]
     assert parses[0].ok and parses[1].salvaged
-    preds = [rec(r["id"], [dict(o.to_dict(), score=s) for o, s in zip(p.objects, sc)])
-             for r, p, sc in zip(records, parses, [[0.9, math.nan, 0.5], [0.7]])]
+    preds = [
+        rec(r["id"], [dict(o.to_dict(), score=s) for o, s in zip(p.objects, sc)])
+        for r, p, sc in zip(records, parses, [[0.9, math.nan, 0.5], [0.7]])
+    ]
     s = summarize(parses, preds, records)
     assert s["parse_rate"] == 0.5 and s["salvage_rate"] == 0.5 and s["complete_rate"] == 0.5
     assert s["problem_counts"] == {"truncated": 1}

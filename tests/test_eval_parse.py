@@ -90,30 +90,49 @@ def test_surrounding_text_is_tolerated_but_not_clean() -> None:
         ('{"object_1": 5}', "not_an_object"),
         ('{"object_1": ["a"]}', "not_an_object"),
         ('{"object_1": {"desc": "a"}}', "no_geometry"),
-        ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"], '
-         '"line": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}', "multiple_geometries"),
+        (
+            '{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"], '
+            '"line": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}',
+            "multiple_geometries",
+        ),
         ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}', "bad_coord_count"),
-        ('{"object_1": {"desc": "a", "poly": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}',
-         "bad_coord_count"),
+        (
+            '{"object_1": {"desc": "a", "poly": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}',
+            "bad_coord_count",
+        ),
         ('{"object_1": {"desc": "a", "line": ["<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}', "bad_coord_count"),
-        ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_1000|>","<|coord_1|>","<|coord_1|>"]}}',
-         "bad_coord_token"),
-        ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_01|>","<|coord_1|>","<|coord_1|>"]}}',
-         "bad_coord_token"),
-        ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>", 1.5, "<|coord_1|>","<|coord_1|>"]}}',
-         "bad_coord_token"),
-        ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>", 1000, "<|coord_1|>","<|coord_1|>"]}}',
-         "bad_coord_token"),
-        ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>", true, "<|coord_1|>","<|coord_1|>"]}}',
-         "bad_coord_token"),
+        (
+            '{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_1000|>","<|coord_1|>","<|coord_1|>"]}}',
+            "bad_coord_token",
+        ),
+        (
+            '{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_01|>","<|coord_1|>","<|coord_1|>"]}}',
+            "bad_coord_token",
+        ),
+        (
+            '{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>", 1.5, "<|coord_1|>","<|coord_1|>"]}}',
+            "bad_coord_token",
+        ),
+        (
+            '{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>", 1000, "<|coord_1|>","<|coord_1|>"]}}',
+            "bad_coord_token",
+        ),
+        (
+            '{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>", true, "<|coord_1|>","<|coord_1|>"]}}',
+            "bad_coord_token",
+        ),
         ('{"object_1": {"desc": "a", "bbox_2d": "<|coord_1|>"}}', "bad_geometry"),
         ('{"object_1": {"bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}', "missing_desc"),
-        ('{"object_1": {"desc": " ", "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}',
-         "missing_desc"),
-        ('{"object_1": {"desc": 3, "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}',
-         "bad_desc"),
-        ('{"object_1": {"desc": "a", "desc": "b", "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>",'
-         '"<|coord_1|>"]}}', "duplicate_field"),
+        (
+            '{"object_1": {"desc": " ", "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}',
+            "missing_desc",
+        ),
+        ('{"object_1": {"desc": 3, "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>","<|coord_1|>"]}}', "bad_desc"),
+        (
+            '{"object_1": {"desc": "a", "desc": "b", "bbox_2d": ["<|coord_1|>","<|coord_1|>","<|coord_1|>",'
+            '"<|coord_1|>"]}}',
+            "duplicate_field",
+        ),
     ],
 )
 def test_rejected_objects(body: str, kind: str) -> None:
@@ -130,8 +149,11 @@ def test_rejected_objects(body: str, kind: str) -> None:
     ("body", "kind"),
     [
         ('{"object_1": {"desc": "a", "bbox_2d": [1, "<|coord_2|>", 3, 4]}}', "plain_int_coord"),
-        ('{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_2|>","<|coord_3|>","<|coord_4|>"], '
-         '"score": 1}}', "unknown_field"),
+        (
+            '{"object_1": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_2|>","<|coord_3|>","<|coord_4|>"], '
+            '"score": 1}}',
+            "unknown_field",
+        ),
         ('{"obj": {"desc": "a", "bbox_2d": ["<|coord_1|>","<|coord_2|>","<|coord_3|>","<|coord_4|>"]}}', "bad_key"),
     ],
 )
@@ -189,7 +211,7 @@ def test_bad_json(text: str, kind: str) -> None:
 
 
 def test_non_string_input_does_not_raise() -> None:
-    r = parse_prediction(None)  # type: ignore[arg-type]
+    r = parse_prediction(None)
     assert not r.ok and kinds(r) == {"no_json"}
 
 
@@ -215,10 +237,16 @@ descs = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_si
 )
 objects = st.one_of(
     st.builds(lambda d, b: {"desc": d, "bbox_2d": b}, descs, st.lists(coord_bins, min_size=4, max_size=4)),
-    st.builds(lambda d, b: {"desc": d, "poly": b}, descs, st.lists(coord_bins, min_size=6, max_size=16)
-              .filter(lambda v: len(v) % 2 == 0)),
-    st.builds(lambda d, b: {"desc": d, "line": b}, descs, st.lists(coord_bins, min_size=4, max_size=10)
-              .filter(lambda v: len(v) % 2 == 0)),
+    st.builds(
+        lambda d, b: {"desc": d, "poly": b},
+        descs,
+        st.lists(coord_bins, min_size=6, max_size=16).filter(lambda v: len(v) % 2 == 0),
+    ),
+    st.builds(
+        lambda d, b: {"desc": d, "line": b},
+        descs,
+        st.lists(coord_bins, min_size=4, max_size=10).filter(lambda v: len(v) % 2 == 0),
+    ),
 )
 
 

@@ -4,7 +4,6 @@ import subprocess
 
 import mlflow
 import pytest
-
 from conftest import make_tiny_project, stage_env
 
 
@@ -16,15 +15,19 @@ def _sh(cmd, cwd):
 
 @pytest.mark.slow
 def test_dvc_experiment_is_its_own_tagged_run(tmp_path):
-    root = make_tiny_project(tmp_path / "repo", **{"train.max_steps": 10, "train.eval_steps": 10,
-                                                   "train.save_steps": 10})
+    root = make_tiny_project(
+        tmp_path / "repo", **{"train.max_steps": 10, "train.eval_steps": 10, "train.save_steps": 10}
+    )
     _sh(["dvc", "add", "-q", "data"], root)
     _sh(["git", "add", "-A"], root)
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny data"], root)
     _sh(["dvc", "exp", "run", "-n", "w1zero", "-S", "train.coord_soft_ce_w1.w1_weight=0", "train"], root)
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["coordexp-stage1"], filter_string="tags.`coordexp.pipeline.runner` = 'train'",
-                              output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["coordexp-stage1"],
+        filter_string="tags.`coordexp.pipeline.runner` = 'train'",
+        output_format="list",
+    )
     (run,) = runs
     assert run.data.tags["dvc.exp_name"] == "w1zero"
     assert float(run.data.params["cfg.train.coord_soft_ce_w1.w1_weight"]) == 0.0

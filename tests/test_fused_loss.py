@@ -44,7 +44,19 @@ V = K + N_TEXT_IDS
 D = 48
 WEIGHTS = CoordSoftCEW1Config().model_dump(exclude={"enabled"})
 """The loss keywords at the config's defaults; tests override the ones they are about."""
-TERMS = ("total", "text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass", "text_ce_sum", "soft_ce_sum", "w1_sum", "gate_sum", "mass_sum")
+TERMS = (
+    "total",
+    "text_ce",
+    "soft_ce",
+    "w1",
+    "gate",
+    "coord_vocab_mass",
+    "text_ce_sum",
+    "soft_ce_sum",
+    "w1_sum",
+    "gate_sum",
+    "mass_sum",
+)
 
 
 def make_vocab(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,12 +71,23 @@ def make_vocab(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 CMAP, COORD_IDS, TEXT_IDS = make_vocab()
 
 
-def make_case(n: int, coord_frac: float, ignored_frac: float, *, seed: int, scale: float = 1.0,
-              bias: bool = True, dtype: torch.dtype = torch.float32):
+def make_case(
+    n: int,
+    coord_frac: float,
+    ignored_frac: float,
+    *,
+    seed: int,
+    scale: float = 1.0,
+    bias: bool = True,
+    dtype: torch.dtype = torch.float32,
+):
     g = torch.Generator().manual_seed(seed)
     is_c = torch.rand(n, generator=g) < coord_frac
-    lab = torch.where(is_c, COORD_IDS[torch.randint(0, K, (n,), generator=g)],
-                      TEXT_IDS[torch.randint(0, N_TEXT_IDS, (n,), generator=g)])
+    lab = torch.where(
+        is_c,
+        COORD_IDS[torch.randint(0, K, (n,), generator=g)],
+        TEXT_IDS[torch.randint(0, N_TEXT_IDS, (n,), generator=g)],
+    )
     lab[torch.rand(n, generator=g) < ignored_frac] = -100
     h = torch.randn(n, D, generator=g) * scale
     w = torch.randn(V, D, generator=g) / D**0.5
@@ -161,8 +184,7 @@ def _check_all(res_f, g_f, res_m, g_m):
 # ------------------------------------------------------------------------------------------------
 
 
-def reference64(lab, h, w, b, *, temperature, target_sigma, target_truncate, soft_ce_weight, w1_weight,
-                gate_weight):
+def reference64(lab, h, w, b, *, temperature, target_sigma, target_truncate, soft_ce_weight, w1_weight, gate_weight):
     z = h.double() @ w.double().T + (0 if b is None else b.double())
     T = temperature
     i = torch.arange(K, dtype=torch.float64)
@@ -198,8 +220,10 @@ def reference64(lab, h, w, b, *, temperature, target_sigma, target_truncate, sof
 
 # vocab mode: columns per chunk (1 column .. all of V); rows mode: rows per chunk: single rows, 13
 # (the 46-53 supervised rows leave a last chunk of 1, 7 or 9 rows) and all rows in one chunk
-@pytest.mark.parametrize("mode,chunk", [("vocab", 1), ("vocab", 7), ("vocab", 64), ("vocab", 1000),
-                                        ("rows", 1), ("rows", 13), ("rows", 1000)])
+@pytest.mark.parametrize(
+    "mode,chunk",
+    [("vocab", 1), ("vocab", 7), ("vocab", 64), ("vocab", 1000), ("rows", 1), ("rows", 13), ("rows", 1000)],
+)
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 2.5])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_materialised_fp32(mode, chunk, temperature, bias, backward_counts):
@@ -244,7 +268,9 @@ def test_random_cases(n, coord_frac, ignored_frac, mode, chunk, temperature, sca
     zmax = float((h @ w.T + b).abs().max())
     for name in TERMS:
         n_terms = res_m.coord_tokens if name.endswith("_sum") and name != "text_ce_sum" else 1
-        _close_value(getattr(res_f, name), getattr(res_m, name), atol=1e-6 + 4 * EPS32 * zmax / temperature * max(n_terms, 1))
+        _close_value(
+            getattr(res_f, name), getattr(res_m, name), atol=1e-6 + 4 * EPS32 * zmax / temperature * max(n_terms, 1)
+        )
     # Gradients: 1e-5 plus the same fp32 conditioning term as the values. With peaked coord rows
     # (|z| / T ~ 100) the total's gradient is a near-cancellation of the full and the coord-slice
     # softmax, each carrying a relative error of ~eps |z| / T from its own rounding of the logits
@@ -358,7 +384,11 @@ def test_gate_clamp_rows(mode):
     res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 6), temperature=1.0)
     assert 0.0 <= float(res_f.gate) < 1e-5
     for name in TERMS:
-        _close_value(getattr(res_f, name), getattr(res_m, name), atol=1e-5 if name in ("total", "gate", "gate_sum", "coord_vocab_mass", "mass_sum") else 1e-6)
+        _close_value(
+            getattr(res_f, name),
+            getattr(res_m, name),
+            atol=1e-5 if name in ("total", "gate", "gate_sum", "coord_vocab_mass", "mass_sum") else 1e-6,
+        )
     for g, gr in zip(g_f, g_m):
         _close_grad(g, gr)
 
@@ -387,8 +417,9 @@ def test_any_upstream_gradient_is_exact(mode, which):
 @pytest.mark.parametrize("scale", [0.25, 1.0, 7.0])
 def test_rows_mode_uses_the_saved_gradient_for_multiples_of_total(scale, backward_counts):
     lab, h, w, b = make_case(40, 0.5, 0.1, seed=18)
-    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking("rows", 9), temperature=0.6,
-                                      loss_of=lambda r: scale * r.total)
+    res_f, g_f, res_m, g_m = run_both(
+        lab, h, w, b, chunks=chunking("rows", 9), temperature=0.6, loss_of=lambda r: scale * r.total
+    )
     _check_all(res_f, g_f, res_m, g_m)
     assert res_f.mode == "rows"
     assert backward_counts["backward:saved"] == 1 and backward_counts["backward:recomputed_rows"] == 0

@@ -101,9 +101,17 @@ def _lse(x: torch.Tensor) -> torch.Tensor:
     return (x - m).exp().sum(dim=-1).log() + m.squeeze(-1)
 
 
-def reference(z: torch.Tensor, labels: torch.Tensor, *, T: float, sigma: float, truncate: int,
-              w_ce: float = WEIGHTS["soft_ce_weight"], w_w1: float = WEIGHTS["w1_weight"],
-              w_gate: float = WEIGHTS["gate_weight"]) -> dict[str, torch.Tensor]:
+def reference(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    T: float,
+    sigma: float,
+    truncate: int,
+    w_ce: float = WEIGHTS["soft_ce_weight"],
+    w_w1: float = WEIGHTS["w1_weight"],
+    w_gate: float = WEIGHTS["gate_weight"],
+) -> dict[str, torch.Tensor]:
     """Means of each term over its own tokens, float64; 0 for a term without tokens."""
     z = z.reshape(-1, z.shape[-1]).double()
     y = labels.reshape(-1)
@@ -132,8 +140,11 @@ def reference(z: torch.Tensor, labels: torch.Tensor, *, T: float, sigma: float, 
         return torch.stack(xs).mean() if xs else z.sum() * 0.0
 
     out = {
-        "text_ce": mean(text_terms), "soft_ce": mean(ce_terms), "w1": mean(w1_terms),
-        "gate": mean(gate_terms), "coord_vocab_mass": mean(mass_terms),
+        "text_ce": mean(text_terms),
+        "soft_ce": mean(ce_terms),
+        "w1": mean(w1_terms),
+        "gate": mean(gate_terms),
+        "coord_vocab_mass": mean(mass_terms),
     }
     out["total"] = out["text_ce"] + w_ce * out["soft_ce"] + w_w1 * out["w1"] + w_gate * out["gate"]
     return out
@@ -148,8 +159,16 @@ def _value_tol(ref: torch.Tensor, zmax: float, T: float) -> float:
     return 1e-5 * abs(float(ref.detach())) + 4 * EPS32 * zmax / T * 1e-3 + 1e-6
 
 
-def check_against_reference(z32: torch.Tensor, labels: torch.Tensor, *, T: float, sigma: float,
-                            truncate: int, grad_rtol: float = 1e-5, value_extra: float = 0.0) -> None:
+def check_against_reference(
+    z32: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    T: float,
+    sigma: float,
+    truncate: int,
+    grad_rtol: float = 1e-5,
+    value_extra: float = 0.0,
+) -> None:
     z_lib = z32.detach().clone().requires_grad_()
     z_ref = z32.detach().double().clone().requires_grad_()
     res = stage1_loss(z_lib, labels, CMAP, **weights(temperature=T, target_sigma=sigma, target_truncate=truncate))
@@ -159,7 +178,12 @@ def check_against_reference(z32: torch.Tensor, labels: torch.Tensor, *, T: float
         got, want = getattr(res, name), ref[name]
         assert torch.isfinite(got), name
         tol = _value_tol(want, zmax, T) + value_extra
-        assert abs(float(got.detach()) - float(want.detach())) <= tol, (name, float(got.detach()), float(want.detach()), tol)
+        assert abs(float(got.detach()) - float(want.detach())) <= tol, (
+            name,
+            float(got.detach()),
+            float(want.detach()),
+            tol,
+        )
         g_lib, g_ref = _grad(got, z_lib), _grad(want, z_ref)
         assert g_lib.dtype == z32.dtype and g_lib.shape == z32.shape
         scale = float(g_ref.abs().max()) if g_ref.numel() else 0.0

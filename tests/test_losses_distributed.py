@@ -92,8 +92,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 model = _model()
                 counts = global_counts([labels[j] for j in mine], cmap)  # every rank, every step
                 for j in mine:
-                    res = stage1_loss(model(hidden[j]), labels[j], cmap, soft_ce_weight=w[0],
-                                      w1_weight=w[1], gate_weight=w[2], normalizer=counts, **LOSS_KW)
+                    res = stage1_loss(
+                        model(hidden[j]),
+                        labels[j],
+                        cmap,
+                        soft_ce_weight=w[0],
+                        w1_weight=w[1],
+                        gate_weight=w[2],
+                        normalizer=counts,
+                        **LOSS_KW,
+                    )
                     assert torch.isfinite(res.total)
                     res.total.backward()
                 for p in model.parameters():  # what DDP does: all-reduce, then mean
@@ -122,8 +130,15 @@ def _single_rank(scenario: str, w: tuple[float, float, float]) -> list[torch.Ten
     cmap = _vocab()[0]
     hidden, labels = _global_batch(scenario)
     model = _model()
-    res = stage1_loss(model(hidden.reshape(-1, L, HIDDEN)), labels.reshape(-1, L), cmap,
-                      soft_ce_weight=w[0], w1_weight=w[1], gate_weight=w[2], **LOSS_KW)
+    res = stage1_loss(
+        model(hidden.reshape(-1, L, HIDDEN)),
+        labels.reshape(-1, L),
+        cmap,
+        soft_ce_weight=w[0],
+        w1_weight=w[1],
+        gate_weight=w[2],
+        **LOSS_KW,
+    )
     res.total.backward()
     return _grads(model)
 

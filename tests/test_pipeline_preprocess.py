@@ -5,7 +5,6 @@ import subprocess
 
 import mlflow
 import pytest
-
 from conftest import stage_env
 
 
@@ -40,8 +39,9 @@ def test_dvc_pull_and_repro_preprocess(repo_copy):
 def test_stage_refuses_bad_params_before_work(repo_copy):
     p = repo_copy / "params.yaml"
     p.write_text(p.read_text().replace("  coord_soft_ce_w1:\n", "  coord_loss: {l1: 1}\n  coord_soft_ce_w1:\n"))
-    res = subprocess.run(["python", "stages/preprocess.py"], cwd=repo_copy, env=stage_env(), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        ["python", "stages/preprocess.py"], cwd=repo_copy, env=stage_env(), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 2
     assert "train.coord_loss" in res.stderr
     assert not (repo_copy / "artifacts").exists()

@@ -23,16 +23,18 @@ def _coco(tmp: Path, split: str, images, annotations):
 
 
 def _params(tmp: Path, **pre) -> Params:
-    return Params.model_validate({
-        "preprocess": {
-            "splits": {
-                "train": {"annotations": str(tmp / "train.json"), "images": str(tmp / "img")},
-                "val": {"annotations": str(tmp / "val.json"), "images": str(tmp / "img")},
-            },
-            "out_dir": str(tmp / "out"),
-            **pre,
+    return Params.model_validate(
+        {
+            "preprocess": {
+                "splits": {
+                    "train": {"annotations": str(tmp / "train.json"), "images": str(tmp / "img")},
+                    "val": {"annotations": str(tmp / "val.json"), "images": str(tmp / "img")},
+                },
+                "out_dir": str(tmp / "out"),
+                **pre,
+            }
         }
-    })
+    )
 
 
 @pytest.fixture
@@ -61,7 +63,13 @@ def dataset(tmp_path):
         {"id": 5, "image_id": 2, "category_id": 1, "bbox": [90, 10, 20, 5]},
         {"id": 6, "image_id": 2, "category_id": 9, "bbox": [10, 10, 5, 5]},
         {"id": 7, "image_id": 2, "category_id": 1, "bbox": [10, 10, 5, 5], "iscrowd": 1},
-        {"id": 8, "image_id": 2, "category_id": 1, "bbox": [20, 20, 10, 10], "segmentation": {"size": [80, 100], "counts": "abc"}},
+        {
+            "id": 8,
+            "image_id": 2,
+            "category_id": 1,
+            "bbox": [20, 20, 10, 10],
+            "segmentation": {"size": [80, 100], "counts": "abc"},
+        },
         {"id": 9, "image_id": 2, "category_id": 1, "bbox": [80, 60, 20, 20]},
         # images 3-5 have an object each, but their files are missing / corrupt / escaping
         {"id": 10, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5]},
@@ -86,9 +94,18 @@ def test_conversion_counts_every_reject(dataset):
     assert tr["records_in"] == 8 and tr["records_out"] == 3  # images 1, 2, 7
     assert tr["objects_in"] == 15 and tr["objects_out"] == 5
     assert tr["geometry"] == {"bbox_2d": 3, "poly": 1, "line": 1}  # RLE kept as its box (rle: bbox)
-    expected = {"crowd": 1, "degenerate_box": 2, "outside_image": 1, "unknown_category": 1, "missing_image": 1,
-                "unreadable_image": 1, "image_path_escapes_root": 1, "no_valid_objects": 1,
-                "unknown_image_id": 1, "size_mismatch": 1}
+    expected = {
+        "crowd": 1,
+        "degenerate_box": 2,
+        "outside_image": 1,
+        "unknown_category": 1,
+        "missing_image": 1,
+        "unreadable_image": 1,
+        "image_path_escapes_root": 1,
+        "no_valid_objects": 1,
+        "unknown_image_id": 1,
+        "size_mismatch": 1,
+    }
     assert tr["rejects"] == expected
     rejects = [json.loads(line) for line in (dataset / "out" / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == sum(expected.values()) and m["splits"]["val"]["rejects"] == {}

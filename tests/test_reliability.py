@@ -36,8 +36,14 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, sig):
     updates = {"train.max_steps": 20, "train.save_steps": 10, "train.eval_steps": 10}
     root = make_tiny_project(tmp_path / "killed", **updates)
     _prepare(root)
-    proc = subprocess.Popen([sys.executable, "stages/train.py"], cwd=root, env=stage_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "stages/train.py"],
+        cwd=root,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = root / "artifacts" / "train" / "swift" / "checkpoint-10" / "trainer_state.json"
     deadline = time.time() + 600
     while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
@@ -49,16 +55,20 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, sig):
     run_id = (root / "artifacts" / "train" / "mlflow_run_id").read_text().strip()
     assert json.loads((root / "artifacts" / "train" / "state.json").read_text())["status"] == "running"
 
-    res = subprocess.run(["dvc", "repro", "train"], cwd=root, env=stage_env(), capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run(
+        ["dvc", "repro", "train"], cwd=root, env=stage_env(), capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resuming run {run_id}" in res.stdout
     assert (root / "artifacts" / "train" / "mlflow_run_id").read_text().strip() == run_id
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
-    runs = mlflow.search_runs(experiment_names=["coordexp-stage1"], filter_string="tags.`coordexp.pipeline.runner` = 'train'",
-                              output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=["coordexp-stage1"],
+        filter_string="tags.`coordexp.pipeline.runner` = 'train'",
+        output_format="list",
+    )
     assert [r.info.run_id for r in runs] == [run_id]
 
     ref = make_tiny_project(tmp_path / "straight", **updates)
@@ -108,10 +118,23 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
 def test_runs_land_on_a_tracking_server(tmp_path):
     port = _free_port()
     server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
-         f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "server-artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -133,7 +156,7 @@ def test_runs_land_on_a_tracking_server(tmp_path):
         server.wait(timeout=30)
 
 
-_BLOCK = '''
+_BLOCK = """
 import socket
 _connect = socket.socket.connect
 def _blocked(self, address):
@@ -142,7 +165,7 @@ def _blocked(self, address):
     raise OSError(f"network disabled by the no-network test: connect to {address}")
 socket.socket.connect = _blocked
 socket.socket.connect_ex = lambda self, address: _blocked(self, address)
-'''
+"""
 
 
 def test_pipeline_runs_with_sockets_blocked(tmp_path):
@@ -150,8 +173,10 @@ def test_pipeline_runs_with_sockets_blocked(tmp_path):
     block = tmp_path / "block"
     block.mkdir()
     (block / "sitecustomize.py").write_text(_BLOCK)
-    root = make_tiny_project(tmp_path / "repo", **{"train.max_steps": 10, "train.eval_steps": 10,
-                                                   "train.save_steps": 10, "evaluate.limit": 4})
+    root = make_tiny_project(
+        tmp_path / "repo",
+        **{"train.max_steps": 10, "train.eval_steps": 10, "train.save_steps": 10, "evaluate.limit": 4},
+    )
     for stage in ("preprocess", "build_base", "train", "evaluate"):
         run_stage(root, stage, PYTHONPATH=str(block))
     assert json.loads((root / "reports" / "metrics" / "eval.json").read_text())["nan_scores"] == 0

@@ -45,9 +45,15 @@ def digests(folder: Path) -> dict[str, str]:
 
 def history(mass: list[float], eval_loss: list[float], loss: list[float] | None = None) -> pd.DataFrame:
     n = len(mass)
-    train = pd.DataFrame({"step": np.arange(1, n + 1) * 10, "split": "train",
-                          "loss": loss if loss is not None else np.linspace(5, 1, n),
-                          "coord_softce_w1/coord_vocab_mass": mass, "learning_rate": np.linspace(1e-3, 0, n)})
+    train = pd.DataFrame(
+        {
+            "step": np.arange(1, n + 1) * 10,
+            "split": "train",
+            "loss": loss if loss is not None else np.linspace(5, 1, n),
+            "coord_softce_w1/coord_vocab_mass": mass,
+            "learning_rate": np.linspace(1e-3, 0, n),
+        }
+    )
     ev = pd.DataFrame({"step": np.arange(1, len(eval_loss) + 1) * 20, "split": "eval", "loss": eval_loss})
     return pd.concat([train, ev], ignore_index=True)
 
@@ -85,8 +91,10 @@ def test_diagnose_flags_falling_mass_nan_and_rising_eval_loss() -> None:
 def test_load_history_tells_logged_nan_from_not_logged(tmp_path: Path) -> None:
     """In the CSV an empty cell means "not logged at this row", a literal nan is a real NaN."""
     csv = tmp_path / "h.csv"
-    csv.write_text("step,split,loss,grad_norm,train_runtime\n10,train,2.0,nan,\n20,train,1.5,1.0,\n"
-                   "20,eval,1.7,,\n20,train,,,12.5\n")
+    csv.write_text(
+        "step,split,loss,grad_norm,train_runtime\n10,train,2.0,nan,\n20,train,1.5,1.0,\n"
+        "20,eval,1.7,,\n20,train,,,12.5\n"
+    )
     hist, source = runs.load_history(csv)
     assert source == str(csv) and len(hist) == 4
     assert training.nonfinite_cells(hist) == [("grad_norm", 10)]
@@ -104,19 +112,28 @@ def test_final_values_take_last_non_missing_value_per_split() -> None:
 
 def _gt_record() -> dict:
     tok = lambda ks: [f"<|coord_{k}|>" for k in ks]  # noqa: E731
-    return {"id": 7, "images": ["x.png"], "width": 128, "height": 128, "objects": [
-        {"desc": "red circle", "bbox_2d": tok([100, 100, 300, 300])},
-        {"desc": "blue triangle", "poly": tok([500, 500, 700, 500, 600, 800])},
-        {"desc": "green line", "line": tok([10, 900, 400, 950])},
-    ]}
+    return {
+        "id": 7,
+        "images": ["x.png"],
+        "width": 128,
+        "height": 128,
+        "objects": [
+            {"desc": "red circle", "bbox_2d": tok([100, 100, 300, 300])},
+            {"desc": "blue triangle", "poly": tok([500, 500, 700, 500, 600, 800])},
+            {"desc": "green line", "line": tok([10, 900, 400, 950])},
+        ],
+    }
 
 
 def test_match_objects_hungarian_same_desc_errors_in_bins() -> None:
-    pred = {"id": 7, "objects": [
-        {"desc": "blue triangle", "poly": [505, 498, 700, 500, 600, 810], "score": 0.4},  # enclosing box compared
-        {"desc": "red circle", "bbox_2d": [104, 97, 300, 302], "score": 0.9},
-        {"desc": "red square", "bbox_2d": [100, 100, 300, 300], "score": 0.9},  # wrong desc: never matched
-    ]}
+    pred = {
+        "id": 7,
+        "objects": [
+            {"desc": "blue triangle", "poly": [505, 498, 700, 500, 600, 810], "score": 0.4},  # enclosing box compared
+            {"desc": "red circle", "bbox_2d": [104, 97, 300, 302], "score": 0.9},
+            {"desc": "red square", "bbox_2d": [100, 100, 300, 300], "score": 0.9},  # wrong desc: never matched
+        ],
+    }
     err = evaluation.match_objects([_gt_record()], [pred], iou_thr=0.1)
     assert len(err) == 8 and set(err["desc"]) == {"red circle", "blue triangle"}
     circle = err[err["desc"] == "red circle"].set_index("coord")["error"].to_dict()
@@ -220,7 +237,9 @@ def test_report_stage_renders_notebooks_html_and_figures(reported: Path) -> None
     out = reported / "reports"
     for name in render.NOTEBOOKS:
         nb = nbformat.read(out / "notebooks" / f"{name}.ipynb", as_version=4)
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        errors = [
+            o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+        ]
         assert not errors, f"{name}: {errors}"
         assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), name
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), name
@@ -239,7 +258,9 @@ def test_report_figures_are_logged_to_the_training_run(reported: Path) -> None:
     c = MlflowClient(tracking_uri=f"sqlite:///{reported / 'mlflow.db'}")
     logged = {Path(a.path).name for a in c.list_artifacts(run_id, "report/figures")}
     assert set(expected_figures()) <= logged
-    assert {f"{n}.html" for n in render.NOTEBOOKS} <= {Path(a.path).name for a in c.list_artifacts(run_id, "report/html")}
+    assert {f"{n}.html" for n in render.NOTEBOOKS} <= {
+        Path(a.path).name for a in c.list_artifacts(run_id, "report/html")
+    }
 
 
 @pytest.mark.slow
@@ -262,8 +283,14 @@ def test_eval_report_notebook_runs_alone_through_papermill(reported: Path, tmp_p
     import papermill as pm
 
     out_nb, figs = tmp_path / "eval_report.ipynb", tmp_path / "figs"
-    pm.execute_notebook(str(reported / "notebooks" / "eval_report.ipynb"), str(out_nb), kernel_name=render.KERNEL,
-                        parameters={"figures_dir": str(figs)}, cwd=str(reported), progress_bar=False)
+    pm.execute_notebook(
+        str(reported / "notebooks" / "eval_report.ipynb"),
+        str(out_nb),
+        kernel_name=render.KERNEL,
+        parameters={"figures_dir": str(figs)},
+        cwd=str(reported),
+        progress_bar=False,
+    )
     ref = digests(reported / "reports" / "figures")
     for stem in render.EXPECTED_FIGURES["eval_report"]:
         assert_real_png(figs / f"{stem}.png")

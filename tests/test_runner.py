@@ -24,8 +24,15 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("error", [UserError("bad thing at x.jsonl:3"), ContractError("x.jsonl:3: objects.0: no geometry"),
-                                   CheckpointError("no config.json"), MissingInputError("run dvc repro preprocess")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        UserError("bad thing at x.jsonl:3"),
+        ContractError("x.jsonl:3: objects.0: no geometry"),
+        CheckpointError("no config.json"),
+        MissingInputError("run dvc repro preprocess"),
+    ],
+)
 def test_user_errors_print_one_line_and_exit_2(project, capsys, error):
     def fail(params, root):
         raise error
@@ -37,8 +44,9 @@ def test_user_errors_print_one_line_and_exit_2(project, capsys, error):
     assert err == f"error: [demo] {error}\n"
 
 
-@pytest.mark.parametrize("error", [ValueError("a bug in numpy land"), FileNotFoundError("/tmp/x"),
-                                   RuntimeError("shape mismatch")])
+@pytest.mark.parametrize(
+    "error", [ValueError("a bug in numpy land"), FileNotFoundError("/tmp/x"), RuntimeError("shape mismatch")]
+)
 def test_anything_else_keeps_its_traceback(project, error):
     def fail(params, root):
         raise error

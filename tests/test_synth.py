@@ -240,6 +240,7 @@ def test_min_extent_and_line_aspect(tmp_path):
     """The two knobs the embedded default turns: no object smaller than ``min_extent`` of the side,
     and no line whose points' box is thinner than ``line_min_aspect`` of its longer side. The
     unconstrained default does produce both (so the check can fail)."""
+
     def figures(out: Path) -> tuple[float, float]:
         coco = _load(out, "train")
         smallest = min(max(a["bbox"][2], a["bbox"][3]) for a in coco["annotations"] if "line" not in a)
@@ -252,8 +253,9 @@ def test_min_extent_and_line_aspect(tmp_path):
 
     plain, tight = tmp_path / "plain", tmp_path / "tight"
     synth.generate_coco_shapes(plain, n_train=80, n_val=0, progress=False)
-    summary = synth.generate_coco_shapes(tight, n_train=80, n_val=0, min_extent=0.25, line_min_aspect=0.35,
-                                         progress=False)
+    summary = synth.generate_coco_shapes(
+        tight, n_train=80, n_val=0, min_extent=0.25, line_min_aspect=0.35, progress=False
+    )
     smallest, thinnest = figures(plain)
     assert smallest < 0.2 * SIZE and thinnest < 0.2
     smallest, thinnest = figures(tight)
@@ -286,8 +288,17 @@ def test_cli_and_stale_files(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "kw",
-    [{"min_objects": 0}, {"min_objects": 3, "max_objects": 2}, {"max_occlusion": 1.0}, {"seed": -1}, {"n_train": -1},
-     {"min_extent": 0.7}, {"min_extent": 0.0}, {"line_min_aspect": -0.1}, {"line_min_aspect": 0.9}],
+    [
+        {"min_objects": 0},
+        {"min_objects": 3, "max_objects": 2},
+        {"max_occlusion": 1.0},
+        {"seed": -1},
+        {"n_train": -1},
+        {"min_extent": 0.7},
+        {"min_extent": 0.0},
+        {"line_min_aspect": -0.1},
+        {"line_min_aspect": 0.9},
+    ],
 )
 def test_invalid_arguments(tmp_path, kw):
     kw = dict(kw)
@@ -301,7 +312,9 @@ def test_coordexp_synth_command_passes_every_option(tmp_path, capsys):
     from coordexp.cli import main
 
     out = tmp_path / "via_cli"
-    assert main(["synth", "--out", str(out), "--n-train", "2", "--n-val", "1", "--min-extent", "0.3",
-                 "--no-progress"]) == 0
+    assert (
+        main(["synth", "--out", str(out), "--n-train", "2", "--n-val", "1", "--min-extent", "0.3", "--no-progress"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["splits"]["train"]["images"] == 2
     assert _load(out, "train")["info"]["min_extent"] == 0.3

@@ -12,9 +12,17 @@ import torch
 from coordexp.core.codec import encode_xy, parse_coord_token
 from coordexp.core.template import IMAGE_TAG, PROMPT, TEMPLATE_NAME, build_messages, encode_record
 
-SMALL = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-             vision_hidden_size=32, vision_depth=2, vision_heads=2,
-             vision_warmup={"steps": 0})  # the warm-up has tests of its own (test_vision_warmup.py)
+SMALL = dict(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=64,
+    vision_hidden_size=32,
+    vision_depth=2,
+    vision_heads=2,
+    vision_warmup={"steps": 0},
+)  # the warm-up has tests of its own (test_vision_warmup.py)
 
 
 def _records(root: Path, n: int = 6) -> list[dict]:
@@ -27,7 +35,12 @@ def _records(root: Path, n: int = 6) -> list[dict]:
         objs = []
         for _ in range(rng.randint(1, 3)):
             x, y = rng.randint(0, 90), rng.randint(0, 90)
-            objs.append({"desc": rng.choice(["red circle", "blue square"]), "bbox_2d": encode_xy([x, y, x + 30, y + 30], 128, 128)})
+            objs.append(
+                {
+                    "desc": rng.choice(["red circle", "blue square"]),
+                    "bbox_2d": encode_xy([x, y, x + 30, y + 30], 128, 128),
+                }
+            )
         objs.append({"desc": "blue triangle", "poly": encode_xy([10, 10, 40, 10, 25, 35], 128, 128)})
         objs.append({"desc": "green line", "line": encode_xy([0, 0, 127, 127], 128, 128)})
         Image.new("RGB", (128, 128), (i * 40 % 255, 0, 0)).save(root / "images" / f"{i}.png")
@@ -128,7 +141,7 @@ def test_encode_labels_cover_exactly_the_answer(setup, template):
         # the span is the assistant JSON + end of turn (ms-swift also keeps the newline after it)
         answer = render_answer(rec["objects"])
         text = tok.decode([labels[i] for i in sup])
-        assert text.startswith(answer + "<|im_end|>") and text[len(answer) + len("<|im_end|>"):].strip() == ""
+        assert text.startswith(answer + "<|im_end|>") and text[len(answer) + len("<|im_end|>") :].strip() == ""
         assert tok.decode(ids[: sup[0]]).endswith("<|im_start|>assistant\n")
         # every coord token of the answer is a coord position, in order, with its bin
         lab = torch.tensor(labels)
@@ -182,7 +195,9 @@ def test_hf_chat_template_renders_the_same_prompt(setup, template):
     rec = recs[0]
     row = build_messages(rec, root, with_answer=False)
     msgs = to_hf_messages(row)
-    assert msgs == [{"role": "user", "content": [{"type": "image", "image": row["images"][0]}, {"type": "text", "text": PROMPT}]}]
+    assert msgs == [
+        {"role": "user", "content": [{"type": "image", "image": row["images"][0]}, {"type": "text", "text": PROMPT}]}
+    ]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     hf = proc(text=[text], images=[Image.open(row["images"][0]).convert("RGB")], return_tensors="pt")
     sw = encode_record(infer_t, rec, root, with_answer=False)

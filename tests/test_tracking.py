@@ -3,8 +3,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from coordexp.pipeline import tracking
 from coordexp.core.config import Params
+from coordexp.pipeline import tracking
 
 
 def test_default_uri_is_sqlite_at_the_root(monkeypatch, tmp_path):

@@ -9,13 +9,26 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-
 from conftest import make_tiny_project, run_stage
 
-KEYS = ["coord_softce_w1/loss", "coord_softce_w1/soft_ce", "coord_softce_w1/w1", "coord_softce_w1/gate",
-        "coord_softce_w1/coord_vocab_mass", "coord_softce_w1/coord_tokens", "token_acc"]
-TYPE_KEYS = ["token_type/desc_loss", "token_type/desc_acc", "token_type/structure_loss", "token_type/structure_acc",
-             "token_type/coord_loss", "token_type/coord_acc", "token_type/coord_acc_pm2"]
+KEYS = [
+    "coord_softce_w1/loss",
+    "coord_softce_w1/soft_ce",
+    "coord_softce_w1/w1",
+    "coord_softce_w1/gate",
+    "coord_softce_w1/coord_vocab_mass",
+    "coord_softce_w1/coord_tokens",
+    "token_acc",
+]
+TYPE_KEYS = [
+    "token_type/desc_loss",
+    "token_type/desc_acc",
+    "token_type/structure_loss",
+    "token_type/structure_acc",
+    "token_type/coord_loss",
+    "token_type/coord_acc",
+    "token_type/coord_acc_pm2",
+]
 
 
 def _trained(tmp_path_factory, name: str, **updates) -> Path:
@@ -48,9 +61,9 @@ def _reference_eval(root: Path, enabled: bool) -> dict[str, float]:
 
     from coordexp.core.config import load_params
     from coordexp.core.contract import read_jsonl
-    from coordexp.train.loss import stage1_loss
     from coordexp.core.template import encode_record, load_template
     from coordexp.core.vocab import coord_id_map
+    from coordexp.train.loss import stage1_loss
 
     final = root / "artifacts" / "train" / "final"
     tpl = load_template(final, mode="train")
@@ -59,9 +72,13 @@ def _reference_eval(root: Path, enabled: bool) -> dict[str, float]:
     logits, labels = [], []
     for rec in read_jsonl(jsonl)[:4]:
         enc = encode_record(tpl, rec, jsonl.parent)
-        inputs = {k: torch.as_tensor(enc[k])[None] if k in ("input_ids", "attention_mask", "mm_token_type_ids")
-                  else torch.as_tensor(enc[k]) for k in ("input_ids", "attention_mask", "pixel_values",
-                                                         "image_grid_thw", "mm_token_type_ids") if k in enc}
+        inputs = {
+            k: torch.as_tensor(enc[k])[None]
+            if k in ("input_ids", "attention_mask", "mm_token_type_ids")
+            else torch.as_tensor(enc[k])
+            for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+            if k in enc
+        }
         with torch.no_grad():
             out = model(**inputs)
         lab = torch.as_tensor(enc["labels"])
@@ -128,8 +145,11 @@ def test_baseline_is_plain_ce_on_every_token(baseline_project):
 @pytest.fixture(scope="module")
 def ddp_project(tmp_path_factory):
     """Two CPU processes of batch 2: the global batch of ``stage1_project``'s single process."""
-    return _trained(tmp_path_factory, "ddp", **{"train.token_type_metrics.enabled": True,
-                                                  "train.nproc_per_node": 2, "train.per_device_train_batch_size": 2})
+    return _trained(
+        tmp_path_factory,
+        "ddp",
+        **{"train.token_type_metrics.enabled": True, "train.nproc_per_node": 2, "train.per_device_train_batch_size": 2},
+    )
 
 
 @pytest.mark.slow
@@ -196,7 +216,10 @@ def test_evaluate_writes_metrics_that_match_pycocotools(stage1_project):
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["bbox_mAP"] == pytest.approx(m["bbox_mAP"]) and "parse_rate" in logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
-        "eval/predictions.jsonl", "eval/coco_gt.json", "eval/coco_results.json"}
+        "eval/predictions.jsonl",
+        "eval/coco_gt.json",
+        "eval/coco_results.json",
+    }
     assert "evaluate" in res.stdout
 
 
@@ -226,8 +249,21 @@ def test_predict_command_on_a_users_image(stage1_project, tmp_path):
 
     img = next((stage1_project / "artifacts" / "preprocess" / "images" / "val").glob("*.png"))
     exe = Path(sys.executable).parent / "coordexp"
-    res = subprocess.run([exe, "predict", "--checkpoint", stage1_project / "artifacts" / "train" / "final",
-                          "--out", tmp_path / "out", "--max-new-tokens", "64", img], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            exe,
+            "predict",
+            "--checkpoint",
+            stage1_project / "artifacts" / "train" / "final",
+            "--out",
+            tmp_path / "out",
+            "--max-new-tokens",
+            "64",
+            img,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert out[0]["image"] == str(img) and isinstance(out[0]["objects"], list)
@@ -254,9 +290,19 @@ def test_fused_loss_training_gives_the_unfused_loss_curve(stage1_project, fused_
     curves = {}
     for name, root in (("unfused", stage1_project), ("fused", fused_project)):
         client, run = _run(root)  # each project has its own MLflow store
-        curves[name] = {key: _history(client, run.info.run_id, key) for key in (
-            "loss", "eval_loss", "coord_softce_w1/w1", "coord_softce_w1/soft_ce", "coord_softce_w1/gate",
-            "eval_coord_softce_w1/w1", "token_acc", "eval_token_acc")}
+        curves[name] = {
+            key: _history(client, run.info.run_id, key)
+            for key in (
+                "loss",
+                "eval_loss",
+                "coord_softce_w1/w1",
+                "coord_softce_w1/soft_ce",
+                "coord_softce_w1/gate",
+                "eval_coord_softce_w1/w1",
+                "token_acc",
+                "eval_token_acc",
+            )
+        }
     assert json.loads((fused_project / "artifacts/train/coordexp_plugin.json").read_text())["fused_loss"] is True
     for key, a in curves["unfused"].items():
         b = curves["fused"][key]
@@ -267,7 +313,8 @@ def test_fused_loss_training_gives_the_unfused_loss_curve(stage1_project, fused_
     assert curves["fused"]["loss"][first] == pytest.approx(curves["unfused"]["loss"][first], rel=1e-5)
     # the fused run's evaluation loss is the library loss on the final checkpoint's materialised logits
     assert curves["fused"]["eval_loss"][30] == pytest.approx(
-        _reference_eval(fused_project, enabled=True)["stage1"], rel=1e-4)
+        _reference_eval(fused_project, enabled=True)["stage1"], rel=1e-4
+    )
 
 
 def test_fused_loss_refuses_what_needs_full_logits():
@@ -281,8 +328,8 @@ def test_fused_loss_refuses_what_needs_full_logits():
 
 def test_cpu_processes_are_capped_by_the_cores(monkeypatch):
     """CPU data parallel gets one process per core at most, and the cores are shared out."""
-    from coordexp.train import stage as training
     from coordexp.core.config import load_params
+    from coordexp.train import stage as training
 
     monkeypatch.setattr(training, "_cuda_available", lambda: False)
     monkeypatch.setattr(training, "_cpu_count", lambda: 4)
@@ -303,8 +350,11 @@ def test_vit_lr_reaches_the_optimizer(tmp_path_factory):
     (ms-swift's multimodal optimizer groups, not a frozen module: the tower still gets gradients)."""
     from safetensors.torch import load_file
 
-    root = _trained(tmp_path_factory, "vit_lr", **{"train.vit_lr": 0.0, "train.max_steps": 5,
-                                                    "train.eval_steps": 5, "train.save_steps": 5})
+    root = _trained(
+        tmp_path_factory,
+        "vit_lr",
+        **{"train.vit_lr": 0.0, "train.max_steps": 5, "train.eval_steps": 5, "train.save_steps": 5},
+    )
     base = load_file(str(root / "artifacts" / "base" / "model.safetensors"))
     final = load_file(str(root / "artifacts" / "train" / "final" / "model.safetensors"))
     tower = [k for k in base if ".visual." in k and ".merger" not in k and "deepstack_merger" not in k]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordexp.core.contract import read_jsonl
 from coordexp.build_base.vision_warmup import object_boxes, token_targets, warm_up_vision
+from coordexp.core.contract import read_jsonl
 from tests.test_build_base import SMALL, write_dataset
 
 
@@ -60,15 +60,26 @@ def _load(base: Path):
 def _warm(setup, steps=4, seed=0):
     jsonl, base = setup
     model, proc = _load(base)
-    figures = warm_up_vision(model, proc, read_jsonl(jsonl), jsonl.parent, steps=steps, batch_size=3,
-                             learning_rate=2e-3, seed=seed, progress=False)
+    figures = warm_up_vision(
+        model,
+        proc,
+        read_jsonl(jsonl),
+        jsonl.parent,
+        steps=steps,
+        batch_size=3,
+        learning_rate=2e-3,
+        seed=seed,
+        progress=False,
+    )
     return model, figures
 
 
 def test_warm_up_trains_the_vision_tower_only(setup):
     before, _ = _load(setup[1])
     after, figures = _warm(setup)
-    changed = {n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)}
+    changed = {
+        n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)
+    }
     assert changed, "the warm-up changed nothing"
     assert all(n.startswith("model.visual.") for n in changed), sorted(changed)
     assert any(".merger." in n for n in changed) and any(".blocks." in n for n in changed)

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from coordexp.core.codec import COORD_TOKENS, K, encode_xy, parse_coord_token
 from coordexp.build_base.tiny import add_coord_tokens, build_tiny, build_tokenizer
+from coordexp.core.codec import COORD_TOKENS, K, encode_xy, parse_coord_token
 from coordexp.core.vocab import (
     CoordVocabError,
     check_coord_tokens_atomic,
@@ -57,8 +57,20 @@ def plain_tokenizer():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "base"
-    build_tiny(None, out, records=_records(), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-               intermediate_size=64, vision_hidden_size=32, vision_depth=1, vision_heads=2, vision_warmup={"steps": 0})
+    build_tiny(
+        None,
+        out,
+        records=_records(),
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        vision_hidden_size=32,
+        vision_depth=1,
+        vision_heads=2,
+        vision_warmup={"steps": 0},
+    )
     return out
 
 

@@ -48,8 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("path", nargs="?", type=Path, default=None, help="params file (default: the project's)")
     p.set_defaults(func=_check_config)
 
-    p = sub.add_parser("synth", help="generate the embedded synthetic shapes data set (COCO format)",
-                       add_help=False)
+    p = sub.add_parser("synth", help="generate the embedded synthetic shapes data set (COCO format)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_synth)
 

@@ -35,7 +35,7 @@ def _poisoned(outputs: Any) -> Any:
     return outputs
 
 
-class NanAtStepLoss(_Stage1):  # type: ignore[misc, valid-type]
+class NanAtStepLoss(_Stage1):
     """The registered Stage-1 loss, fed NaN at training step :data:`NAN_STEP`."""
 
     nan_at_step = NAN_STEP

@@ -65,7 +65,9 @@ def build_base(
     if mode == "expand":
         exp = dict(expand or {})
         if not exp.get("source"):
-            raise CheckpointError("build_base.expand.source is not set: point it at a local Qwen3-VL / Qwen2.5-VL checkpoint directory")
+            raise CheckpointError(
+                "build_base.expand.source is not set: point it at a local Qwen3-VL / Qwen2.5-VL checkpoint directory"
+            )
         check_source(exp["source"])  # fail before creating anything
     elif mode == "tiny":
         if train_jsonl is None or not Path(train_jsonl).is_file():

@@ -73,7 +73,9 @@ def init_coord_rows(
             rows = rows + float(ordinal_scale) * std[None, :] * ordinal_code(len(coord_ids), weight.shape[1])
         elif init != "mean":
             raise ValueError(f"init must be 'mean' or 'ordinal', got {init!r}")
-        weight[torch.tensor(coord_ids, dtype=torch.long, device=weight.device)] = rows.to(weight.dtype).to(weight.device)
+        weight[torch.tensor(coord_ids, dtype=torch.long, device=weight.device)] = rows.to(weight.dtype).to(
+            weight.device
+        )
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:

@@ -54,7 +54,9 @@ def check_source(source: str | Path) -> str:
     if not has_tok:
         raise CheckpointError(f"{src}: no tokenizer files (tokenizer.json or vocab.json + merges.txt). {_PLACE_HINT}")
     if not ((src / "preprocessor_config.json").is_file() or (src / "processor_config.json").is_file()):
-        raise CheckpointError(f"{src}: no preprocessor_config.json / processor_config.json (image processor). {_PLACE_HINT}")
+        raise CheckpointError(
+            f"{src}: no preprocessor_config.json / processor_config.json (image processor). {_PLACE_HINT}"
+        )
     weights = list(src.glob("*.safetensors")) + list(src.glob("pytorch_model*.bin"))
     if not weights:
         raise CheckpointError(f"{src}: no weights (*.safetensors or pytorch_model*.bin). {_PLACE_HINT}")
@@ -123,7 +125,16 @@ def expand_checkpoint(
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     write_coord_vocab(tokenizer, vocab, out)
-    _write_info(out, src, model_type, init, ordinal_scale, resized=len(tokenizer) > old_rows, vocab=vocab, tok_len=len(tokenizer))
+    _write_info(
+        out,
+        src,
+        model_type,
+        init,
+        ordinal_scale,
+        resized=len(tokenizer) > old_rows,
+        vocab=vocab,
+        tok_len=len(tokenizer),
+    )
     return out
 
 
@@ -131,7 +142,9 @@ def _load_config(src: Path) -> Any:
     return AutoConfig.from_pretrained(str(src), local_files_only=True)
 
 
-def _write_info(out: Path, src: Path, model_type: str, init: str, scale: float, *, resized: bool, vocab: int, tok_len: int) -> None:
+def _write_info(
+    out: Path, src: Path, model_type: str, init: str, scale: float, *, resized: bool, vocab: int, tok_len: int
+) -> None:
     info = {
         "mode": "expand",
         "source": str(src),

@@ -63,8 +63,16 @@ def grammar_tokens() -> tuple[str, ...]:
     copies, not chooses. Added tokens are matched before the BPE runs, so the text is unchanged and
     decodes back verbatim.
     """
-    return (PROMPT, '{"object_', '"]}, "object_', '": {"desc": "', *(f'", "{k}": ["' for k in GEOMETRY_KEYS),
-            '", "', '"]}}')
+    return (
+        PROMPT,
+        '{"object_',
+        '"]}, "object_',
+        '": {"desc": "',
+        *(f'", "{k}": ["' for k in GEOMETRY_KEYS),
+        '", "',
+        '"]}}',
+    )
+
 
 # Qwen2/3 special tokens, in Qwen's order. ``<|endoftext|>`` is id 0 of the trained BPE.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -85,9 +93,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 # Non-special added tokens of Qwen3 (ms-swift's qwen3_vl template knows a thinking prefix).
 PLAIN_ADDED_TOKENS: tuple[str, ...] = ("<think>", "</think>")
 
-QWEN_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # A Qwen-VL style chat template for ``processor.apply_chat_template`` users (vLLM, plain
 # transformers inference). Training and the workbench's own inference encode through
@@ -174,11 +180,10 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> tuple[dict[str, int], li
     tok.train_from_iterator(list(texts), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return dict(model["vocab"]), merges  # type: ignore[return-value]
+    return dict(model["vocab"]), merges
 
 
-def build_tokenizer(texts: Sequence[str], vocab_size: int, *, coord_tokens: bool = True,
-                    grammar: bool = False) -> Any:
+def build_tokenizer(texts: Sequence[str], vocab_size: int, *, coord_tokens: bool = True, grammar: bool = False) -> Any:
     """A ``Qwen2Tokenizer`` with a locally trained BPE, Qwen's special tokens, (optionally) the
     answer grammar's fixed strings (:func:`grammar_tokens`) and (optionally) coord tokens."""
     vocab, merges = train_bpe(texts, vocab_size)
@@ -231,7 +236,10 @@ def tiny_config(
         raise ValueError(f"head_dim = hidden_size / num_heads = {head_dim} must be even and >= 8 (M-RoPE)")
     half = head_dim // 2  # M-RoPE splits the rotary frequencies over (t, h, w)
     mrope = [half - 2 * (half // 3), half // 3, half // 3]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")
+    }
     vocab = padded_vocab_size(len(tokenizer))
     text = dict(
         vocab_size=vocab,
@@ -242,7 +250,12 @@ def tiny_config(
         num_key_value_heads=num_kv_heads,
         head_dim=head_dim,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope, "mrope_interleaved": True},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": mrope,
+            "mrope_interleaved": True,
+        },
         pad_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         bos_token_id=None,
@@ -271,7 +284,9 @@ def tiny_config(
     )
 
 
-def build_processor(tokenizer: Any, patch_size: int, *, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+def build_processor(
+    tokenizer: Any, patch_size: int, *, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Any:
     """``Qwen3VLProcessor`` (image + video processors, tokenizer, chat template) for the tiny model.
 
     Pixel bounds default to [4, 1024] merged tokens, so a 128 px image keeps its size.
@@ -290,7 +305,10 @@ def build_processor(tokenizer: Any, patch_size: int, *, min_pixels: int | None =
     image_processor = Qwen2VLImageProcessor(**common)
     video_processor = Qwen3VLVideoProcessor(**common)
     return Qwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -336,14 +354,17 @@ def build_tiny(
     if image_root is None and train_jsonl is not None:
         image_root = Path(train_jsonl).parent
     if warmup["steps"] and image_root is None:
-        raise ValueError("the vision warm-up reads the training images: pass image_root (or train_jsonl), "
-                         "or set vision_warmup.steps to 0")
+        raise ValueError(
+            "the vision warm-up reads the training images: pass image_root (or train_jsonl), "
+            "or set vision_warmup.steps to 0"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     grammar = bool(cfg["grammar_tokens"])
-    tokenizer = build_tokenizer(bpe_corpus(records, grammar=grammar), int(cfg["vocab_size"]),
-                                coord_tokens=coord_tokens, grammar=grammar)
+    tokenizer = build_tokenizer(
+        bpe_corpus(records, grammar=grammar), int(cfg["vocab_size"]), coord_tokens=coord_tokens, grammar=grammar
+    )
     config = tiny_config(tokenizer, tie_word_embeddings=tie_word_embeddings, **cfg)
     torch.manual_seed(int(cfg["seed"]))
     model = Qwen3VLForConditionalGeneration(config).to(torch.float32)
@@ -359,18 +380,32 @@ def build_tiny(
     processor = build_processor(tokenizer, int(cfg["patch_size"]))
     warmup_figures: dict[str, float] = {}
     if warmup["steps"]:
-        warmup_figures = warm_up_vision(model, processor, records, Path(image_root), steps=int(warmup["steps"]),
-                                        batch_size=int(warmup["batch_size"]),
-                                        learning_rate=float(warmup["learning_rate"]), seed=int(cfg["seed"]))
+        warmup_figures = warm_up_vision(
+            model,
+            processor,
+            records,
+            Path(image_root),
+            steps=int(warmup["steps"]),
+            batch_size=int(warmup["batch_size"]),
+            learning_rate=float(warmup["learning_rate"]),
+            seed=int(cfg["seed"]),
+        )
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     if coord_tokens:
         write_coord_vocab(tokenizer, config.text_config.vocab_size, out)
     (out / "build_info.json").write_text(
         json.dumps(
-            {"mode": "tiny", "settings": cfg, "tie_word_embeddings": tie_word_embeddings, "coord_tokens": coord_tokens,
-             "parameters": count_parameters(model), "tokenizer_len": len(tokenizer),
-             "vocab_size": config.text_config.vocab_size, "vision_warmup": warmup_figures},
+            {
+                "mode": "tiny",
+                "settings": cfg,
+                "tie_word_embeddings": tie_word_embeddings,
+                "coord_tokens": coord_tokens,
+                "parameters": count_parameters(model),
+                "tokenizer_len": len(tokenizer),
+                "vocab_size": config.text_config.vocab_size,
+                "vision_warmup": warmup_figures,
+            },
             indent=2,
         )
         + "\n",

@@ -50,8 +50,11 @@ def object_boxes(record: Any) -> list[tuple[str, tuple[float, float, float, floa
     return out
 
 
-def token_targets(boxes: Sequence[tuple[int, tuple[float, float, float, float]]], grid_h: int, grid_w: int,
-                  ) -> tuple[list[int], list[tuple[float, float, float, float] | None]]:
+def token_targets(
+    boxes: Sequence[tuple[int, tuple[float, float, float, float]]],
+    grid_h: int,
+    grid_w: int,
+) -> tuple[list[int], list[tuple[float, float, float, float] | None]]:
     """Per merged token in raster order: class index + 1 of the smallest box covering its centre (0 =
     background) and that box (None on background). ``boxes`` holds ``(class index, box)`` pairs."""
     classes: list[int] = []
@@ -143,13 +146,14 @@ def warm_up_vision(
         on = torch.cat([b[4] for b in batch])
         feats = vision(pixels, grid_thw=grid, return_dict=True).pooler_output
         out = head(feats)
-        logits, box = out[:, : len(descs) + 1], torch.sigmoid(out[:, len(descs) + 1:])
+        logits, box = out[:, : len(descs) + 1], torch.sigmoid(out[:, len(descs) + 1 :])
         loss_cls = torch.nn.functional.cross_entropy(logits, cls)
         loss_box = (box[on] - box_t[on]).abs().mean() if bool(on.any()) else box.sum() * 0
         loss = loss_cls + 10.0 * loss_box
         if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"vision warm-up: non-finite loss at step {step}; lower "
-                                     "build_base.tiny.vision_warmup.learning_rate")
+            raise FloatingPointError(
+                f"vision warm-up: non-finite loss at step {step}; lower build_base.tiny.vision_warmup.learning_rate"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -43,8 +43,10 @@ def read_config(checkpoint_dir: str | Path) -> dict[str, Any]:
     """``config.json`` of a checkpoint folder, without loading anything else."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"{checkpoint_dir}: no config.json, so it is not a Hugging Face checkpoint; "
-                              "build the base checkpoint first (dvc repro build_base) or point at a checkpoint folder")
+        raise CheckpointError(
+            f"{checkpoint_dir}: no config.json, so it is not a Hugging Face checkpoint; "
+            "build the base checkpoint first (dvc repro build_base) or point at a checkpoint folder"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -54,8 +56,9 @@ def read_config(checkpoint_dir: str | Path) -> dict[str, Any]:
 def check_model_type(model_type: Any, where: str | Path) -> str:
     """``model_type`` if the workbench supports it; else a :class:`CheckpointError` naming ``where``."""
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{where}: model_type {model_type!r} is not supported; supported: "
-                              f"{sorted(SUPPORTED_MODEL_TYPES)}")
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
     return str(model_type)
 
 

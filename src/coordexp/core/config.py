@@ -47,9 +47,7 @@ class PreprocessConfig(_Section):
             "train": SplitSource(
                 annotations="data/shapes/annotations/instances_train.json", images="data/shapes/train"
             ),
-            "val": SplitSource(
-                annotations="data/shapes/annotations/instances_val.json", images="data/shapes/val"
-            ),
+            "val": SplitSource(annotations="data/shapes/annotations/instances_val.json", images="data/shapes/val"),
         }
     )
     """COCO-format inputs by split name; ``train`` and ``val`` are required."""
@@ -71,7 +69,7 @@ class PreprocessConfig(_Section):
     """Boxes narrower or shorter than this (pixels) are degenerate and rejected."""
 
     @model_validator(mode="after")
-    def _needs_train_and_val(self) -> "PreprocessConfig":
+    def _needs_train_and_val(self) -> PreprocessConfig:
         missing = {"train", "val"} - set(self.splits)
         if missing:
             raise ValueError(f"splits must define {sorted(missing)} (each with annotations and images)")
@@ -153,7 +151,7 @@ class BuildBaseConfig(_Section):
     """Checkpoint to expand (mode expand)."""
 
     @model_validator(mode="after")
-    def _expand_needs_source(self) -> "BuildBaseConfig":
+    def _expand_needs_source(self) -> BuildBaseConfig:
         if self.mode == "expand" and not self.expand.source:
             raise ValueError(
                 "mode is 'expand' but expand.source is not set: set build_base.expand.source to a local "
@@ -257,7 +255,7 @@ class TrainConfig(_Section):
     """Log the final checkpoint to MLflow as a path reference (tag) or upload it as artifacts."""
 
     @model_validator(mode="after")
-    def _fused_needs_stage1(self) -> "TrainConfig":
+    def _fused_needs_stage1(self) -> TrainConfig:
         if self.fused_loss and not self.coord_soft_ce_w1.enabled:
             raise ValueError(
                 "fused_loss: true computes the Stage-1 loss; the plain-CE baseline (coord_soft_ce_w1.enabled: "

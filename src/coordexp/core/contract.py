@@ -51,7 +51,7 @@ class ContractObject(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _one_geometry(self) -> "ContractObject":
+    def _one_geometry(self) -> ContractObject:
         present = [k for k in GEOMETRY_KEYS if getattr(self, k) is not None]
         if len(present) != 1:
             raise ValueError(
@@ -92,9 +92,7 @@ class Record(BaseModel):
         for p in v:
             parts = Path(p).parts
             if not p or Path(p).is_absolute() or ".." in parts:
-                raise ValueError(
-                    f"image path {p!r} must be relative to the JSONL folder and stay inside it"
-                )
+                raise ValueError(f"image path {p!r} must be relative to the JSONL folder and stay inside it")
         return v
 
     def check_mode(self, mode: Mode) -> None:
@@ -169,17 +167,13 @@ def image_path(record: Record, jsonl_path: str | Path) -> Path:
 
 def to_coord_mode(record: Record) -> Record:
     """Pixel-mode record -> coord-token record (through the codec)."""
-    objs = [
-        {"desc": o.desc, o.kind: codec.encode_xy(o.values, record.width, record.height)} for o in record.objects
-    ]
+    objs = [{"desc": o.desc, o.kind: codec.encode_xy(o.values, record.width, record.height)} for o in record.objects]
     return Record.model_validate({**record.model_dump(exclude={"objects"}), "objects": objs})
 
 
 def to_pixel_mode(record: Record) -> Record:
     """Coord-token record -> pixel-mode record (bin centres)."""
-    objs = [
-        {"desc": o.desc, o.kind: codec.decode_xy(o.values, record.width, record.height)} for o in record.objects
-    ]
+    objs = [{"desc": o.desc, o.kind: codec.decode_xy(o.values, record.width, record.height)} for o in record.objects]
     return Record.model_validate({**record.model_dump(exclude={"objects"}), "objects": objs})
 
 

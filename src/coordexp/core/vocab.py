@@ -70,7 +70,7 @@ def find_coord_token_ids(tokenizer: Any) -> list[int] | None:
             "A checkpoint must have all of <|coord_0|>..<|coord_999|> or none "
             "(then run build_base in mode 'expand' to add them)."
         )
-    out = [int(i) for i in ids]  # type: ignore[arg-type]
+    out = [int(i) for i in ids]
     bad = [k for k in range(1, K) if out[k] <= out[k - 1]]
     if bad:
         k = bad[0]

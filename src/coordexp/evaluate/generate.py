@@ -40,8 +40,9 @@ class Generation:
 def check_checkpoint(path: Path) -> None:
     """A checkpoint folder that a detector can load; else a :class:`CheckpointError` saying what to do."""
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory; train first (dvc repro train) or pass "
-                              "a local checkpoint folder")
+        raise CheckpointError(
+            f"{path}: no such checkpoint directory; train first (dvc repro train) or pass a local checkpoint folder"
+        )
     read_config(path)
 
 
@@ -70,13 +71,23 @@ class Detector:
     def generate(self, rows: list[dict[str, Any]], max_new_tokens: int) -> list[Generation]:
         messages = [to_hf_messages(row) for row in rows]
         inputs = self.processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
             padding=True,
         ).to(self.device)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, output_scores=True,
-            return_dict_in_generate=True, eos_token_id=self.eos_ids, pad_token_id=pad,
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=self.eos_ids,
+            pad_token_id=pad,
         )
         start = inputs["input_ids"].shape[1]
         seqs = out.sequences[:, start:].cpu()
@@ -89,8 +100,13 @@ class Detector:
             end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
             keep = ids[:end] if end is not None else ids
             text = self.tokenizer.decode(keep, skip_special_tokens=True)
-            results.append(Generation(
-                text=text, tokens=self.tokenizer.convert_ids_to_tokens(keep),
-                probs=[float(p) for p in chosen[b, : len(keep)]], n_tokens=len(keep), hit_limit=end is None,
-            ))
+            results.append(
+                Generation(
+                    text=text,
+                    tokens=self.tokenizer.convert_ids_to_tokens(keep),
+                    probs=[float(p) for p in chosen[b, : len(keep)]],
+                    n_tokens=len(keep),
+                    hit_limit=end is None,
+                )
+            )
         return results

@@ -44,7 +44,6 @@ from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
 from coordexp.core.codec import decode_xy
-
 from coordexp.core.geometry import enclosing_box, geometry_of, polygon_area
 from coordexp.evaluate.parse import ParseResult
 
@@ -55,8 +54,16 @@ STAT_NAMES: tuple[str, ...] = (
 )  # fmt: skip
 """Names of ``COCOeval.stats`` in order."""
 
-HEADLINE_METRICS: tuple[str, ...] = ("bbox_mAP", "bbox_mAP50", "bbox_mAP75", "segm_mAP", "f1@0.5", "f1@0.3",
-                                     "parse_rate", "nan_scores")
+HEADLINE_METRICS: tuple[str, ...] = (
+    "bbox_mAP",
+    "bbox_mAP50",
+    "bbox_mAP75",
+    "segm_mAP",
+    "f1@0.5",
+    "f1@0.3",
+    "parse_rate",
+    "nan_scores",
+)
 """The metrics of ``eval.json`` that the stage prints and tables list first, spelled as in the file."""
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from coordexp.core import codec
-from coordexp.core.geometry import geometry_of
 from coordexp.core.contract import Record
+from coordexp.core.geometry import geometry_of
 from coordexp.evaluate.generate import Detector
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
@@ -51,7 +51,15 @@ def predict(checkpoint: Path, images: list[Path], out_dir: Path, *, max_new_toke
                 (gen,) = det.generate(det.rows([rec], Path(tmp)), max_new_tokens)
             pred, parse = gen.prediction(n, w, h)
             draw(im, pred["objects"], w, h).save(out_dir / f"{path.stem}.pred.png")
-        results.append({"image": str(path), "width": w, "height": h, "text": gen.text,
-                        "objects": pred["objects"], "problems": [p.__dict__ for p in parse.problems]})
+        results.append(
+            {
+                "image": str(path),
+                "width": w,
+                "height": h,
+                "text": gen.text,
+                "objects": pred["objects"],
+                "problems": [p.__dict__ for p in parse.problems],
+            }
+        )
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=2))
     return results

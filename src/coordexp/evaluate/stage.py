@@ -23,27 +23,41 @@ from coordexp.core.errors import MissingInputError
 from coordexp.core.io import write_json, write_jsonl
 from coordexp.evaluate.generate import Detector
 from coordexp.evaluate.metrics import (
-    boxes_from_records, build_coco_results, coco_map, f1_at_iou, summarize, to_coco_gt,
+    boxes_from_records,
+    build_coco_results,
+    coco_map,
+    f1_at_iou,
+    summarize,
+    to_coco_gt,
 )
 from coordexp.pipeline import tracking
 
 
-
-def predict_records(detector: Any, records: list[Any], image_root: Path, *, batch_size: int, max_new_tokens: int,
-                    desc: str = "evaluate") -> tuple[list[dict[str, Any]], list[Any], list[dict[str, Any]]]:
+def predict_records(
+    detector: Any, records: list[Any], image_root: Path, *, batch_size: int, max_new_tokens: int, desc: str = "evaluate"
+) -> tuple[list[dict[str, Any]], list[Any], list[dict[str, Any]]]:
     """(prediction records, parse results, raw rows) for contract records, batch by batch."""
     preds, parses, raw = [], [], []
     bar = tqdm(total=len(records), desc=desc, unit="img", disable=None)
     for i in range(0, len(records), batch_size):
-        chunk = records[i: i + batch_size]
+        chunk = records[i : i + batch_size]
         gens = detector.generate(detector.rows(chunk, image_root), max_new_tokens)
         for rec, gen in zip(chunk, gens):
             pred, parse = gen.prediction(rec.id, rec.width, rec.height)
             preds.append(pred)
             parses.append(parse)
-            raw.append({"id": rec.id, "text": gen.text, "n_tokens": gen.n_tokens, "hit_limit": gen.hit_limit,
-                        "objects": pred["objects"], "problems": [p.__dict__ for p in parse.problems],
-                        "problem_counts": parse.problem_counts(), "ok": parse.ok})
+            raw.append(
+                {
+                    "id": rec.id,
+                    "text": gen.text,
+                    "n_tokens": gen.n_tokens,
+                    "hit_limit": gen.hit_limit,
+                    "objects": pred["objects"],
+                    "problems": [p.__dict__ for p in parse.problems],
+                    "problem_counts": parse.problem_counts(),
+                    "ok": parse.ok,
+                }
+            )
         bar.update(len(chunk))
     bar.close()
     return preds, parses, raw
@@ -63,11 +77,21 @@ def compute_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], 
     f3 = f1_at_iou(gt_boxes, pred_boxes, 0.3)
     health = summarize(parses, preds, records)
     m: dict[str, Any] = {
-        "bbox_mAP": box.mAP, "bbox_mAP50": box.mAP50, "bbox_mAP75": box.mAP75, "segm_mAP": seg.mAP,
-        "segm_mAP50": seg.mAP50, "f1@0.5": f5["f1"], "precision@0.5": f5["precision"], "recall@0.5": f5["recall"],
-        "f1@0.3": f3["f1"], "precision@0.3": f3["precision"], "recall@0.3": f3["recall"],
-        "parse_rate": health["parse_rate"], "salvage_rate": health["salvage_rate"],
-        "nan_scores": health["nan_scores"], "duplicate_rate": health["duplicate_rate"],
+        "bbox_mAP": box.mAP,
+        "bbox_mAP50": box.mAP50,
+        "bbox_mAP75": box.mAP75,
+        "segm_mAP": seg.mAP,
+        "segm_mAP50": seg.mAP50,
+        "f1@0.5": f5["f1"],
+        "precision@0.5": f5["precision"],
+        "recall@0.5": f5["recall"],
+        "f1@0.3": f3["f1"],
+        "precision@0.3": f3["precision"],
+        "recall@0.3": f3["recall"],
+        "parse_rate": health["parse_rate"],
+        "salvage_rate": health["salvage_rate"],
+        "nan_scores": health["nan_scores"],
+        "duplicate_rate": health["duplicate_rate"],
         "pred_objects_per_image": health["pred_objects_per_image"],
         "gt_objects_per_image": health["gt_objects_per_image"],
         "problem_counts": health["problem_counts"],
@@ -100,15 +124,23 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     for step, ckpt in checkpoints_to_evaluate(params, root):
         det = Detector(ckpt)
         t0 = time.time()
-        preds, parses, raw = predict_records(det, records, jsonl.parent, batch_size=cfg.batch_size,
-                                             max_new_tokens=cfg.max_new_tokens, desc=f"evaluate {ckpt.name}")
+        preds, parses, raw = predict_records(
+            det,
+            records,
+            jsonl.parent,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            desc=f"evaluate {ckpt.name}",
+        )
         seconds = time.time() - t0
         metrics = compute_metrics(gt_records, preds, parses)
         metrics["images_per_second"] = len(records) / max(seconds, 1e-9)
         metrics["checkpoint"] = str(ckpt.relative_to(root)) if ckpt.is_relative_to(root) else str(ckpt)
         results.append((step, metrics, preds, raw))
-        print(f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
-              f"parse_rate={metrics['parse_rate']:.3f} ({metrics['images_per_second']:.1f} img/s)")
+        print(
+            f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
+            f"parse_rate={metrics['parse_rate']:.3f} ({metrics['images_per_second']:.1f} img/s)"
+        )
     best = max(results, key=lambda r: (r[1]["bbox_mAP"] or 0.0, r[0] or 0))
     step, metrics, preds, raw = best
     gt_box = to_coco_gt(gt_records, "bbox")
@@ -122,8 +154,13 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     run_id = tracking.run_id_of(params, root)
     with tracking.stage_run(params, "evaluate", run_id=run_id, run_name="evaluate") as _:
-        mlflow.log_metrics({tracking.mlflow_metric_name(k): float(v) for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {
+                tracking.mlflow_metric_name(k): float(v)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         for s, m, _, _ in results:
             if s is not None and m["bbox_mAP"] is not None:
                 mlflow.log_metric("ckpt_bbox_mAP", m["bbox_mAP"], step=s)

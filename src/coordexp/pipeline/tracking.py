@@ -169,8 +169,9 @@ def run_tags(params: Params, stage: str) -> dict[str, str]:
 
 
 @contextmanager
-def stage_run(params: Params, stage: str, *, run_id: str | None = None, run_name: str | None = None,
-              log_params: bool = True) -> Iterator[Any]:
+def stage_run(
+    params: Params, stage: str, *, run_id: str | None = None, run_name: str | None = None, log_params: bool = True
+) -> Iterator[Any]:
     """Start (or resume, given ``run_id``) a run for ``stage``; marks it FAILED if the block raises."""
     mlflow = _mlflow(params)
     exp = experiment_id(params)
@@ -185,8 +186,11 @@ def stage_run(params: Params, stage: str, *, run_id: str | None = None, run_name
         tags = run_tags(params, stage)
         if run_id is not None:
             # a later stage adding to an earlier stage's run keeps that run's identity
-            tags = {f"coordexp.{stage}.{k.split('.')[-1]}": v for k, v in tags.items() if k != "coordexp.stage"} \
-                if mlflow.get_run(run_id).data.tags.get("coordexp.stage") not in (None, stage) else tags
+            tags = (
+                {f"coordexp.{stage}.{k.split('.')[-1]}": v for k, v in tags.items() if k != "coordexp.stage"}
+                if mlflow.get_run(run_id).data.tags.get("coordexp.stage") not in (None, stage)
+                else tags
+            )
         mlflow.set_tags(tags)
         if log_params and run_id is None:
             mlflow.log_params(mlflow_params(params))

@@ -21,8 +21,13 @@ def copy_project(source: Path, dest: Path, *, exclude: Iterable[str] = ("reports
     Returns ``dest``.
     """
     skip = set(exclude)
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=source,
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for rel in files:
         if rel.split("/", 1)[0] in skip or not (source / rel).is_file():
             continue
@@ -30,8 +35,13 @@ def copy_project(source: Path, dest: Path, *, exclude: Iterable[str] = ("reports
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / rel, target)
     (dest / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "coordexp", "GIT_AUTHOR_EMAIL": "coordexp@localhost",
-           "GIT_COMMITTER_NAME": "coordexp", "GIT_COMMITTER_EMAIL": "coordexp@localhost"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "coordexp",
+        "GIT_AUTHOR_EMAIL": "coordexp@localhost",
+        "GIT_COMMITTER_NAME": "coordexp",
+        "GIT_COMMITTER_EMAIL": "coordexp@localhost",
+    }
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "working copy"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
     return dest

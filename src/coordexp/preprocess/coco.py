@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from coordexp.core import paths
 from coordexp.core.config import Params, PreprocessConfig
-from coordexp.core.errors import UserError
 from coordexp.core.contract import Record, record_to_json, to_coord_mode
+from coordexp.core.errors import UserError
 from coordexp.core.geometry import GEOMETRY_KEYS, geometry_of, polygon_area
 from coordexp.core.io import atomic_dir, write_json, write_jsonl
 
@@ -175,7 +175,12 @@ def _place_image(src: Path, dst: Path, max_side: int | None) -> tuple[int, int, 
 
 
 def convert_split(
-    name: str, ann_file: Path, image_dir: Path, out_dir: Path, cfg: PreprocessConfig, seed: int,
+    name: str,
+    ann_file: Path,
+    image_dir: Path,
+    out_dir: Path,
+    cfg: PreprocessConfig,
+    seed: int,
     rejects: list[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], SplitStats]:
     coco = load_coco(ann_file)
@@ -198,10 +203,18 @@ def convert_split(
         anns = by_image.get(img.get("id"), [])
         stats.objects_in += len(anns)
 
-        def reject_image(reason: str, detail: str = "") -> None:
+        def reject_image(reason: str, detail: str = "", img: dict[str, Any] = img, anns: list[Any] = anns) -> None:
             stats.rejects[reason] += 1
-            rejects.append({"split": name, "image_id": img.get("id"), "file_name": img.get("file_name"),
-                            "reason": reason, "detail": detail, "objects_lost": len(anns)})
+            rejects.append(
+                {
+                    "split": name,
+                    "image_id": img.get("id"),
+                    "file_name": img.get("file_name"),
+                    "reason": reason,
+                    "detail": detail,
+                    "objects_lost": len(anns),
+                }
+            )
 
         file_name = img.get("file_name")
         if not isinstance(file_name, str) or not isinstance(img.get("id"), int):
@@ -214,7 +227,12 @@ def convert_split(
         if not src.is_file():
             reject_image("missing_image", str(src))
             continue
-        dst = out_dir / "images" / name / (Path(file_name).with_suffix("").as_posix().replace("/", "__") + Path(file_name).suffix)
+        dst = (
+            out_dir
+            / "images"
+            / name
+            / (Path(file_name).with_suffix("").as_posix().replace("/", "__") + Path(file_name).suffix)
+        )
         try:
             width, height, sx, sy = _place_image(src, dst, cfg.max_side)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -222,8 +240,10 @@ def convert_split(
             continue
         if (img.get("width"), img.get("height")) not in ((None, None), (round(width / sx), round(height / sy))):
             dst.unlink()
-            reject_image("size_mismatch", f"COCO says {img.get('width')}x{img.get('height')}, file is "
-                         f"{round(width / sx)}x{round(height / sy)}")
+            reject_image(
+                "size_mismatch",
+                f"COCO says {img.get('width')}x{img.get('height')}, file is {round(width / sx)}x{round(height / sy)}",
+            )
             continue
 
         objects: list[dict[str, Any]] = []
@@ -248,22 +268,32 @@ def convert_split(
             if cfg.vertex_order == "canonical":
                 values = canonical_points(kind, values)
             scaled = [v * (sx if i % 2 == 0 else sy) for i, v in enumerate(values)]
-            stats.clamped_coords += sum(
-                1 for i, v in enumerate(scaled) if v > (width if i % 2 == 0 else height) - 1
-            )
+            stats.clamped_coords += sum(1 for i, v in enumerate(scaled) if v > (width if i % 2 == 0 else height) - 1)
             objects.append({"desc": str(categories[ann["category_id"]]).strip(), kind: scaled})
 
         if anns and not objects:
             dst.unlink()
             stats.rejects["no_valid_objects"] += 1
-            rejects.append({"split": name, "image_id": img["id"], "file_name": file_name,
-                            "reason": "no_valid_objects", "objects_lost": 0})
+            rejects.append(
+                {
+                    "split": name,
+                    "image_id": img["id"],
+                    "file_name": file_name,
+                    "reason": "no_valid_objects",
+                    "objects_lost": 0,
+                }
+            )
             continue
         objects = _order(objects, cfg, seed, img["id"])
-        rec = Record.model_validate({
-            "id": img["id"], "images": [dst.relative_to(out_dir).as_posix()], "width": width, "height": height,
-            "objects": [_clip(o, width, height) for o in objects],
-        })
+        rec = Record.model_validate(
+            {
+                "id": img["id"],
+                "images": [dst.relative_to(out_dir).as_posix()],
+                "width": width,
+                "height": height,
+                "objects": [_clip(o, width, height) for o in objects],
+            }
+        )
         rec.check_mode("pixel")
         rec = to_coord_mode(rec)
         out.append(record_to_json(rec))
@@ -301,8 +331,13 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     with atomic_dir(out_dir) as tmp:
         for name, src in cfg.splits.items():
             records, stats = convert_split(
-                name, paths.resolve(src.annotations, root), paths.resolve(src.images, root), tmp, cfg,
-                params.seed, rejects,
+                name,
+                paths.resolve(src.annotations, root),
+                paths.resolve(src.images, root),
+                tmp,
+                cfg,
+                params.seed,
+                rejects,
             )
             if not records:
                 raise CocoFormatError(

@@ -71,7 +71,6 @@ import inspect
 import io
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -178,8 +177,9 @@ def render_mask(ann: dict[str, Any], shape: str, width: int, height: int) -> np.
 # --------------------------------------------------------------------------- sampling
 
 
-def _sample_geometry(rng: np.random.Generator, shape: str, size: int, *, min_extent: float,
-                     line_min_aspect: float) -> dict[str, Any]:
+def _sample_geometry(
+    rng: np.random.Generator, shape: str, size: int, *, min_extent: float, line_min_aspect: float
+) -> dict[str, Any]:
     """One object's annotation geometry (bbox + its shape-specific field), placed wholly
     inside a ``size x size`` image. Extent (largest side) is ``min_extent``..60 % of ``size``;
     a line's points span at least ``line_min_aspect`` times their larger side in the other
@@ -277,7 +277,7 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
 
 def _jitter_colour(rng: np.random.Generator, base: tuple[int, int, int]) -> tuple[int, int, int]:
     j = rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, size=3)
-    return tuple(int(v) for v in np.clip(np.array(base) + j, 0, 255))  # type: ignore[return-value]
+    return tuple(int(v) for v in np.clip(np.array(base) + j, 0, 255))
 
 
 def make_image(
@@ -408,8 +408,14 @@ def _generate_split(
         it = tqdm(it, desc=f"shapes/{split}", unit="img", file=sys.stderr)
     for i in it:
         img, anns, dropped = make_image(
-            seed, split, i, image_size=image_size, min_objects=min_objects,
-            max_objects=max_objects, max_occlusion=max_occlusion, min_extent=min_extent,
+            seed,
+            split,
+            i,
+            image_size=image_size,
+            min_objects=min_objects,
+            max_objects=max_objects,
+            max_occlusion=max_occlusion,
+            min_extent=min_extent,
             line_min_aspect=line_min_aspect,
         )
         dropped_total += dropped
@@ -507,9 +513,17 @@ def generate_coco_shapes(
     splits = {}
     for split, n in (("train", n_train), ("val", n_val)):
         splits[split] = _generate_split(
-            out_dir, split, n, seed=seed, image_size=image_size, min_objects=min_objects,
-            max_objects=max_objects, max_occlusion=max_occlusion, min_extent=min_extent,
-            line_min_aspect=line_min_aspect, progress=progress,
+            out_dir,
+            split,
+            n,
+            seed=seed,
+            image_size=image_size,
+            min_objects=min_objects,
+            max_objects=max_objects,
+            max_occlusion=max_occlusion,
+            min_extent=min_extent,
+            line_min_aspect=line_min_aspect,
+            progress=progress,
         )
     return {
         "out_dir": str(out_dir),
@@ -525,19 +539,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m coordexp.preprocess.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     default = {k: v.default for k, v in inspect.signature(generate_coco_shapes).parameters.items()}  # one source
-    help_of = {"min_extent": "smallest object side / image side",
-               "line_min_aspect": "a line's points span at least this fraction of their larger side in the other direction"}
-    for name in ("n_train", "n_val", "image_size", "min_objects", "max_objects", "seed", "max_occlusion", "min_extent",
-                 "line_min_aspect"):
-        ap.add_argument("--" + name.replace("_", "-"), type=type(default[name]), default=default[name],
-                        help=f"{help_of.get(name, name.replace('_', ' '))} (default {default[name]})")
+    help_of = {
+        "min_extent": "smallest object side / image side",
+        "line_min_aspect": "a line's points span at least this fraction of their larger side in the other direction",
+    }
+    for name in (
+        "n_train",
+        "n_val",
+        "image_size",
+        "min_objects",
+        "max_objects",
+        "seed",
+        "max_occlusion",
+        "min_extent",
+        "line_min_aspect",
+    ):
+        ap.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(default[name]),
+            default=default[name],
+            help=f"{help_of.get(name, name.replace('_', ' '))} (default {default[name]})",
+        )
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     a = ap.parse_args(argv)
     try:
         summary = generate_coco_shapes(
-            a.out, n_train=a.n_train, n_val=a.n_val, image_size=a.image_size,
-            min_objects=a.min_objects, max_objects=a.max_objects, seed=a.seed,
-            max_occlusion=a.max_occlusion, min_extent=a.min_extent, line_min_aspect=a.line_min_aspect,
+            a.out,
+            n_train=a.n_train,
+            n_val=a.n_val,
+            image_size=a.image_size,
+            min_objects=a.min_objects,
+            max_objects=a.max_objects,
+            seed=a.seed,
+            max_occlusion=a.max_occlusion,
+            min_extent=a.min_extent,
+            line_min_aspect=a.line_min_aspect,
             progress=not a.no_progress,
         )
     except ValueError as e:

@@ -49,8 +49,11 @@ def runs_overview(runs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def plot_metric_vs_params(runs: pd.DataFrame, metric: str = "bbox_mAP",
-                          params: Sequence[str] = LOSS_WEIGHTS + ("cfg.train.coord_soft_ce_w1.target_sigma",)) -> plt.Figure:
+def plot_metric_vs_params(
+    runs: pd.DataFrame,
+    metric: str = "bbox_mAP",
+    params: Sequence[str] = LOSS_WEIGHTS + ("cfg.train.coord_soft_ce_w1.target_sigma",),
+) -> plt.Figure:
     """``metric`` against each loss weight / ablation knob of the Stage-1 runs, one scatter per knob.
 
     CE-baseline runs do not use these knobs, so they are a horizontal line (their mean) rather than
@@ -79,8 +82,11 @@ def plot_metric_vs_params(runs: pd.DataFrame, metric: str = "bbox_mAP",
     return fig
 
 
-def plot_overlaid_curves(hist: pd.DataFrame, labels: Mapping[str, str],
-                         keys: Sequence[str] = ("loss", "eval_loss", "coord_softce_w1/w1", "coord_softce_w1/coord_vocab_mass")) -> plt.Figure:
+def plot_overlaid_curves(
+    hist: pd.DataFrame,
+    labels: Mapping[str, str],
+    keys: Sequence[str] = ("loss", "eval_loss", "coord_softce_w1/w1", "coord_softce_w1/coord_vocab_mass"),
+) -> plt.Figure:
     """One panel per metric key, one line per run of ``labels`` (run id -> label), from
     :func:`coordexp.report.runs.histories_for_runs`."""
     fig, axes = grid(len(keys), 2, size=(4.4, 2.9))
@@ -89,8 +95,15 @@ def plot_overlaid_curves(hist: pd.DataFrame, labels: Mapping[str, str],
         for i, rid in enumerate(labels):
             s = d[d["run_id"] == rid].sort_values("step", kind="stable")
             if len(s):
-                ax.plot(s["step"], s["value"], label=labels[rid], color=plt.cm.tab10(i % 10), lw=1.2,
-                        marker="o" if len(s) < 4 else None, ms=3)
+                ax.plot(
+                    s["step"],
+                    s["value"],
+                    label=labels[rid],
+                    color=plt.cm.tab10(i % 10),
+                    lw=1.2,
+                    marker="o" if len(s) < 4 else None,
+                    ms=3,
+                )
         ax.set_title(key)
         ax.set_xlabel("step")
         if len(d):
@@ -112,7 +125,9 @@ def loss_kind_summary(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.groupby("loss_kind")[present].agg(["mean", "min", "max", "count"])
 
 
-def plot_loss_kinds(runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "bbox_mAP50", "f1@0.5", "parse_rate")) -> plt.Figure:
+def plot_loss_kinds(
+    runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "bbox_mAP50", "f1@0.5", "parse_rate")
+) -> plt.Figure:
     """CE baseline vs Stage-1: mean of each metric over the runs of each ``coordexp.loss`` kind,
     with every run as a dot (so one lucky seed does not pass for a trend)."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -138,7 +153,10 @@ def plot_loss_kinds(runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "b
     ax.legend(fontsize=7)
     missing = [k for k in kinds if not (runs["loss_kind"] == k).any()]
     if missing:
-        note(ax, "not enough runs: no " + " / ".join(missing) + " run yet\n"
-             "(dvc exp run -S train.coord_soft_ce_w1.enabled=false for the baseline)")
+        note(
+            ax,
+            "not enough runs: no " + " / ".join(missing) + " run yet\n"
+            "(dvc exp run -S train.coord_soft_ce_w1.enabled=false for the baseline)",
+        )
     fig.tight_layout()
     return fig

@@ -33,8 +33,9 @@ def soft_target_row(center: int, sigma: float, truncate: int) -> np.ndarray:
     return q[center].double().numpy()
 
 
-def coord_distributions(checkpoint: str | Path, record: Any, image_root: str | Path, n_positions: int = 4,
-                        temperature: float = 1.0) -> list[dict[str, Any]]:
+def coord_distributions(
+    checkpoint: str | Path, record: Any, image_root: str | Path, n_positions: int = 4, temperature: float = 1.0
+) -> list[dict[str, Any]]:
     """Teacher-forced coord distributions of ``checkpoint`` on one record.
 
     Encodes the record with the training template, runs one forward pass, and for the first
@@ -66,8 +67,9 @@ def coord_distributions(checkpoint: str | Path, record: Any, image_root: str | P
             model = AutoModelForImageTextToText.from_pretrained(str(ckpt), local_files_only=True).eval()
             ordered = coord_ids_in_bin_order(cmap)
             labels = batch["labels"][0]
-            cpos = [int(t) for t in
-                    torch.nonzero((labels >= 0) & (cmap[labels.clamp(min=0)] >= 0)).flatten()[:n_positions]]
+            cpos = [
+                int(t) for t in torch.nonzero((labels >= 0) & (cmap[labels.clamp(min=0)] >= 0)).flatten()[:n_positions]
+            ]
             inputs = {k: v for k, v in batch.items() if k != "labels" and isinstance(v, torch.Tensor)}
             torch.manual_seed(0)
             with torch.no_grad():
@@ -82,13 +84,20 @@ def coord_distributions(checkpoint: str | Path, record: Any, image_root: str | P
         z = logits[t - 1]
         full = torch.softmax(z, dim=-1)
         probs = torch.softmax(z[ordered] / temperature, dim=-1)
-        out.append({"position": t, "target_bin": int(cmap[labels[t]]), "probs": probs.numpy().astype(np.float64),
-                    "coord_mass": float(full[ordered].sum())})
+        out.append(
+            {
+                "position": t,
+                "target_bin": int(cmap[labels[t]]),
+                "probs": probs.numpy().astype(np.float64),
+                "coord_mass": float(full[ordered].sum()),
+            }
+        )
     return out
 
 
-def plot_coord_distributions(dists: Sequence[Mapping[str, Any]], sigma: float, truncate: int,
-                             window: int = 60) -> plt.Figure:
+def plot_coord_distributions(
+    dists: Sequence[Mapping[str, Any]], sigma: float, truncate: int, window: int = 60
+) -> plt.Figure:
     """Predicted coord distribution (steps) against the soft target (line), zoomed around the GT bin,
     with the full bin range in an inset line so mass far from the target is visible too. The y axis
     is logarithmic: an untrained model's near-uniform ``1/K`` would be invisible next to a peak."""
@@ -103,15 +112,22 @@ def plot_coord_distributions(dists: Sequence[Mapping[str, Any]], sigma: float, t
         q = soft_target_row(k, sigma, truncate)
         lo, hi = max(0, k - window), min(len(p) - 1, k + window)
         x = np.arange(lo, hi + 1)
-        ax.step(x, np.maximum(p[lo:hi + 1], floor), where="mid", color="C0", lw=1.0, label="predicted")
-        ax.plot(x, np.where(q[lo:hi + 1] > 0, q[lo:hi + 1], np.nan), color="C3", lw=1.3,
-                label=f"target (sigma={sigma:g}, trunc={truncate})")
+        ax.step(x, np.maximum(p[lo : hi + 1], floor), where="mid", color="C0", lw=1.0, label="predicted")
+        ax.plot(
+            x,
+            np.where(q[lo : hi + 1] > 0, q[lo : hi + 1], np.nan),
+            color="C3",
+            lw=1.3,
+            label=f"target (sigma={sigma:g}, trunc={truncate})",
+        )
         ax.axhline(1.0 / len(p), color="0.5", lw=0.6, ls="--", label="uniform")
         ax.set_yscale("log")
         ax.set_ylim(floor, 1.0)
         ax.axvline(k, color="k", lw=0.6, ls=":")
-        ax.set_title(f"position {d['position']}: GT bin {k}, argmax {int(p.argmax())}, "
-                     f"coord mass {d['coord_mass']:.2f}", fontsize=7)
+        ax.set_title(
+            f"position {d['position']}: GT bin {k}, argmax {int(p.argmax())}, coord mass {d['coord_mass']:.2f}",
+            fontsize=7,
+        )
         ax.set_xlabel("bin")
         ax.legend(fontsize=6, loc="upper right")
         ins = ax.inset_axes([0.03, 0.66, 0.3, 0.3])
@@ -122,4 +138,3 @@ def plot_coord_distributions(dists: Sequence[Mapping[str, Any]], sigma: float, t
         ins.tick_params(labelsize=5)
     fig.tight_layout()
     return fig
-

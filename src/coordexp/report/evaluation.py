@@ -24,18 +24,21 @@ from coordexp.core.geometry import geometry_of
 from coordexp.evaluate.metrics import HEADLINE_METRICS, match_image
 from coordexp.report.figures import grid, note
 
-
 GT_COLOR, PRED_COLOR = "black", "#e7298a"
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """Scalar metrics of ``reports/metrics/eval.json`` as a two-column table (headline ones first)."""
-    scal = {k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    scal = {
+        k: v for k, v in metrics.items() if v is None or isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    }
     order = [k for k in HEADLINE_METRICS if k in scal] + sorted(k for k in scal if k not in HEADLINE_METRICS)
     return pd.DataFrame({"metric": order, "value": [scal[k] for k in order]}).set_index("metric")
 
 
-def plot_per_class_ap(per_class: Mapping[str, float | None], per_class50: Mapping[str, float | None] | None = None) -> plt.Figure:
+def plot_per_class_ap(
+    per_class: Mapping[str, float | None], per_class50: Mapping[str, float | None] | None = None
+) -> plt.Figure:
     """Bars of AP@[.5:.95] (and AP@.5 beside them when given) per class; undefined AP is a gap."""
     names = sorted(per_class)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(names) + 2), 3.6))
@@ -47,8 +50,13 @@ def plot_per_class_ap(per_class: Mapping[str, float | None], per_class50: Mappin
     w = 0.4 if per_class50 else 0.8
     ax.bar(x - (w / 2 if per_class50 else 0), ap, width=w, label="AP@[.5:.95]", color="C0")
     if per_class50:
-        ax.bar(x + w / 2, [np.nan if per_class50.get(n) is None else per_class50.get(n) for n in names], width=w,
-               label="AP@.5", color="C1")
+        ax.bar(
+            x + w / 2,
+            [np.nan if per_class50.get(n) is None else per_class50.get(n) for n in names],
+            width=w,
+            label="AP@.5",
+            color="C1",
+        )
     ax.set_xticks(x, names, rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("AP")
@@ -97,13 +105,14 @@ def box_bins(kind: str, bins: Sequence[int]) -> tuple[int, int, int, int]:
     whole bins, and a line along an axis has a zero-area box that matches nothing.
     """
     if kind == "bbox_2d":
-        return tuple(int(b) for b in bins[:4])  # type: ignore[return-value]
+        return tuple(int(b) for b in bins[:4])
     xs, ys = bins[0::2], bins[1::2]
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def match_objects(gt_records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]],
-                  iou_thr: float = 0.1) -> pd.DataFrame:
+def match_objects(
+    gt_records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]], iou_thr: float = 0.1
+) -> pd.DataFrame:
     """Per-coordinate errors (prediction - GT, in bins) of GT/prediction pairs matched per image.
 
     Matching is one-to-one Hungarian on box IoU among same-``desc`` pairs with IoU >= ``iou_thr``
@@ -130,8 +139,19 @@ def match_objects(gt_records: Sequence[Mapping[str, Any]], predictions: Sequence
         for gi, pi, iou in match_image(gb, pb, iou_thr):
             for j, coord in enumerate(("x1", "y1", "x2", "y2")):
                 gv, pv = gb[gi][1][j], pb[pi][1][j]
-                rows.append({"image_id": int(rec["id"]), "desc": g[gi][0], "kind": g[gi][1], "iou": iou,
-                             "coord": coord, "axis": coord[0], "gt_bin": gv, "pred_bin": pv, "error": pv - gv})
+                rows.append(
+                    {
+                        "image_id": int(rec["id"]),
+                        "desc": g[gi][0],
+                        "kind": g[gi][1],
+                        "iou": iou,
+                        "coord": coord,
+                        "axis": coord[0],
+                        "gt_bin": gv,
+                        "pred_bin": pv,
+                        "error": pv - gv,
+                    }
+                )
     cols = ["image_id", "desc", "kind", "iou", "coord", "axis", "gt_bin", "pred_bin", "error"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -147,8 +167,14 @@ def plot_coord_errors(errors: pd.DataFrame, n_gt: int | None = None) -> plt.Figu
             lim = max(5.0, float(np.percentile(np.abs(e), 99)))
             ax.hist(np.clip(e, -lim, lim), bins=41, range=(-lim, lim), color="C0" if axis == "x" else "C2")
             ax.axvline(0, color="k", lw=0.8)
-            ax.text(0.02, 0.95, f"n={len(e)}\nmean={e.mean():.1f}\nMAE={np.abs(e).mean():.1f}", va="top",
-                    transform=ax.transAxes, fontsize=7)
+            ax.text(
+                0.02,
+                0.95,
+                f"n={len(e)}\nmean={e.mean():.1f}\nMAE={np.abs(e).mean():.1f}",
+                va="top",
+                transform=ax.transAxes,
+                fontsize=7,
+            )
         else:
             note(ax, "no prediction matched a GT object\n(same desc, IoU >= threshold)")
     axes[0].set_ylabel("coordinates")
@@ -165,17 +191,30 @@ def _draw_object(ax: plt.Axes, kind: str, pts: Sequence[float], color: str, ls: 
         x1, y1, x2, y2 = pts[:4]
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=color, ls=ls, lw=1.4, path_effects=halo))
     elif kind == "poly":
-        ax.add_patch(Polygon(np.reshape(pts, (-1, 2)), closed=True, fill=False, ec=color, ls=ls, lw=1.4,
-                             path_effects=halo))
+        ax.add_patch(
+            Polygon(np.reshape(pts, (-1, 2)), closed=True, fill=False, ec=color, ls=ls, lw=1.4, path_effects=halo)
+        )
     else:
         ax.plot(pts[0::2], pts[1::2], color=color, ls=ls, lw=1.6, path_effects=halo)
     if label:
-        ax.text(pts[0], pts[1], label, color="white", fontsize=5, va="bottom",
-                bbox={"fc": color, "ec": "none", "pad": 0.5, "alpha": 0.85})
+        ax.text(
+            pts[0],
+            pts[1],
+            label,
+            color="white",
+            fontsize=5,
+            va="bottom",
+            bbox={"fc": color, "ec": "none", "pad": 0.5, "alpha": 0.85},
+        )
 
 
-def plot_predictions_grid(gt_records: Sequence[Mapping[str, Any]], predictions: Sequence[Mapping[str, Any]],
-                          image_root: str | Path, n: int = 6, ncols: int = 3) -> plt.Figure:
+def plot_predictions_grid(
+    gt_records: Sequence[Mapping[str, Any]],
+    predictions: Sequence[Mapping[str, Any]],
+    image_root: str | Path,
+    n: int = 6,
+    ncols: int = 3,
+) -> plt.Figure:
     """Val images with ground truth (black, solid) and predictions (pink, dashed, with desc and score)."""
     preds = {int(p["id"]): p for p in predictions}
     recs = list(gt_records)[:n]
@@ -203,8 +242,9 @@ def plot_predictions_grid(gt_records: Sequence[Mapping[str, Any]], predictions: 
             _draw_object(ax, kind, pts, PRED_COLOR, "--", f"{o.get('desc', '?')}{s}")
             n_pred += 1
         ok = pred.get("ok")
-        ax.set_title(f"id {rec['id']}: {len(rec['objects'])} GT, {n_pred} pred{'' if ok else ' (parse problems)'}",
-                     fontsize=7)
+        ax.set_title(
+            f"id {rec['id']}: {len(rec['objects'])} GT, {n_pred} pred{'' if ok else ' (parse problems)'}", fontsize=7
+        )
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
         ax.set_xticks([])

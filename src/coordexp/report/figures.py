@@ -31,11 +31,19 @@ PDF_METADATA: dict[str, Any] = {"CreationDate": None, "Producer": None, "Creator
 def style() -> None:
     """Fixed rcParams, so figures do not depend on a user's matplotlibrc."""
     plt.rcdefaults()
-    plt.rcParams.update({
-        "figure.dpi": FIG_DPI, "savefig.dpi": FIG_DPI, "font.size": 9, "axes.titlesize": 10,
-        "axes.grid": True, "grid.alpha": 0.3, "figure.autolayout": False, "svg.hashsalt": "coordexp",
-        "pdf.compression": 6,
-    })
+    plt.rcParams.update(
+        {
+            "figure.dpi": FIG_DPI,
+            "savefig.dpi": FIG_DPI,
+            "font.size": 9,
+            "axes.titlesize": 10,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "figure.autolayout": False,
+            "svg.hashsalt": "coordexp",
+            "pdf.compression": 6,
+        }
+    )
 
 
 def save_figure(fig: plt.Figure, name: str, out_dir: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
@@ -70,8 +78,16 @@ def publish(fig: plt.Figure, name: str, out_dir: str | Path) -> list[Path]:
 
 def note(ax: plt.Axes, text: str, fontsize: float = 9, y: float = 0.5) -> None:
     """Write a visible note in an axis that has nothing (or not enough) to plot."""
-    ax.text(0.5, y, text, ha="center", va="center", transform=ax.transAxes, fontsize=fontsize,
-            bbox={"boxstyle": "round", "fc": "#fff3cd", "ec": "#c9a227"})
+    ax.text(
+        0.5,
+        y,
+        text,
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        fontsize=fontsize,
+        bbox={"boxstyle": "round", "fc": "#fff3cd", "ec": "#c9a227"},
+    )
 
 
 def grid(n: int, ncols: int = 3, size: tuple[float, float] = (3.6, 2.8)) -> tuple[plt.Figure, np.ndarray]:

@@ -23,8 +23,13 @@ KERNEL = "python3"
 
 EXPECTED_FIGURES: dict[str, tuple[str, ...]] = {
     "training_diagnostics": ("train_curves", "train_grad_norm"),
-    "eval_report": ("eval_per_class_ap", "eval_pr_curves", "eval_predictions_grid", "eval_coord_errors",
-                    "eval_coord_distribution"),
+    "eval_report": (
+        "eval_per_class_ap",
+        "eval_pr_curves",
+        "eval_predictions_grid",
+        "eval_coord_errors",
+        "eval_coord_distribution",
+    ),
     "compare_runs": ("compare_map_vs_weights", "compare_train_curves", "compare_loss_kinds"),
 }
 """Figures each notebook always saves (stem names; each as .png and .pdf). ``training_diagnostics``
@@ -53,12 +58,17 @@ def notebook_parameters(params: Any, root: Path, figures_dir: Path, run_id: str)
     }
     pre = paths.resolve(params.preprocess.out_dir, root)
     return {
-        "training_diagnostics": {**common,
-                                 "history_csv": rel(paths.resolve(params.report.out_dir, root) / "train_history.csv")},
-        "eval_report": {**common, "metrics_json": rel(paths.metrics_dir(root) / "eval.json"),
-                        "eval_dir": rel(paths.resolve(params.evaluate.out_dir, root)),
-                        "val_jsonl": rel(pre / f"{params.evaluate.split}.jsonl"),
-                        "checkpoint": rel(paths.resolve(params.train.out_dir, root) / FINAL_DIR)},
+        "training_diagnostics": {
+            **common,
+            "history_csv": rel(paths.resolve(params.report.out_dir, root) / "train_history.csv"),
+        },
+        "eval_report": {
+            **common,
+            "metrics_json": rel(paths.metrics_dir(root) / "eval.json"),
+            "eval_dir": rel(paths.resolve(params.evaluate.out_dir, root)),
+            "val_jsonl": rel(pre / f"{params.evaluate.split}.jsonl"),
+            "checkpoint": rel(paths.resolve(params.train.out_dir, root) / FINAL_DIR),
+        },
         "compare_runs": dict(common),
     }
 
@@ -89,10 +99,13 @@ def render_reports(params: Any, root: Path) -> dict[str, Any]:
     nb_dir, html_dir, fig_dir = out / "notebooks", out / "html", out / "figures"
     run_id = tracking.run_id_of(params, root)
     if not run_id:
-        raise FileNotFoundError(f"{paths.resolve(params.train.out_dir, root)}/{RUN_ID_FILE}: missing; run "
-                                "`dvc repro train` first")
-    for need in (paths.metrics_dir(root) / "eval.json",
-                 paths.resolve(params.evaluate.out_dir, root) / "predictions.jsonl"):
+        raise FileNotFoundError(
+            f"{paths.resolve(params.train.out_dir, root)}/{RUN_ID_FILE}: missing; run `dvc repro train` first"
+        )
+    for need in (
+        paths.metrics_dir(root) / "eval.json",
+        paths.resolve(params.evaluate.out_dir, root) / "predictions.jsonl",
+    ):
         if not need.is_file():
             raise FileNotFoundError(f"{need}: missing; run `dvc repro evaluate` first")
     tracking.check_reachable(tracking.tracking_uri(params, root))
@@ -107,11 +120,20 @@ def render_reports(params: Any, root: Path) -> dict[str, Any]:
         src, dst = root / "notebooks" / f"{name}.ipynb", nb_dir / f"{name}.ipynb"
         print(f"[report] executing {src.relative_to(root)} -> {dst.relative_to(root)}", flush=True)
         try:
-            pm.execute_notebook(str(src), str(dst), parameters=nb_params[name], kernel_name=KERNEL, cwd=str(root),
-                                progress_bar=False, log_output=False)
+            pm.execute_notebook(
+                str(src),
+                str(dst),
+                parameters=nb_params[name],
+                kernel_name=KERNEL,
+                cwd=str(root),
+                progress_bar=False,
+                log_output=False,
+            )
         except pm.PapermillExecutionError as exc:
-            raise ReportError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
-                              f"(the executed notebook with the traceback is {dst})") from None
+            raise ReportError(
+                f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue} "
+                f"(the executed notebook with the traceback is {dst})"
+            ) from None
         body, _ = exporter.from_notebook_node(nbformat.read(dst, as_version=4))
         (html_dir / f"{name}.html").write_text(body, encoding="utf-8")
         figures += check_figures(fig_dir, name)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from coordexp.pipeline.tracking import metric_name_from_mlflow
 from coordexp.evaluate.metrics import HEADLINE_METRICS
+from coordexp.pipeline.tracking import metric_name_from_mlflow
 from coordexp.report.training import LOSS_COMPONENTS, NONFINITE_ATTR
 
 _NONFINITE_TEXT = {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
@@ -55,11 +55,15 @@ def history_from_mlflow(tracking_uri: str, run_id: str) -> pd.DataFrame:
     bad = long[~np.isfinite(long["value"].to_numpy(dtype=float))]
     cells = [(k[5:] if k.startswith("eval_") else k, int(st)) for k, st in zip(bad["key"], bad["step"])]
     counts = long.groupby("key")["step"].nunique()
-    curves = set(counts[counts > 1].index) | {k for k in counts.index if k.startswith("eval_") or k in dict(LOSS_COMPONENTS)}
+    curves = set(counts[counts > 1].index) | {
+        k for k in counts.index if k.startswith("eval_") or k in dict(LOSS_COMPONENTS)
+    }
     summary = long["key"].map(metric_name_from_mlflow).isin(HEADLINE_METRICS) | (long["key"] == "ckpt_bbox_mAP")
     long = long[long["key"].isin(curves) & ~summary]
-    long = long.assign(split=np.where(long["key"].str.startswith("eval_"), "eval", "train"),
-                       key=long["key"].str.replace(r"^eval_", "", regex=True))
+    long = long.assign(
+        split=np.where(long["key"].str.startswith("eval_"), "eval", "train"),
+        key=long["key"].str.replace(r"^eval_", "", regex=True),
+    )
     long = long.drop_duplicates(["split", "key", "step"], keep="last")
     wide = long.pivot_table(index=["step", "split"], columns="key", values="value", aggfunc="last").reset_index()
     wide.columns.name = None
@@ -68,16 +72,20 @@ def history_from_mlflow(tracking_uri: str, run_id: str) -> pd.DataFrame:
     return wide
 
 
-def load_history(csv_path: str | Path | None = None, tracking_uri: str | None = None,
-                 run_id: str | None = None) -> tuple[pd.DataFrame, str]:
+def load_history(
+    csv_path: str | Path | None = None, tracking_uri: str | None = None, run_id: str | None = None
+) -> tuple[pd.DataFrame, str]:
     """The training history and where it came from: the CSV the train stage wrote (a DVC output,
     so the report is a function of tracked files) or, without it, the MLflow run's histories."""
     if csv_path is not None and Path(csv_path).is_file() and Path(csv_path).stat().st_size > 0:
         raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
         df = pd.read_csv(csv_path).sort_values(["split", "step"], kind="stable").reset_index(drop=True)
-        cells = [(col, int(raw.loc[i, "step"]) if raw.loc[i, "step"].isdigit() else raw.loc[i, "step"])
-                 for col in raw.columns if col not in ("step", "split")
-                 for i in np.flatnonzero(raw[col].str.strip().str.lower().isin(_NONFINITE_TEXT))]
+        cells = [
+            (col, int(raw.loc[i, "step"]) if raw.loc[i, "step"].isdigit() else raw.loc[i, "step"])
+            for col in raw.columns
+            if col not in ("step", "split")
+            for i in np.flatnonzero(raw[col].str.strip().str.lower().isin(_NONFINITE_TEXT))
+        ]
         df.attrs[NONFINITE_ATTR] = cells
         return df, str(csv_path)
     if tracking_uri and run_id:
@@ -107,19 +115,22 @@ def runs_table(tracking_uri: str, experiment: str, *, training_only: bool = True
         if "tags.coordexp.loss" not in df:
             return pd.DataFrame(columns=_RUN_COLUMNS)
         df = df[df["tags.coordexp.loss"].notna()]
-    out = pd.DataFrame({
-        "run_id": df["run_id"],
-        "run_name": df.get("tags.mlflow.runName"),
-        "status": df["status"],
-        "start_time": df["start_time"],
-        "loss_kind": df.get("tags.coordexp.loss"),
-        "exp_name": df["tags.dvc.exp_name"] if "tags.dvc.exp_name" in df else None,
-        "params_hash": df.get("tags.coordexp.params_hash"),
-        "git_commit": df.get("tags.coordexp.git_commit"),
-    })
-    params = df[[c for c in df.columns if c.startswith("params.cfg.")]].rename(columns=lambda c: c[len("params."):])
+    out = pd.DataFrame(
+        {
+            "run_id": df["run_id"],
+            "run_name": df.get("tags.mlflow.runName"),
+            "status": df["status"],
+            "start_time": df["start_time"],
+            "loss_kind": df.get("tags.coordexp.loss"),
+            "exp_name": df["tags.dvc.exp_name"] if "tags.dvc.exp_name" in df else None,
+            "params_hash": df.get("tags.coordexp.params_hash"),
+            "git_commit": df.get("tags.coordexp.git_commit"),
+        }
+    )
+    params = df[[c for c in df.columns if c.startswith("params.cfg.")]].rename(columns=lambda c: c[len("params.") :])
     metrics = df[[c for c in df.columns if c.startswith("metrics.")]].rename(
-        columns=lambda c: metric_name_from_mlflow(c[len("metrics."):]))
+        columns=lambda c: metric_name_from_mlflow(c[len("metrics.") :])
+    )
     params = params.apply(_numeric_if_possible)
     out = pd.concat([out, params, metrics], axis=1)
     out["label"] = [label_of(r) for r in out.to_dict("records")]

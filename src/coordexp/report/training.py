@@ -47,8 +47,10 @@ def plot_curve(ax: plt.Axes, hist: pd.DataFrame, column: str, title: str | None 
     """Train (line) and eval (markers) of one column on ``ax``; a note when neither has values."""
     train, ev = split_history(hist)
     drawn = False
-    for part, kw in ((train, {"color": "C0", "label": "train", "lw": 1.4}),
-                     (ev, {"color": "C3", "label": "eval", "marker": "o", "ms": 4, "lw": 1.0, "ls": "--"})):
+    for part, kw in (
+        (train, {"color": "C0", "label": "train", "lw": 1.4}),
+        (ev, {"color": "C3", "label": "eval", "marker": "o", "ms": 4, "lw": 1.0, "ls": "--"}),
+    ):
         if column in part and part[column].notna().any():
             d = part[["step", column]].dropna()
             ax.plot(d["step"], d[column], **kw)
@@ -76,7 +78,7 @@ def plot_curves(hist: pd.DataFrame, columns: Sequence[tuple[str, str]] = LOSS_CO
 def token_type_columns(hist: pd.DataFrame) -> list[tuple[str, str]]:
     """``(column, title)`` of the per-token-type metrics that were logged (empty when the run had them off)."""
     cols = sorted(c for c in hist.columns if c.startswith(TOKEN_TYPE_PREFIX) and hist[c].notna().any())
-    return [(c, c[len(TOKEN_TYPE_PREFIX):]) for c in cols]
+    return [(c, c[len(TOKEN_TYPE_PREFIX) :]) for c in cols]
 
 
 def final_values(hist: pd.DataFrame, columns: Iterable[str] | None = None) -> pd.DataFrame:
@@ -141,13 +143,17 @@ def diagnose(hist: pd.DataFrame, *, mass_drop: float = 0.05, eval_rise: float = 
     if mass_col in train:
         m = train[mass_col].dropna()
         if len(m) >= 2 and m.max() - m.iloc[-1] > mass_drop:
-            warnings.append(f"coord-vocab mass is falling: peak {m.max():.3f}, last {m.iloc[-1]:.3f} "
-                            "(probability leaks out of the coord vocabulary; raise gate_weight?)")
+            warnings.append(
+                f"coord-vocab mass is falling: peak {m.max():.3f}, last {m.iloc[-1]:.3f} "
+                "(probability leaks out of the coord vocabulary; raise gate_weight?)"
+            )
     if "loss" in ev:
         e = ev["loss"].dropna()
         if len(e) >= 2 and np.isfinite(e.min()) and e.iloc[-1] > e.min() * (1 + eval_rise):
-            warnings.append(f"eval loss is rising: best {e.min():.4f} at step {int(ev.loc[e.idxmin(), 'step'])}, "
-                            f"last {e.iloc[-1]:.4f} (over-fitting?)")
+            warnings.append(
+                f"eval loss is rising: best {e.min():.4f} at step {int(ev.loc[e.idxmin(), 'step'])}, "
+                f"last {e.iloc[-1]:.4f} (over-fitting?)"
+            )
     if len(ev) == 0:
         warnings.append("no eval steps were logged (train.eval_steps > train.max_steps?)")
     return warnings

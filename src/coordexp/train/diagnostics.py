@@ -43,8 +43,9 @@ def batch_images(trainer: Any, labels: torch.Tensor, cfg: dict[str, Any]) -> lis
     return found
 
 
-def check_finite(trainer: Any, res: Any, loss: torch.Tensor, labels: torch.Tensor | None = None,
-                 cfg: dict[str, Any] | None = None) -> None:
+def check_finite(
+    trainer: Any, res: Any, loss: torch.Tensor, labels: torch.Tensor | None = None, cfg: dict[str, Any] | None = None
+) -> None:
     """Raise :class:`NonFiniteLossError` (and write ``coordexp_failure.txt``) if ``loss`` or any
     Stage-1 term of ``res`` is not finite."""
     terms = {"loss": loss, "text_ce": res.text_ce, "soft_ce": res.soft_ce, "w1": res.w1, "gate": res.gate}
@@ -55,9 +56,11 @@ def check_finite(trainer: Any, res: Any, loss: torch.Tensor, labels: torch.Tenso
             ids = batch_images(trainer, labels, cfg or {}) if labels is not None else None
         except Exception as exc:  # noqa: BLE001 - the diagnosis must not hide the NaN itself
             ids = [f"(could not identify: {exc})"]
-        msg = (f"non-finite loss term(s) {', '.join(bad)} at step {step} (batch images: {ids}); training "
-               f"stopped before the optimizer used it; the last good checkpoint is intact. Lower "
-               f"train.learning_rate or check those samples.")
+        msg = (
+            f"non-finite loss term(s) {', '.join(bad)} at step {step} (batch images: {ids}); training "
+            f"stopped before the optimizer used it; the last good checkpoint is intact. Lower "
+            f"train.learning_rate or check those samples."
+        )
         out = getattr(getattr(trainer, "args", None), "output_dir", None)
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)

@@ -134,13 +134,14 @@ class _FusedHead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k):
         with _no_autocast(hidden.device):
-            return _FusedHead._forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t,
-                                       chunk, row_chunk, k)
+            return _FusedHead._forward(
+                ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k
+            )
 
     @staticmethod
-    def backward(ctx, g_l, g_s, g_zy, g_pred):  # type: ignore[override]
+    def backward(ctx, g_l, g_s, g_zy, g_pred):
         with _no_autocast(ctx.h.device):
             return _FusedHead._backward(ctx, g_l, g_s, g_zy)
 
@@ -225,17 +226,43 @@ class _FusedHead(torch.autograd.Function):
         del fast
         redo = torch.nonzero(r).flatten()
         if redo.numel() == n > 0:
-            _add_recomputed_grads(gh, gw, gb, h, hx, ctx.lse_x, shift, scale, r * scale, wf, bf, crow.numel() > 0,
-                                  ctx.chunk or _default_chunk(v, n))
+            _add_recomputed_grads(
+                gh,
+                gw,
+                gb,
+                h,
+                hx,
+                ctx.lse_x,
+                shift,
+                scale,
+                r * scale,
+                wf,
+                bf,
+                crow.numel() > 0,
+                ctx.chunk or _default_chunk(v, n),
+            )
         elif redo.numel():
+
             def pick(t):
                 return t.index_select(0, redo)
 
             h_r = pick(h)
             gh_r = None if gh is None else torch.zeros(redo.numel(), d, dtype=f32, device=dev)
-            _add_recomputed_grads(gh_r, gw, gb, h_r, h_r if hx is h else pick(hx), pick(ctx.lse_x), pick(shift),
-                                  pick(scale), pick(r * scale), wf, bf, crow.numel() > 0,
-                                  ctx.chunk or _default_chunk(v, redo.numel()))
+            _add_recomputed_grads(
+                gh_r,
+                gw,
+                gb,
+                h_r,
+                h_r if hx is h else pick(hx),
+                pick(ctx.lse_x),
+                pick(shift),
+                pick(scale),
+                pick(r * scale),
+                wf,
+                bf,
+                crow.numel() > 0,
+                ctx.chunk or _default_chunk(v, redo.numel()),
+            )
             if gh is not None:
                 gh.index_add_(0, redo, gh_r)
 
@@ -301,9 +328,11 @@ def _row_chunk_pass(h, hx, wf, bf, shift, scale, has_coord, row_chunk, coef, wan
     pred = torch.empty(n, dtype=torch.long, device=dev)
     grads = None
     if coef is not None:
-        grads = (torch.empty(n, d, dtype=f32, device=dev) if want[0] else None,
-                 torch.zeros(v, d, dtype=f32, device=dev) if want[1] else None,
-                 torch.zeros(v, dtype=f32, device=dev) if want[2] else None)
+        grads = (
+            torch.empty(n, d, dtype=f32, device=dev) if want[0] else None,
+            torch.zeros(v, d, dtype=f32, device=dev) if want[1] else None,
+            torch.zeros(v, dtype=f32, device=dev) if want[2] else None,
+        )
     ws = torch.empty(min(row_chunk, n) * v, dtype=f32, device=dev)
     for r0 in range(0, n, row_chunk):
         r1 = min(r0 + row_chunk, n)
@@ -428,7 +457,9 @@ def fused_stage1_loss(
     ``target_truncate`` are required, as in :func:`coordexp.train.loss.stage1_loss`.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3) or not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be a float [N, D] or [B, L, D] tensor, got {tuple(getattr(hidden, 'shape', ()))}")
+        raise ValueError(
+            f"hidden must be a float [N, D] or [B, L, D] tensor, got {tuple(getattr(hidden, 'shape', ()))}"
+        )
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
         raise ValueError("weight must be a float [V, D] tensor (the LM head, e.g. model.lm_head.weight)")
     v, d = weight.shape
@@ -474,17 +505,30 @@ def fused_stage1_loss(
         k = None
         if head_rows is not None and wants_grad:
             k = _total_weights(row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer)
-        L, s, zy, pred = _FusedHead.apply(h2, weight, bias, rows, row_is_coord, text_tgt, coord_ids, inv_t,
-                                          None if chunk_size is None else int(chunk_size), head_rows, k)
-        result = _assemble((L, s, zy), row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord,
-                           weights, normalizer)
+        L, s, zy, pred = _FusedHead.apply(
+            h2,
+            weight,
+            bias,
+            rows,
+            row_is_coord,
+            text_tgt,
+            coord_ids,
+            inv_t,
+            None if chunk_size is None else int(chunk_size),
+            head_rows,
+            k,
+        )
+        result = _assemble(
+            (L, s, zy), row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+        )
     argmax = torch.full_like(flat, IGNORE_INDEX)
     argmax[rows] = pred
     return dataclasses.replace(result, argmax=argmax, mode=mode)
 
 
-def _total_weights(row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights,
-                   normalizer) -> torch.Tensor:
+def _total_weights(
+    row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+) -> torch.Tensor:
     """``k = d total / d L`` per supervised row, by autograd through :func:`_assemble` itself (so it
     cannot drift from the formulas): ``total`` is linear in ``L`` wherever the gate's clamp at 0 is
     inactive, so ``k`` is the same at every such point. The point taken: ``s = 0`` (coord
@@ -496,14 +540,16 @@ def _total_weights(row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_co
     s0 = torch.zeros(n_coord, K, device=dev)
     zy0 = torch.zeros(n_text, device=dev)
     with torch.enable_grad():
-        total = _assemble((L0, s0, zy0), row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord,
-                          weights, normalizer).total
+        total = _assemble(
+            (L0, s0, zy0), row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+        ).total
         (k,) = torch.autograd.grad(total, L0)
     return k
 
 
-def _assemble(outs, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights,
-              normalizer) -> Stage1LossResult:
+def _assemble(
+    outs, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+) -> Stage1LossResult:
     """``stage1_loss``'s formulas on the small outputs ``(L, s, zy)`` of :class:`_FusedHead`;
     ``weights`` = ``(soft_ce_weight, w1_weight, gate_weight)``."""
     L, s, zy = outs
@@ -511,6 +557,16 @@ def _assemble(outs, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_c
     rel_crd = L[row_is_coord]  # lse(z/T) - s_max/T
     d = (s - s.detach().max(dim=1, keepdim=True).values) * inv_t  # anchored at s_max
     soft_ce_weight, w1_weight, gate_weight = weights
-    return assemble_result(text_ce_sum, rel_crd, d, k_star, q_table, cdf_table, n_text,
-                           soft_ce_weight=soft_ce_weight, w1_weight=w1_weight, gate_weight=gate_weight,
-                           normalizer=normalizer)
+    return assemble_result(
+        text_ce_sum,
+        rel_crd,
+        d,
+        k_star,
+        q_table,
+        cdf_table,
+        n_text,
+        soft_ce_weight=soft_ce_weight,
+        w1_weight=w1_weight,
+        gate_weight=gate_weight,
+        normalizer=normalizer,
+    )

@@ -160,9 +160,7 @@ def coord_ids_in_bin_order(coord_id_map: torch.Tensor, vocab_size: int | None = 
     if coord_id_map.dtype.is_floating_point or coord_id_map.dtype == torch.bool:
         raise ValueError(f"coord_id_map must be an integer tensor, got {coord_id_map.dtype}")
     if vocab_size is not None and coord_id_map.numel() != vocab_size:
-        raise ValueError(
-            f"coord_id_map has {coord_id_map.numel()} entries but the logits have V={vocab_size}"
-        )
+        raise ValueError(f"coord_id_map has {coord_id_map.numel()} entries but the logits have V={vocab_size}")
     cmap = coord_id_map.long()
     if bool(((cmap < -1) | (cmap >= K)).any()):
         raise ValueError(f"coord_id_map values must be -1 or a bin in [0, {K - 1}]")
@@ -187,7 +185,9 @@ def _soft_target_table_cached(sigma: float, truncate: int, device: str) -> tuple
     return q.float().to(device), cdf.float().to(device)
 
 
-def soft_target_table(sigma: float, truncate: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def soft_target_table(
+    sigma: float, truncate: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Q, CDF_Q)``, both ``[K, K]`` fp32: row ``k*`` is the soft target ``q`` for bin ``k*`` and
     its CDF. Built in fp64 once per ``(sigma, truncate, device)`` and cached (8 MB per entry), so
     a training step only gathers rows."""
@@ -306,7 +306,7 @@ class _RowStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z2, rows, is_coord, text_tgt, coord_ids, inv_t: float):  # type: ignore[override]
+    def forward(ctx, z2, rows, is_coord, text_tgt, coord_ids, inv_t: float):
         n_rows, v = z2.shape
         dev = z2.device
         n = rows.numel()
@@ -348,7 +348,7 @@ class _RowStats(torch.autograd.Function):
         return rel, s, anchor
 
     @staticmethod
-    def backward(ctx, g_rel, g_s, _g_anchor):  # type: ignore[override]
+    def backward(ctx, g_rel, g_s, _g_anchor):
         z2, rows, is_coord, tcol, coord_ids, scale, shift = ctx.saved_tensors
         plan, cum, scaled = ctx.plan, ctx.cum, ctx.scaled
         n_rows, v = z2.shape
@@ -391,8 +391,15 @@ class _RowStats(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def check_labels_and_weights(labels: torch.Tensor, ref: torch.Tensor, ref_name: str, temperature: float,
-                             soft_ce_weight: float, w1_weight: float, gate_weight: float) -> None:
+def check_labels_and_weights(
+    labels: torch.Tensor,
+    ref: torch.Tensor,
+    ref_name: str,
+    temperature: float,
+    soft_ce_weight: float,
+    w1_weight: float,
+    gate_weight: float,
+) -> None:
     """Argument checks shared by :func:`stage1_loss` and ``coordexp.train.fused_loss``: aligned integer
     labels of ``ref``'s leading shape, ``T > 0`` and non-negative weights."""
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(ref.shape[:-1]):
@@ -461,15 +468,34 @@ def stage1_loss(
     # the anchor s[t] is a constant here exactly as inside _RowStats (it cancels in every term)
     d = (s - s.gather(1, anchor[:, None]).detach()) * inv_t
     n_text = int(rows.numel()) - int(k_star.numel())
-    return assemble_result(text_ce_sum, rel_crd, d, k_star, q_table, cdf_table, n_text,
-                           soft_ce_weight=soft_ce_weight, w1_weight=w1_weight, gate_weight=gate_weight,
-                           normalizer=normalizer)
+    return assemble_result(
+        text_ce_sum,
+        rel_crd,
+        d,
+        k_star,
+        q_table,
+        cdf_table,
+        n_text,
+        soft_ce_weight=soft_ce_weight,
+        w1_weight=w1_weight,
+        gate_weight=gate_weight,
+        normalizer=normalizer,
+    )
 
 
 def assemble_result(
-    text_ce_sum: torch.Tensor, rel_crd: torch.Tensor, d: torch.Tensor, k_star: torch.Tensor,
-    q_table: torch.Tensor, cdf_table: torch.Tensor, n_text: int, *, soft_ce_weight: float, w1_weight: float,
-    gate_weight: float, normalizer: GlobalCounts | None,
+    text_ce_sum: torch.Tensor,
+    rel_crd: torch.Tensor,
+    d: torch.Tensor,
+    k_star: torch.Tensor,
+    q_table: torch.Tensor,
+    cdf_table: torch.Tensor,
+    n_text: int,
+    *,
+    soft_ce_weight: float,
+    w1_weight: float,
+    gate_weight: float,
+    normalizer: GlobalCounts | None,
 ) -> Stage1LossResult:
     """softCE, W1, gate and the totals from the per-row statistics (shared with ``coordexp.train.fused_loss``).
 
@@ -497,7 +523,17 @@ def assemble_result(
             text_ce_sum / normalizer.text_denominator + coord_sum / normalizer.coord_denominator
         )
     return Stage1LossResult(
-        total=total, text_ce=text_ce, soft_ce=soft_ce, w1=w1, gate=gate, coord_vocab_mass=mass,
-        coord_tokens=n_coord, text_tokens=n_text, text_ce_sum=text_ce_sum, soft_ce_sum=soft_ce_sum,
-        w1_sum=w1_sum, gate_sum=gate_sum, mass_sum=mass_sum,
+        total=total,
+        text_ce=text_ce,
+        soft_ce=soft_ce,
+        w1=w1,
+        gate=gate,
+        coord_vocab_mass=mass,
+        coord_tokens=n_coord,
+        text_tokens=n_text,
+        text_ce_sum=text_ce_sum,
+        soft_ce_sum=soft_ce_sum,
+        w1_sum=w1_sum,
+        gate_sum=gate_sum,
+        mass_sum=mass_sum,
     )

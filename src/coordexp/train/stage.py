@@ -30,7 +30,14 @@ import mlflow
 import torch
 
 from coordexp.core import paths
-from coordexp.core.checkpoint import FINAL_DIR, RUN_ID_FILE, SUPPORTED_MODEL_TYPES, SWIFT_DIR, last_checkpoint, model_type
+from coordexp.core.checkpoint import (
+    FINAL_DIR,
+    RUN_ID_FILE,
+    SUPPORTED_MODEL_TYPES,
+    SWIFT_DIR,
+    last_checkpoint,
+    model_type,
+)
 from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl
 from coordexp.core.errors import MissingInputError, StageError, UserError
@@ -97,29 +104,51 @@ def swift_rows(jsonl: Path, out: Path, limit: int | None = None) -> int:
     return write_jsonl(out, (build_messages(r, jsonl.parent, with_answer=True) for r in records))
 
 
-def swift_cli_args(params: Params, base: Path, train_rows: Path, val_rows: Path, out: Path,
-                   root: Path | None = None) -> list[str]:
+def swift_cli_args(
+    params: Params, base: Path, train_rows: Path, val_rows: Path, out: Path, root: Path | None = None
+) -> list[str]:
     t = params.train
     mtype = model_type(base)
     args: dict[str, Any] = {
-        "model": base, "model_type": mtype, "template": SUPPORTED_MODEL_TYPES[mtype].template,
-        "external_plugins": PLUGIN_FILE, "loss_type": LOSS_NAME,
-        "tuner_type": "full", "torch_dtype": t.dtype,
-        "freeze_vit": "false", "freeze_aligner": "false", "freeze_llm": "false",
-        "dataset": train_rows, "val_dataset": val_rows, "split_dataset_ratio": 0,
-        "output_dir": out, "add_version": "false", "create_checkpoint_symlink": "false",
-        "max_steps": t.max_steps, "learning_rate": t.learning_rate, "lr_scheduler_type": t.lr_scheduler_type,
-        "warmup_ratio": t.warmup_ratio, "weight_decay": t.weight_decay,
+        "model": base,
+        "model_type": mtype,
+        "template": SUPPORTED_MODEL_TYPES[mtype].template,
+        "external_plugins": PLUGIN_FILE,
+        "loss_type": LOSS_NAME,
+        "tuner_type": "full",
+        "torch_dtype": t.dtype,
+        "freeze_vit": "false",
+        "freeze_aligner": "false",
+        "freeze_llm": "false",
+        "dataset": train_rows,
+        "val_dataset": val_rows,
+        "split_dataset_ratio": 0,
+        "output_dir": out,
+        "add_version": "false",
+        "create_checkpoint_symlink": "false",
+        "max_steps": t.max_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_ratio": t.warmup_ratio,
+        "weight_decay": t.weight_decay,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "per_device_eval_batch_size": t.per_device_eval_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "logging_steps": t.logging_steps, "logging_first_step": "true",
-        "eval_strategy": "steps", "eval_steps": t.eval_steps,
-        "save_strategy": "steps", "save_steps": t.save_steps,
-        "max_length": t.max_length, "truncation_strategy": "delete",
-        "seed": t.seed, "data_seed": t.seed,
-        "dataloader_num_workers": t.dataloader_num_workers, "dataset_num_proc": 1,
-        "load_from_cache_file": "false", "report_to": "mlflow", "use_hf": "true",
+        "logging_steps": t.logging_steps,
+        "logging_first_step": "true",
+        "eval_strategy": "steps",
+        "eval_steps": t.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "max_length": t.max_length,
+        "truncation_strategy": "delete",
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "dataloader_num_workers": t.dataloader_num_workers,
+        "dataset_num_proc": 1,
+        "load_from_cache_file": "false",
+        "report_to": "mlflow",
+        "use_hf": "true",
         "check_model": "false",  # else ms-swift asks the ModelScope hub about the local model (retries offline)
         "attn_impl": "flash_attn" if t.packing else "sdpa",
         "run_name": "train",
@@ -294,23 +323,43 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     write_json(out / "coordexp_plugin.json", plugin_cfg)
     write_json(out / "resolved_params.json", params.model_dump(mode="json"))
     swift_out = out / SWIFT_DIR
-    cli = ["swift", "sft", *swift_cli_args(params, base, data_dir / "train.jsonl", data_dir / "val.jsonl", swift_out, root)]
+    cli = [
+        "swift",
+        "sft",
+        *swift_cli_args(params, base, data_dir / "train.jsonl", data_dir / "val.jsonl", swift_out, root),
+    ]
 
     if resume is not None:
         cli += ["--resume_from_checkpoint", str(resume[1])]
-    with tracking.stage_run(params, "train", run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline",
-                            run_id=resume[0] if resume else None) as r:
+    with tracking.stage_run(
+        params,
+        "train",
+        run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline",
+        run_id=resume[0] if resume else None,
+    ) as r:
         run_id = r.info.run_id
         (out / RUN_ID_FILE).write_text(run_id + "\n")
-        write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id,
-                                      "status": "running"})
-        mlflow.set_tags({"coordexp.loss": "stage1_softce_w1" if t.coord_soft_ce_w1.enabled else "ce_baseline",
-                         "coordexp.base_checkpoint": str(base)})
-        env = {**os.environ, "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
-               "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id,
-               "MLFLOW_EXPERIMENT_NAME": params.tracking.experiment,
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        write_json(
+            out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id, "status": "running"}
+        )
+        mlflow.set_tags(
+            {
+                "coordexp.loss": "stage1_softce_w1" if t.coord_soft_ce_w1.enabled else "ce_baseline",
+                "coordexp.base_checkpoint": str(base),
+            }
+        )
+        env = {
+            **os.environ,
+            "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
+            "MLFLOW_TRACKING_URI": uri,
+            "MLFLOW_RUN_ID": run_id,
+            "MLFLOW_EXPERIMENT_NAME": params.tracking.experiment,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
         if t.nproc_per_node > 1:
             env["NPROC_PER_NODE"] = str(t.nproc_per_node)
             threads = rank_threads(params)
@@ -346,14 +395,18 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         write_json(paths.metrics_dir(root) / "train.json", metrics)
         hist = paths.resolve(params.report.out_dir, root) / "train_history.csv"
         write_history_csv(rows, hist)
-        mlflow.log_metrics({f"train_summary.{k}": float(v) for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {
+                f"train_summary.{k}": float(v)
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         mlflow.log_artifact(str(out / "resolved_params.json"), "config")
         mlflow.log_artifact(str(base / "coord_vocab.json"), "config")
         mlflow.log_artifact(str(hist), "history")
         if t.log_checkpoint == "full":
             mlflow.log_artifacts(str(final), "checkpoint")
         mlflow.set_tag("coordexp.final_checkpoint", str(final))
-        write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id,
-                                      "status": "done"})
+        write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id, "status": "done"})
     return metrics

@@ -50,7 +50,7 @@ def _align(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     if logits.shape[1] != shifted.shape[1]:
         if logits.shape[1] > shifted.shape[1]:
             raise ValueError(f"logits cover {logits.shape[1]} positions but labels only {shifted.shape[1]}")
-        shifted = shifted[:, -logits.shape[1]:]
+        shifted = shifted[:, -logits.shape[1] :]
     return logits, shifted
 
 
@@ -73,8 +73,16 @@ class Stage1SwiftLoss(BaseLoss):
             self.cmap = coord_id_map(self.cfg).to(device)
         return self.cmap
 
-    def __call__(self, outputs: Any, labels: torch.Tensor, *, num_items_in_batch: Any = None,
-                 loss_scale: Any = None, trainer: Any = None, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        outputs: Any,
+        labels: torch.Tensor,
+        *,
+        num_items_in_batch: Any = None,
+        loss_scale: Any = None,
+        trainer: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         trainer = trainer or self.trainer
         mode = "train" if trainer.model.training else "eval"
         counts = _step_counts(trainer, num_items_in_batch) if mode == "train" else None
@@ -88,8 +96,12 @@ class Stage1SwiftLoss(BaseLoss):
             loss = res.total
         else:
             # Baseline: full-vocab CE on every supervised token, coord tokens included.
-            ce_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
-                                     ignore_index=-100, reduction="sum")
+            ce_sum = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1).long(),
+                ignore_index=-100,
+                reduction="sum",
+            )
             n_local = int((labels != -100).sum())
             if counts is not None:
                 loss = ce_sum / max(counts.text_tokens + counts.coord_tokens, 1) * counts.world_size
@@ -104,20 +116,30 @@ class Stage1SwiftLoss(BaseLoss):
                 _update(trainer.custom_metrics[mode], name, value, n)
         return loss
 
-    def _fused(self, outputs: Any, labels: torch.Tensor, trainer: Any, mode: str, counts: GlobalCounts | None,
-               weights: dict[str, Any]) -> torch.Tensor:
+    def _fused(
+        self,
+        outputs: Any,
+        labels: torch.Tensor,
+        trainer: Any,
+        mode: str,
+        counts: GlobalCounts | None,
+        weights: dict[str, Any],
+    ) -> torch.Tensor:
         """Stage-1 loss from the last (final-norm) hidden states through the LM head, never [N, V].
 
         The per-position argmax the fused head finds on its way is attached to ``outputs`` so that
         ``token_acc`` needs no logits either (:meth:`CoordExpTrainer._compute_acc`)."""
         hidden = outputs.hidden_states[-1]
         if hidden.shape[:2] != labels.shape:
-            raise ValueError(f"fused_loss: hidden states {tuple(hidden.shape)} do not match labels "
-                             f"{tuple(labels.shape)}; swift's use_logits_to_keep must be off")
+            raise ValueError(
+                f"fused_loss: hidden states {tuple(hidden.shape)} do not match labels "
+                f"{tuple(labels.shape)}; swift's use_logits_to_keep must be off"
+            )
         head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
         _, aligned = _align(hidden, labels)
-        res = fused_stage1_loss(hidden, head.weight, aligned, self._map(hidden.device), bias=head.bias,
-                                normalizer=counts, **weights)
+        res = fused_stage1_loss(
+            hidden, head.weight, aligned, self._map(hidden.device), bias=head.bias, normalizer=counts, **weights
+        )
         outputs.coordexp_argmax = res.argmax.view(labels.shape)
         check_finite(trainer, res, res.total, labels, self.cfg)
         _log(trainer.custom_metrics[mode], res, None)
@@ -138,8 +160,11 @@ def _step_counts(trainer: Any, num_items_in_batch: Any) -> GlobalCounts | None:
 
 def _log(metrics: Any, res: Any, baseline_loss: torch.Tensor | None) -> None:
     p = METRIC_PREFIX
-    total = float(res.total.detach()) if baseline_loss is None else float(
-        res.text_ce.detach() + res.soft_ce.detach() + res.w1.detach() + res.gate.detach())
+    total = (
+        float(res.total.detach())
+        if baseline_loss is None
+        else float(res.text_ce.detach() + res.soft_ce.detach() + res.w1.detach() + res.gate.detach())
+    )
     _update(metrics, f"{p}loss", total)
     _update(metrics, f"{p}text_ce", float(res.text_ce.detach()), res.text_tokens)
     for name in ("soft_ce", "w1", "gate", "coord_vocab_mass"):

@@ -59,7 +59,7 @@ class TokenTyper:
             for p, tid, start, piece in zip(pos, ids, starts, pieces):
                 if 0 <= tid < self.cmap.numel() and self.cmap[tid] >= 0:
                     out[b, p] = COORD
-                elif piece and any(inside[start: start + len(piece)]):
+                elif piece and any(inside[start : start + len(piece)]):
                     out[b, p] = DESC
                 else:
                     out[b, p] = STRUCTURE
@@ -67,8 +67,9 @@ class TokenTyper:
 
 
 @torch.no_grad()
-def token_type_metrics(typer: TokenTyper, logits: torch.Tensor, labels: torch.Tensor,
-                       coord_id_map: torch.Tensor) -> dict[str, tuple[float, int]]:
+def token_type_metrics(
+    typer: TokenTyper, logits: torch.Tensor, labels: torch.Tensor, coord_id_map: torch.Tensor
+) -> dict[str, tuple[float, int]]:
     """Loss and accuracy per token type of aligned ``logits [B, L, V]`` / ``labels [B, L]``.
 
     Returns ``name -> (mean, token count)``. Coord accuracy is the arg-max *bin* over the coord

@@ -78,8 +78,13 @@ class CoordExpTrainer(Seq2SeqTrainer):
             return super()._compute_acc(outputs, masked, cu_seqlens=cu_seqlens)
         # fused loss: the argmax of each position came from the chunked LM head. Same
         # convention as logits.argmax(-1): position t predicts labels[t + 1].
-        metrics = compute_acc(argmax, masked, acc_strategy=self.args.acc_strategy,
-                              is_encoder_decoder=self.template.is_encoder_decoder, cu_seqlens=cu_seqlens)
+        metrics = compute_acc(
+            argmax,
+            masked,
+            acc_strategy=self.args.acc_strategy,
+            is_encoder_decoder=self.template.is_encoder_decoder,
+            cu_seqlens=cu_seqlens,
+        )
         mode = "train" if self.model.training else "eval"
         for k, v in metrics.items():
             self.custom_metrics[mode][k].update(v)
@@ -97,8 +102,11 @@ class CoordExpTrainer(Seq2SeqTrainer):
         wall = time.time() - self._t0
         # the process group, not args.world_size: the latter says 1 for CPU (gloo) data parallel
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        out = {"wall_time_s": wall, "tokens_seen": self._tokens_seen * world,
-               "tokens_per_second": self._tokens_seen * world / max(wall, 1e-9),
-               "global_step": int(self.state.global_step)}
+        out = {
+            "wall_time_s": wall,
+            "tokens_seen": self._tokens_seen * world,
+            "tokens_per_second": self._tokens_seen * world / max(wall, 1e-9),
+            "global_step": int(self.state.global_step),
+        }
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir) / "coordexp_throughput.json").write_text(json.dumps(out, indent=2))
