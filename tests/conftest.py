@@ -15,6 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+SMALL_MODEL = dict(
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=64,
+    vision_hidden_size=32,
+    vision_depth=2,
+    vision_heads=2,
+    vision_warmup={"steps": 0},
+)
+"""``build_base.tiny`` dims of the smallest tiny model the unit tests build (the warm-up is off here: it has tests
+of its own in test_vision_warmup.py)."""
+
+
 def copy_repo(dest: Path) -> Path:
     """A fresh working copy of the project (own git repo, DVC cache empty), like a new clone."""
     return copy_project(ROOT, dest)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_MODEL
 from PIL import Image
 
 from coordexp.core.config import ConfigError, load_params
@@ -61,15 +62,7 @@ def test_checkpoint_without_coord_tokens_is_refused(tmp_path):
         records=[rec],
         coord_tokens=False,
         vocab_size=300,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-        vision_hidden_size=32,
-        vision_depth=1,
-        vision_heads=2,
-        vision_warmup={"steps": 0},
+        **{**SMALL_MODEL, "vision_depth": 1},
     )
     with pytest.raises((CoordVocabError, FileNotFoundError), match="coord"):
         coord_id_map(ckpt)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_MODEL
 
 from coordexp.core.codec import K, encode_xy
 from coordexp.core.config import ExpandConfig
@@ -20,17 +21,7 @@ from coordexp.core.vocab import CoordVocabError, coord_id_map, find_coord_token_
 EXPAND = ExpandConfig()  # the schema's expand defaults
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(
-    hidden_size=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    intermediate_size=64,
-    vision_hidden_size=32,
-    vision_depth=2,
-    vision_heads=2,
-    vision_warmup={"steps": 0},
-)  # the warm-up has tests of its own (test_vision_warmup.py)
+SMALL = SMALL_MODEL
 DESCS = ["red circle", "blue square", "green triangle"]
 
 

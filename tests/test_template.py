@@ -8,21 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_MODEL
 
 from coordexp.core.codec import encode_xy, parse_coord_token
 from coordexp.core.template import IMAGE_TAG, PROMPT, TEMPLATE_NAME, build_messages, encode_record
 
-SMALL = dict(
-    hidden_size=32,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    intermediate_size=64,
-    vision_hidden_size=32,
-    vision_depth=2,
-    vision_heads=2,
-    vision_warmup={"steps": 0},
-)  # the warm-up has tests of its own (test_vision_warmup.py)
+SMALL = SMALL_MODEL
 
 
 def _records(root: Path, n: int = 6) -> list[dict]:

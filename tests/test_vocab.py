@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import SMALL_MODEL
 
 from coordexp.build_base.tiny import add_coord_tokens, build_tiny, build_tokenizer
 from coordexp.core.codec import COORD_TOKENS, K, encode_xy, parse_coord_token
@@ -61,15 +62,7 @@ def checkpoint(tmp_path_factory):
         None,
         out,
         records=_records(),
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=64,
-        vision_hidden_size=32,
-        vision_depth=1,
-        vision_heads=2,
-        vision_warmup={"steps": 0},
+        **{**SMALL_MODEL, "vision_depth": 1},
     )
     return out
 
