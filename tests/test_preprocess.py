@@ -7,6 +7,7 @@ from PIL import Image
 from coordexp.core import codec
 from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl
+from coordexp.core.errors import UserError
 from coordexp.preprocess.coco import CocoFormatError, run
 
 
@@ -154,17 +155,62 @@ def test_bad_coco_file_is_named(dataset):
     (dataset / "train.json").write_text(json.dumps({"images": []}))
     with pytest.raises(CocoFormatError, match="'annotations' list is missing"):
         run(_params(dataset), root=dataset)
-    # nothing half-written is left where the output goes
-    assert not (dataset / "out").exists()
+    # nothing half-written is left where the output goes: only this run's rejects (none: it stopped at the file)
+    assert [p.name for p in (dataset / "out").iterdir()] == ["rejects.jsonl"]
+    assert (dataset / "out" / "rejects.jsonl").read_text() == ""
+    assert not list(dataset.glob(".out.*"))
 
 
 def test_empty_split_fails_and_keeps_previous_output(dataset):
     run(_params(dataset), root=dataset)
     before = (dataset / "out" / "train.jsonl").read_text()
     _coco(dataset, "val", [], [])
-    with pytest.raises(ValueError, match=r"preprocess\.splits\.val: no record survived"):
+    with pytest.raises(ValueError, match=r"preprocess\.splits\.val: no record survived: .*val\.json lists no images"):
         run(_params(dataset), root=dataset)
     assert (dataset / "out" / "train.jsonl").read_text() == before
+
+
+def _rejects(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_split_without_images_names_the_reasons_and_writes_the_rejects(dataset):
+    """Every val image is missing: the error names the reasons with their counts and the rejects file,
+    which holds this run's rejects (replacing the previous run's); the previous output stays otherwise."""
+    run(_params(dataset), root=dataset)
+    out = dataset / "out"
+    old_rejects = _rejects(out / "rejects.jsonl")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "rejects.jsonl"}
+    gone = [{"id": i, "file_name": f"gone{i}.png", "width": 100, "height": 80} for i in (1, 2, 3)]
+    degenerate = {"id": 4, "file_name": "a.png", "width": 100, "height": 80}
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in (1, 2, 3)]
+    anns.append({"id": 4, "image_id": 4, "category_id": 1, "bbox": [1, 1, 0, 0]})
+    _coco(dataset, "val", [*gone, degenerate], anns)
+
+    with pytest.raises(UserError) as err:
+        run(_params(dataset), root=dataset)
+    assert str(err.value) == (
+        "preprocess.splits.val: no record survived: missing_image x 3, degenerate_box x 1, no_valid_objects x 1; "
+        "the rejects are listed in out/rejects.jsonl"
+    )
+    rejects = _rejects(out / "rejects.jsonl")
+    assert rejects != old_rejects
+    val = [r for r in rejects if r["split"] == "val"]
+    assert [r["reason"] for r in val] == ["missing_image"] * 3 + ["degenerate_box", "no_valid_objects"]
+    assert [r["file_name"] for r in val if r["reason"] == "missing_image"] == ["gone1.png", "gone2.png", "gone3.png"]
+    assert [r for r in rejects if r["split"] == "train"] == old_rejects  # train's, from this run, are there too
+    # nothing of the half-built folder appears: the previous output is untouched but for its rejects file
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "rejects.jsonl"}
+    assert after == before
+    assert not list(dataset.glob(".out.*")) and not list(out.glob(".*"))
+
+
+def test_failed_first_run_leaves_only_the_rejects(dataset):
+    _coco(dataset, "val", [{"id": 1, "file_name": "gone.png"}], [])
+    with pytest.raises(UserError, match=r"val: no record survived: missing_image x 1; the rejects are listed in"):
+        run(_params(dataset), root=dataset)
+    assert [p.name for p in (dataset / "out").iterdir()] == ["rejects.jsonl"]
+    assert {r["split"] for r in _rejects(dataset / "out" / "rejects.jsonl")} == {"train", "val"}
 
 
 @pytest.mark.parametrize(

@@ -266,7 +266,8 @@ def test_predict_command_on_a_users_image(stage1_project, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    assert out[0]["image"] == str(img) and isinstance(out[0]["objects"], list)
+    assert out["units"] == "pixels" and out["refused"] == []
+    assert out["images"][0]["image"] == str(img) and isinstance(out["images"][0]["objects"], list)
     with Image.open(tmp_path / "out" / f"{img.stem}.pred.png") as im:
         assert im.size == Image.open(img).size
     bad = subprocess.run([exe, "predict", "--checkpoint", tmp_path / "nope", img], capture_output=True, text=True)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from coordexp.core.config import ConfigError, load_params
+from coordexp.core.errors import UserError
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -27,16 +28,23 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    """Exit 0: every input was processed; 1: some were refused (one stderr line each), the rest
+    are in predictions.json; 2: nothing could be done (e.g. no usable checkpoint)."""
     from coordexp.evaluate.predict import predict  # lazy: torch and transformers, only for predict
 
     try:
         res = predict(args.checkpoint, args.images, args.out, max_new_tokens=args.max_new_tokens)
-    except FileNotFoundError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for r in res:
+    for r in res["images"]:
         print(f"{r['image']}: {len(r['objects'])} objects")
-    print(f"wrote {args.out}/predictions.json and the drawn images")
+    n = len(res["images"])
+    wrote = f"wrote {args.out / 'predictions.json'} ({n} image{'' if n == 1 else 's'}, coordinates in pixels)"
+    if res["refused"]:
+        print(f"{wrote}; {len(res['refused'])} of {len(args.images)} inputs refused (listed there under 'refused')")
+        return 1
+    print(f"{wrote} and the drawn images")
     return 0
 
 
@@ -52,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("predict", help="detect objects in your own images with a checkpoint")
+    p = sub.add_parser(
+        "predict",
+        help="detect objects in your own images with a checkpoint (exit 0: all done, 1: some inputs refused, "
+        "2: nothing done)",
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. artifacts/train/final")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     p.add_argument("--max-new-tokens", type=int, default=256)

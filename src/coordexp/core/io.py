@@ -37,9 +37,10 @@ def atomic_open(
             tmp.unlink()
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, sort_keys: bool = True) -> None:
+    """``obj`` as JSON, atomically; ``sort_keys=False`` keeps the dicts' own order (a file meant for reading)."""
     with atomic_open(path) as fh:
-        json.dump(obj, fh, indent=indent, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        json.dump(obj, fh, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False)
         fh.write("\n")
 
 

@@ -1,27 +1,77 @@
-"""``coordexp predict``: run a checkpoint on your own images; JSON objects plus drawn copies."""
+"""``coordexp predict``: run a checkpoint on your own images; JSON objects in pixels plus drawn copies.
+
+``<out>/predictions.json`` (written atomically, also when some inputs were refused)::
+
+    {
+      "units": "pixels",
+      "coordinates": "<how pixels and bins relate>",
+      "checkpoint": "artifacts/train/final",
+      "images": [
+        {"image": "my_image.jpg", "width": 640, "height": 480, "drawn": "predictions/my_image.pred.png",
+         "objects": [{"desc": "red circle", "bbox_2d": [x1, y1, x2, y2],
+                      "bins": {"bbox_2d": [k1, k2, k3, k4]}, "score": 0.93, "score_status": "ok"}],
+         "text": "<the raw answer>", "problems": []}
+      ],
+      "refused": [{"image": "notes.png", "reason": "not an image (Pillow cannot identify its format)"}]
+    }
+
+Each object's geometry (``bbox_2d``, ``poly`` or ``line``: a flat ``[x, y, x, y, ...]`` list) is in
+pixels of the input image, ``x = k / 999 * (width - 1)`` (:func:`coordexp.core.codec.decode_xy`),
+not rounded; ``bins`` holds the bins ``k`` (0..999) the model emitted, under the same geometry key.
+
+An input that cannot be read (missing, a directory, not an image, corrupt or truncated) is refused
+with one line on stderr and listed under ``refused``; the other inputs go on. Only errors about the
+input (Pillow's decoding errors, OSErrors while reading it) are refusals; anything else is a bug and
+raises.
+"""
 
 from __future__ import annotations
 
-import json
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from coordexp.core import codec
 from coordexp.core.contract import Record
 from coordexp.core.geometry import geometry_of
+from coordexp.core.io import write_json
 from coordexp.evaluate.generate import Detector
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
 
+UNITS = "pixels"
+COORDINATES = (
+    f"bbox_2d / poly / line are flat [x, y, x, y, ...] lists in pixels of the input image: "
+    f"x = k / {codec.K - 1} * (width - 1), y = k / {codec.K - 1} * (height - 1), where k is the bin "
+    f"(0..{codec.K - 1}) the model emitted; the bins are under 'bins', with the same geometry key"
+)
 
-def draw(image: Image.Image, objects: list[dict], width: int, height: int) -> Image.Image:
+# Pillow's decoding errors that are not OSErrors (a decompression bomb; a few plugins' SyntaxError)
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, Image.DecompressionBombError, SyntaxError)
+
+
+def to_pixels(objects: list[dict[str, Any]], width: int, height: int) -> list[dict[str, Any]]:
+    """Parsed objects (geometry in bins) -> the same objects with the geometry in pixels and the bins under ``bins``."""
+    out = []
+    for o in objects:
+        kind, bins = geometry_of(o)
+        bins = [int(k) for k in bins]
+        rest = {k: v for k, v in o.items() if k not in ("desc", kind)}
+        out.append({"desc": o["desc"], kind: codec.decode_xy(bins, width, height), "bins": {kind: bins}, **rest})
+    return out
+
+
+def draw(image: Image.Image, objects: list[dict[str, Any]]) -> Image.Image:
+    """A copy of ``image`` with ``objects`` (geometry in pixels, as :func:`to_pixels` returns) drawn on it."""
     im = image.convert("RGB").copy()
     d = ImageDraw.Draw(im)
     for i, o in enumerate(objects):
         kind, values = geometry_of(o)
-        pts = [float(v) for v in codec.bins_to_pixels(values, codec.xy_sizes(len(values), width, height))]
+        pts = [float(v) for v in values]
         c = _COLOURS[i % len(_COLOURS)]
         if kind == "bbox_2d":
             d.rectangle(pts, outline=c, width=2)
@@ -33,33 +83,87 @@ def draw(image: Image.Image, objects: list[dict], width: int, height: int) -> Im
     return im
 
 
-def predict(checkpoint: Path, images: list[Path], out_dir: Path, *, max_new_tokens: int = 256) -> list[dict]:
-    det = Detector(checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for n, path in enumerate(images):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such image")
+def read_image(path: Path) -> Image.Image | str:
+    """The decoded image (RGB), or why ``path`` cannot be used as an input image."""
+    if path.is_dir():
+        return "a directory, not an image file"
+    if not path.exists():
+        return "no such file"
+    try:
         with Image.open(path) as im:
             im.load()
-            w, h = im.size
-            with tempfile.TemporaryDirectory() as tmp:
-                # the one template wants a contract record whose image path is relative to a root
-                local = Path(tmp) / f"image{path.suffix or '.png'}"
-                im.save(local)
-                rec = Record(id=n, images=[local.name], width=w, height=h, objects=[])
-                (gen,) = det.generate(det.rows([rec], Path(tmp)), max_new_tokens)
-            pred, parse = gen.prediction(n, w, h)
-            draw(im, pred["objects"], w, h).save(out_dir / f"{path.stem}.pred.png")
-        results.append(
+            rgb = im.convert("RGB")
+    except UnidentifiedImageError:
+        return "not an image (Pillow cannot identify its format)"
+    except _DECODE_ERRORS as exc:
+        return f"unreadable or corrupt image ({type(exc).__name__}: {exc})"
+    if min(rgb.size) < 2:
+        return f"image is {rgb.width}x{rgb.height} pixels; at least 2x2 are needed"
+    return rgb
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def predict(
+    checkpoint: Path,
+    images: list[Path],
+    out_dir: Path,
+    *,
+    max_new_tokens: int = 256,
+    warn: Callable[[str], None] = _warn,
+) -> dict[str, Any]:
+    """Detect objects in ``images``; writes ``<out_dir>/predictions.json`` and ``<stem>.pred.png`` copies.
+
+    Returns what ``predictions.json`` holds (see the module docstring). A checkpoint that cannot be
+    loaded raises :class:`coordexp.core.checkpoint.CheckpointError` before anything is written; an
+    unreadable input is refused (one ``warn`` line naming it) and the others go on.
+    """
+    det = Detector(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done: list[dict[str, Any]] = []
+    refused: list[dict[str, str]] = []
+    drawn_names: set[str] = set()
+    for n, path in enumerate(images):
+        im = read_image(path)
+        if isinstance(im, str):
+            warn(f"refused {path}: {im}")
+            refused.append({"image": str(path), "reason": im})
+            continue
+        w, h = im.size
+        with tempfile.TemporaryDirectory() as tmp:
+            # the one template wants a contract record whose image path is relative to a root
+            local = Path(tmp) / "image.png"
+            im.save(local)  # lossless, whatever the input's format and suffix
+            rec = Record(id=n, images=[local.name], width=w, height=h, objects=[])
+            (gen,) = det.generate(det.rows([rec], Path(tmp)), max_new_tokens)
+        pred, parse = gen.prediction(n, w, h)
+        objects = to_pixels(pred["objects"], w, h)
+        name = f"{path.stem}.pred.png"
+        i = 1
+        while name in drawn_names:  # two inputs with one stem (a/x.png, b/x.jpg) keep both drawings
+            i += 1
+            name = f"{path.stem}-{i}.pred.png"
+        drawn_names.add(name)
+        draw(im, objects).save(out_dir / name)
+        done.append(
             {
                 "image": str(path),
                 "width": w,
                 "height": h,
+                "drawn": str(out_dir / name),
+                "objects": objects,
                 "text": gen.text,
-                "objects": pred["objects"],
                 "problems": [p.__dict__ for p in parse.problems],
             }
         )
-    (out_dir / "predictions.json").write_text(json.dumps(results, indent=2))
-    return results
+    result = {
+        "units": UNITS,
+        "coordinates": COORDINATES,
+        "checkpoint": str(checkpoint),
+        "images": done,
+        "refused": refused,
+    }
+    write_json(out_dir / "predictions.json", result, sort_keys=False)  # "units" first, objects as listed
+    return result

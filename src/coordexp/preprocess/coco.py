@@ -314,6 +314,25 @@ def _ann_id(ann: Any) -> Any:
     return ann.get("id") if isinstance(ann, dict) else None
 
 
+def _reasons(stats: SplitStats, ann_file: Path, first: int = 5) -> str:
+    """``missing_image x 200, degenerate_box x 3`` (the most frequent first), or why there was nothing to reject."""
+    if not stats.records_in:
+        return f"{ann_file} lists no images"
+    counts = stats.rejects.most_common()
+    text = ", ".join(f"{reason} x {n}" for reason, n in counts[:first])
+    if len(counts) > first:
+        text += f", and {len(counts) - first} more reasons"
+    return text
+
+
+def _shown(path: Path, root: Path) -> str:
+    """``path`` relative to the project root when it is inside it (as the user wrote it in params.yaml)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _clip(obj: dict[str, Any], width: int, height: int) -> dict[str, Any]:
     """Round-off from rescaling may push an edge a hair past the border; clip it back."""
     kind, _ = geometry_of(obj)
@@ -322,31 +341,43 @@ def _clip(obj: dict[str, Any], width: int, height: int) -> dict[str, Any]:
 
 
 def run(params: Params, root: Path | None = None) -> dict[str, Any]:
-    """Convert every split; write ``<out_dir>`` atomically and the metrics file. Returns the metrics."""
+    """Convert every split; write ``<out_dir>`` atomically and the metrics file. Returns the metrics.
+
+    ``<out_dir>/rejects.jsonl`` lists this run's rejects whatever the outcome: when the run fails
+    (a split with no surviving record, an unusable COCO file, anything else) the half-built folder is
+    discarded and the previous output stays as it was, except its rejects file, which is replaced by
+    this run's (atomically), so the error's reasons can be read there and no stale list is left.
+    """
     root = root or paths.project_root()
     cfg = params.preprocess
     out_dir = paths.resolve(cfg.out_dir, root)
     rejects: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {"splits": {}}
-    with atomic_dir(out_dir) as tmp:
-        for name, src in cfg.splits.items():
-            records, stats = convert_split(
-                name,
-                paths.resolve(src.annotations, root),
-                paths.resolve(src.images, root),
-                tmp,
-                cfg,
-                params.seed,
-                rejects,
-            )
-            if not records:
-                raise CocoFormatError(
-                    f"preprocess.splits.{name}: no record survived preprocessing ({dict(stats.rejects)}); "
-                    f"see the reasons above and fix the input data"
+    empty: list[str] = []
+    try:
+        with atomic_dir(out_dir) as tmp:
+            for name, src in cfg.splits.items():
+                ann_file = paths.resolve(src.annotations, root)
+                records, stats = convert_split(
+                    name, ann_file, paths.resolve(src.images, root), tmp, cfg, params.seed, rejects
                 )
-            write_jsonl(tmp / f"{name}.jsonl", records)
-            metrics["splits"][name] = stats.as_dict()
-        write_jsonl(tmp / "rejects.jsonl", rejects)
+                if not records:
+                    empty.append(f"preprocess.splits.{name}: no record survived: {_reasons(stats, ann_file)}")
+                    continue  # the other splits' rejects belong in the file too
+                write_jsonl(tmp / f"{name}.jsonl", records)
+                metrics["splits"][name] = stats.as_dict()
+            if empty:
+                raise CocoFormatError(
+                    "; ".join(empty) + f"; the rejects are listed in {_shown(out_dir / 'rejects.jsonl', root)}"
+                )
+            write_jsonl(tmp / "rejects.jsonl", rejects)
+    except Exception as exc:
+        # the half-built folder is gone; only the rejects of this run go where the output goes
+        try:
+            write_jsonl(out_dir / "rejects.jsonl", rejects)
+        except OSError as why:  # the original error stays the one raised
+            exc.add_note(f"the rejects could not be written to {out_dir / 'rejects.jsonl'}: {why}")
+        raise
     totals: Counter = Counter()
     for s in metrics["splits"].values():
         totals.update({k: s[k] for k in ("records_in", "records_out", "objects_in", "objects_out")})
