@@ -392,7 +392,7 @@ def test_normalizer_over_micro_batches_equals_whole_batch():
     stage1_loss(whole, labels, CMAP, **weights(w1_weight=3.0)).total.backward()
     parts = z.clone().requires_grad_()
     counts = global_counts([labels[:8], labels[8:]], CMAP)
-    assert counts == GlobalCounts(*count_tokens(labels, CMAP), world_size=1)
+    assert counts == GlobalCounts(*count_tokens(labels, CMAP), world_size=1, micro_batches=2)
     total = 0.0
     for sl in (slice(0, 8), slice(8, 16)):
         r = stage1_loss(parts[sl], labels[sl], CMAP, normalizer=counts, **weights(w1_weight=3.0))

@@ -83,11 +83,15 @@ class GlobalCounts:
 
     ``world_size`` is the data-parallel degree the counts were reduced over: DDP *averages*
     gradients over ranks, so each rank's loss is multiplied by it to recover a global sum.
+    ``micro_batches`` is how many micro-batches each rank counted (the step's gradient
+    accumulation); only the logging uses it (a micro-batch is ``1 / (world_size * micro_batches)``
+    of the step), never the loss.
     """
 
     text_tokens: int
     coord_tokens: int
     world_size: int = 1
+    micro_batches: int = 1
 
     @property
     def text_denominator(self) -> float:
@@ -244,7 +248,7 @@ def global_counts(
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         text, coord = int(buf[0]), int(buf[1])
         world = dist.get_world_size(group)
-    return GlobalCounts(text_tokens=text, coord_tokens=coord, world_size=world)
+    return GlobalCounts(text_tokens=text, coord_tokens=coord, world_size=world, micro_batches=len(labels_list))
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,9 +11,27 @@ model outputs and the unshifted labels. It computes, by the config (:mod:`coorde
 
 In training each term is normalised by the token counts of the whole optimizer step that
 :class:`coordexp.train.trainer.CoordExpTrainer` gathered, so the loss is a mean over the global
-batch. Every call checks the terms are finite (:func:`coordexp.train.diagnostics.check_finite`)
-and logs them under ``coord_softce_w1/`` (token-weighted means), plus the per-token-type metrics
-when they are on.
+batch; in evaluation by the counts of the evaluation step (the batch of every rank). Every call
+checks the terms are finite (:func:`coordexp.train.diagnostics.check_finite`) and logs them under
+``coord_softce_w1/``, plus the per-token-type metrics when they are on.
+
+What is logged (:func:`_log`, :class:`StepMean`), so that the logged numbers are the trainer's own
+at any ``nproc_per_node`` and gradient accumulation:
+
+* ``coord_softce_w1/loss`` is the number the trainer logs as ``loss`` (``eval_loss``): the mean over
+  the logging window's optimizer steps of each step's global-batch loss (in evaluation the mean over
+  evaluation steps, weighted by their samples, as the HF trainer weights ``eval_loss``). Each
+  micro-batch returns ``world_size * local_sum / global_count``; the HF trainer sums the micro-batches
+  of a step (no division by the accumulation steps: the loss is ``compute_loss_func``'s) and averages
+  over ranks, so a step's ``loss`` is the sum over micro-batches and ranks of ``local_sum /
+  global_count``; :class:`StepMean` sums exactly those shares and divides by the number of steps.
+* ``text_ce``, ``soft_ce``, ``w1``, ``gate``, ``coord_vocab_mass`` are the same kind of mean of each
+  step's global token means (text CE over the step's text tokens, the others over its coord tokens),
+  so ``loss == text_ce + soft_ce_weight soft_ce + w1_weight w1 + gate_weight gate`` for the logged
+  values, train and eval.
+* ``coord_tokens``: coord tokens per micro-batch and rank (a plain mean).
+* The CE baseline (``coord_soft_ce_w1.enabled: false``) logs the Stage-1 terms as diagnostics but no
+  ``coord_softce_w1/loss``: its training loss is the full-vocabulary CE, logged as ``loss``.
 
 Importing this module imports swift: only the swift process loads it.
 """
@@ -21,11 +39,14 @@ Importing this module imports swift: only the swift process loads it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from swift.loss import BaseLoss
+from swift.metrics.utils import Metric
 
 from coordexp.train.diagnostics import check_finite
 from coordexp.train.fused_loss import fused_stage1_loss
@@ -59,6 +80,40 @@ def _update(metrics: Any, name: str, value: float, count: int = 1) -> None:
     metrics[name].update(torch.full((max(count, 1),), float(value)) if count != 1 else torch.tensor(float(value)))
 
 
+class StepMean(Metric):
+    """``sum(value) / sum(weight)`` with both sums added up over the ranks (in float64) when computed.
+
+    ms-swift's own ``MeanMetric`` counts whole updates; the Stage-1 numbers need fractional weights
+    (a micro-batch is ``1 / (world_size * micro_batches)`` of an optimizer step), see :func:`_log`.
+    Reset by ms-swift after each logging step, like every custom metric; an empty one logs nothing.
+    """
+
+    def __init__(self, device: Any = None):
+        super().__init__()
+        self.add_state("total", default=0.0)
+        self.add_state("weight", default=0.0)
+        self.device = device
+
+    def update(self, value: float, weight: float) -> None:
+        self.total += float(value)
+        self.weight += float(weight)
+
+    def compute(self) -> dict[str, float | None]:
+        total, weight = self.total, self.weight
+        if dist.is_available() and dist.is_initialized():
+            buf = torch.tensor([total, weight], dtype=torch.float64, device=self.device)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            total, weight = buf.tolist()
+        return {"value": total / weight if weight > 0 else None}
+
+
+def _step_mean(metrics: Any, name: str, device: Any) -> StepMean:
+    metric = metrics[name] if name in metrics else None
+    if not isinstance(metric, StepMean):
+        metric = metrics[name] = StepMean(device)
+    return metric
+
+
 class Stage1SwiftLoss(BaseLoss):
     """``compute_loss_func`` of the trainer: Stage-1 loss, or plain CE for the baseline."""
 
@@ -85,10 +140,12 @@ class Stage1SwiftLoss(BaseLoss):
     ) -> torch.Tensor:
         trainer = trainer or self.trainer
         mode = "train" if trainer.model.training else "eval"
-        counts = _step_counts(trainer, num_items_in_batch) if mode == "train" else None
+        step = _step_counts(trainer, num_items_in_batch)
+        counts = _loss_counts(trainer, step)
         weights = {k: self.loss_cfg[k] for k in LOSS_KEYS}
+        log = functools.partial(_log, trainer, mode, step, counts, labels.shape[0])
         if self.cfg.get("fused_loss"):
-            return self._fused(outputs, labels, trainer, mode, counts, weights)
+            return self._fused(outputs, labels, trainer, counts, weights, log)
         logits, labels = _align(outputs.logits, labels)
         cmap = self._map(logits.device)
         if self.loss_cfg["enabled"]:
@@ -110,7 +167,7 @@ class Stage1SwiftLoss(BaseLoss):
             with torch.no_grad():  # the Stage-1 terms, for comparison only: nothing enters the loss
                 res = stage1_loss(logits.detach(), labels, cmap, **weights)
         check_finite(trainer, res, loss, labels, self.cfg)
-        _log(trainer.custom_metrics[mode], res, loss if not self.loss_cfg["enabled"] else None)
+        log(res, with_loss=bool(self.loss_cfg["enabled"]))
         if self.cfg.get("token_type_metrics") and getattr(trainer, "token_typer", None) is not None:
             for name, (value, n) in token_type_metrics(trainer.token_typer, logits.detach(), labels, cmap).items():
                 _update(trainer.custom_metrics[mode], name, value, n)
@@ -121,9 +178,9 @@ class Stage1SwiftLoss(BaseLoss):
         outputs: Any,
         labels: torch.Tensor,
         trainer: Any,
-        mode: str,
         counts: GlobalCounts | None,
         weights: dict[str, Any],
+        log: Any,
     ) -> torch.Tensor:
         """Stage-1 loss from the last (final-norm) hidden states through the LM head, never [N, V].
 
@@ -142,14 +199,25 @@ class Stage1SwiftLoss(BaseLoss):
         )
         outputs.coordexp_argmax = res.argmax.view(labels.shape)
         check_finite(trainer, res, res.total, labels, self.cfg)
-        _log(trainer.custom_metrics[mode], res, None)
+        log(res, with_loss=True)
         return res.total
 
 
 def _step_counts(trainer: Any, num_items_in_batch: Any) -> GlobalCounts | None:
-    """The optimizer step's global token counts, as the trainer gathered them (None outside training)."""
+    """The global token counts of the step (optimizer step, or evaluation step) that the trainer gathered.
+
+    :meth:`coordexp.train.trainer.CoordExpTrainer._get_num_items_in_batch` counts them, on every
+    rank, right before the micro-batches of a training step and before each evaluation batch
+    (HF's ``prediction_step``). None where the trainer counted nothing."""
     counts: GlobalCounts | None = getattr(trainer, "coordexp_counts", None)
     if counts is None or num_items_in_batch is None:
+        return None
+    return counts
+
+
+def _loss_counts(trainer: Any, counts: GlobalCounts | None) -> GlobalCounts | None:
+    """The step's counts as the loss uses them: their ``world_size`` is the factor the loss applies."""
+    if counts is None:
         return None
     # ms-swift multiplies the returned loss by the number of processes itself when it averages
     # tokens across devices; then the world-size factor must not be applied twice.
@@ -158,15 +226,58 @@ def _step_counts(trainer: Any, num_items_in_batch: Any) -> GlobalCounts | None:
     return counts
 
 
-def _log(metrics: Any, res: Any, baseline_loss: torch.Tensor | None) -> None:
-    p = METRIC_PREFIX
-    total = (
-        float(res.total.detach())
-        if baseline_loss is None
-        else float(res.text_ce.detach() + res.soft_ce.detach() + res.w1.detach() + res.gate.detach())
-    )
-    _update(metrics, f"{p}loss", total)
-    _update(metrics, f"{p}text_ce", float(res.text_ce.detach()), res.text_tokens)
-    for name in ("soft_ce", "w1", "gate", "coord_vocab_mass"):
-        _update(metrics, f"{p}{name}", float(getattr(res, name).detach()), res.coord_tokens)
-    _update(metrics, f"{p}coord_tokens", float(res.coord_tokens))
+TERMS = ("text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass")
+"""The per-term metrics under :data:`METRIC_PREFIX`, besides ``loss`` and ``coord_tokens``."""
+
+
+def _log(
+    trainer: Any,
+    mode: str,
+    step: GlobalCounts | None,
+    counts: GlobalCounts | None,
+    batch_size: int,
+    res: Any,
+    *,
+    with_loss: bool,
+) -> None:
+    """Add this call's share of the step's numbers to the ``coord_softce_w1/`` metrics (see the module docstring).
+
+    With the step's global counts (``step``; ``counts`` is the same as the loss used it), a call's share
+    of a term is its own sum over the step's global count, and its share of the loss is the loss it
+    returns divided by the world size: summed over the micro-batches and ranks of a step, that is the
+    step's global mean, the step's ``loss``. In training every step weighs 1 (the HF trainer averages
+    the steps of a logging window), so a call weighs ``1 / (world_size * micro_batches)``; in evaluation
+    a step weighs its samples (HF repeats each rank's loss once per sample: ``eval_loss`` assumes the
+    ranks' batches are the same size, as accelerate's even batches make them), so a call adds
+    ``world_size * batch_size * share`` and weighs its ``batch_size``. Without counts, the call's own
+    means, each call weighing 1 (train) or its batch size (eval).
+
+    ``with_loss=False`` (the CE baseline): the Stage-1 terms only, no ``coord_softce_w1/loss``.
+    """
+    metrics = trainer.custom_metrics[mode]
+    device = getattr(trainer.args, "device", None)
+    if step is None:
+        values = [res.total, res.text_ce, res.soft_ce, res.w1, res.gate, res.coord_vocab_mass]
+        scale = weight = 1.0 if mode == "train" else float(batch_size)
+    else:
+        dt, dc = step.text_denominator, step.coord_denominator
+        loss_world = counts.world_size if counts is not None else step.world_size
+        values = [
+            res.total.detach() / loss_world,
+            res.text_ce_sum / dt,
+            res.soft_ce_sum / dc,
+            res.w1_sum / dc,
+            res.gate_sum / dc,
+            res.mass_sum / dc,
+        ]
+        if mode == "train":
+            scale, weight = 1.0, 1.0 / (step.world_size * step.micro_batches)
+        else:
+            scale, weight = float(step.world_size * batch_size), float(batch_size)
+    names = ("loss", *TERMS)
+    if not with_loss:
+        names, values = names[1:], values[1:]
+    floats = torch.stack([v.detach().float().reshape(()) for v in values]).tolist()  # one device sync
+    for name, value in zip(names, floats):
+        _step_mean(metrics, f"{METRIC_PREFIX}{name}", device).update(value * scale, weight)
+    _update(metrics, f"{METRIC_PREFIX}coord_tokens", float(res.coord_tokens))

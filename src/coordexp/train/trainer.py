@@ -9,12 +9,23 @@ ms-swift's ``causal_lm`` trainer. On top of ms-swift's own trainer it keeps
 (c) the token typer for the optional per-token-type metrics;
 (d) throughput bookkeeping (``coordexp_throughput.json``: wall time, tokens seen, tokens/s);
 (e) with ``fused_loss``, model inputs that ask for one position of logits plus the hidden states,
-    so that the loss runs through the LM head in chunks and the ``[B, L, V]`` logits never exist.
+    so that the loss runs through the LM head in chunks and the ``[B, L, V]`` logits never exist;
+(f) one learning rate per trained part of the model (:data:`LR_KEYS`): with ``train.vit_lr`` /
+    ``aligner_lr`` ms-swift's multimodal optimizer gives the vision tower, the merger and the decoder
+    param groups of their own, in that order, and the HF trainer would log the first group's rate
+    (the vision tower's) as ``learning_rate``. Here ``learning_rate`` is the decoder's (the LLM and
+    every other trainable parameter outside the vision tower and merger), ``learning_rate/vit`` the
+    vision tower's and ``learning_rate/aligner`` the merger's; a part with no trainable parameters
+    is not logged. Only the logged numbers change: the optimizer and its scheduler are ms-swift's.
 
 Counting happens in ``_get_num_items_in_batch``, which the HF trainer calls on every rank once
 per optimizer step with all of that step's micro-batches: the all-reduce inside
 :func:`coordexp.train.loss.global_counts` is therefore issued by every rank, every step, whatever
 its own token counts (a rank without coord tokens cannot hang the others).
+
+Counting also runs before every evaluation batch (HF's ``prediction_step`` calls
+``_get_num_items_in_batch``), so evaluation losses are means over the evaluation step's batch of
+all ranks, the same quantity at any number of processes (:mod:`coordexp.train.swift_loss`).
 
 Importing this module imports swift: only the swift process loads it (ms-swift imports it by the
 dotted name the registration gives).
@@ -29,11 +40,15 @@ from typing import Any
 
 import torch
 from swift.metrics import compute_acc
+from swift.optimizers.multimodal import get_param_startswith
 from swift.trainers import Seq2SeqTrainer
 
 from coordexp.train.loss import GlobalCounts, global_counts
 from coordexp.train.swift_config import coord_id_map, plugin_config
 from coordexp.train.token_types import TokenTyper
+
+LR_KEYS = {"llm": "learning_rate", "vit": "learning_rate/vit", "aligner": "learning_rate/aligner"}
+"""Logged learning rate of each part of the model: the decoder (the headline), the vision tower, the merger."""
 
 
 class CoordExpTrainer(Seq2SeqTrainer):
@@ -47,6 +62,7 @@ class CoordExpTrainer(Seq2SeqTrainer):
         self._tokens_seen = 0
         self._t0: float | None = None
         self.token_typer = None
+        self._lr_groups: dict[str, int] | None = None
         if self.coordexp_cfg.get("token_type_metrics"):
             self.token_typer = TokenTyper(self.template.tokenizer, self._cmap_cpu)
 
@@ -58,6 +74,29 @@ class CoordExpTrainer(Seq2SeqTrainer):
             mask = b.get("attention_mask")
             self._tokens_seen += int(mask.sum()) if mask is not None else int(b["input_ids"].numel())
         return n
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "learning_rate" in logs:  # a training log: one rate per part (see (f) above)
+            logs.update(self._learning_rates())
+        return super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        optimizer = super().create_optimizer(model)
+        if optimizer is not None:  # which group is which part, before DeepSpeed flattens the groups' tensors
+            self._lr_groups = lr_groups(self.accelerator.unwrap_model(model or self.model), optimizer.param_groups)
+        return optimizer
+
+    def _learning_rates(self) -> dict[str, float]:
+        """``{LR_KEYS[part]: current rate of the part's param group}``; empty where it cannot tell."""
+        if self.optimizer is None or not self._lr_groups:
+            return {}
+        rates = [g["lr"] for g in self.optimizer.param_groups]
+        try:  # what the HF trainer logs, per group (the same numbers as the groups', after the scheduler's step)
+            last = self.lr_scheduler.get_last_lr() if self.lr_scheduler is not None else rates
+            rates = last if len(last) == len(rates) else rates
+        except AssertionError:  # DeepSpeed's dynamic loss scale before its first step (as in the HF trainer)
+            pass
+        return {LR_KEYS[part]: float(rates[i]) for part, i in self._lr_groups.items() if i < len(rates)}
 
     def _prepare_inputs(self, inputs: Any) -> Any:
         inputs = super()._prepare_inputs(inputs)
@@ -110,3 +149,22 @@ class CoordExpTrainer(Seq2SeqTrainer):
         }
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.args.output_dir) / "coordexp_throughput.json").write_text(json.dumps(out, indent=2))
+
+
+def lr_groups(model: Any, param_groups: list[dict[str, Any]]) -> dict[str, int]:
+    """``{part: index of the first param group holding a parameter of that part}`` for the parts of
+    :data:`LR_KEYS`. The vision tower and merger are ms-swift's ``model_arch.vision_tower`` /
+    ``aligner`` prefixes (as its multimodal optimizer splits them); everything else trained is ``llm``."""
+    arch = getattr(getattr(model, "model_meta", None), "model_arch", None)
+    part: dict[int, str] = {}
+    if arch is not None:
+        aligner = list(getattr(arch, "aligner", None) or [])
+        part.update(
+            {id(p): "vit" for _, p in get_param_startswith(model, getattr(arch, "vision_tower", None), aligner)}
+        )
+        part.update({id(p): "aligner" for _, p in get_param_startswith(model, aligner)})
+    out: dict[str, int] = {}
+    for i, group in enumerate(param_groups):
+        for p in group["params"]:
+            out.setdefault(part.get(id(p), "llm"), i)
+    return dict(sorted(out.items(), key=lambda kv: list(LR_KEYS).index(kv[0])))
