@@ -25,7 +25,7 @@ def test_dvc_experiment_is_its_own_tagged_run(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     runs = mlflow.search_runs(
         experiment_names=["coordexp-stage1"],
-        filter_string="tags.`coordexp.pipeline.runner` = 'train'",
+        filter_string="tags.`coordexp.stage` = 'train'",
         output_format="list",
     )
     (run,) = runs

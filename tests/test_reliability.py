@@ -66,7 +66,7 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, sig):
     assert run.info.status == "FINISHED"
     runs = mlflow.search_runs(
         experiment_names=["coordexp-stage1"],
-        filter_string="tags.`coordexp.pipeline.runner` = 'train'",
+        filter_string="tags.`coordexp.stage` = 'train'",
         output_format="list",
     )
     assert [r.info.run_id for r in runs] == [run_id]

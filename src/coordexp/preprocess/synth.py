@@ -440,7 +440,7 @@ def _generate_split(
 
     coco = {
         "info": {
-            "description": "CoordExp synthetic coloured shapes (coordexp.preprocess.synth)",
+            "description": "CoordExp synthetic coloured shapes (coordexp.synth)",  # as in the embedded data set
             "version": GENERATOR_VERSION,
             "split": split,
             "seed": int(seed),
