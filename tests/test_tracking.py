@@ -54,3 +54,26 @@ def test_params_hash_changes_with_params():
     assert tracking.params_hash(a) != tracking.params_hash(b)
     assert tracking.params_hash(a) == tracking.params_hash(Params())
     assert Path(tracking.flatten({"a": {"b": 1}, "c": 2}).keys().__iter__().__next__()) == Path("a.b")
+
+
+def test_run_id_of_follows_the_weights(mlflow_store, tmp_path):
+    """The run id file beside a DVC-restored checkpoint can name another run: the run is found by the digest
+    of the weights it produced; a run id file for these weights is taken as is."""
+    from coordexp.core.checkpoint import FINAL_DIR, RUN_ID_FILE, weights_digest
+
+    params = Params.model_validate({"train": {"out_dir": str(tmp_path / "train")}})
+    final = tmp_path / "train" / FINAL_DIR
+    final.mkdir(parents=True)
+    assert tracking.run_id_of(params, tmp_path) is None  # nothing trained yet
+    ids = {}
+    for name, weights in (("a", b"weights of a"), ("b", b"weights of b")):
+        (final / "model.safetensors").write_bytes(weights)
+        with tracking.stage_run(params, "train") as run:
+            mlflow.set_tag(tracking.WEIGHTS_DIGEST_TAG, weights_digest(final))
+        ids[name] = run.info.run_id
+    (tmp_path / "train" / RUN_ID_FILE).write_text(ids["b"] + "\n")
+    assert tracking.run_id_of(params, tmp_path) == ids["b"]
+    (final / "model.safetensors").write_bytes(b"weights of a")  # DVC restored a's checkpoint
+    assert tracking.run_id_of(params, tmp_path) == ids["a"]
+    (final / "model.safetensors").write_bytes(b"weights nobody logged")
+    assert tracking.run_id_of(params, tmp_path) is None

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import make_tiny_project, run_stage
 
+from coordexp.core.checkpoint import weights_digest
+
 KEYS = [
     "coord_softce_w1/loss",
     "coord_softce_w1/soft_ce",
@@ -113,11 +115,18 @@ def test_stage1_training_logs_every_metric_and_learns(stage1_project):
     # outputs: checkpoint with its vocabulary, metrics, history
     final = root / "artifacts" / "train" / "final"
     assert (final / "model.safetensors").is_file() and (final / "coord_vocab.json").is_file()
+    # the DVC output is the model only: no optimizer state, no file with timings or absolute paths
+    assert not {"trainer_state.json", "args.json", "training_args.bin", "optimizer.pt"} & {
+        p.name for p in final.iterdir()
+    }
+    assert run.data.tags["coordexp.weights_digest"] == weights_digest(final)
     summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
-    assert summary["steps"] == 30 and summary["tokens_per_second"] > 0
+    assert summary["steps"] == 30 and "tokens_per_second" not in summary and "wall_time_s" not in summary
+    assert run.data.metrics["train_summary.tokens_per_second"] > 0  # timings go to MLflow only
     assert 0 < summary["final_eval_coord_vocab_mass"] <= 1
     hist = (root / "reports" / "train_history.csv").read_text().splitlines()
     assert hist[0].startswith("step,split") and len(hist) > 6
+    assert not [c for c in hist[0].split(",") if "runtime" in c or "per_second" in c or "speed" in c]
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/resolved_params.json", "config/coord_vocab.json"} <= arts
 

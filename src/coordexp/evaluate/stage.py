@@ -132,24 +132,25 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
             max_new_tokens=cfg.max_new_tokens,
             desc=f"evaluate {ckpt.name}",
         )
-        seconds = time.time() - t0
+        images_per_second = len(records) / max(time.time() - t0, 1e-9)
         metrics = compute_metrics(gt_records, preds, parses)
-        metrics["images_per_second"] = len(records) / max(seconds, 1e-9)
         metrics["checkpoint"] = str(ckpt.relative_to(root)) if ckpt.is_relative_to(root) else str(ckpt)
-        results.append((step, metrics, preds, raw))
+        results.append((step, metrics, preds, raw, images_per_second))
         print(
             f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
-            f"parse_rate={metrics['parse_rate']:.3f} ({metrics['images_per_second']:.1f} img/s)"
+            f"parse_rate={metrics['parse_rate']:.3f} ({images_per_second:.1f} img/s)"
         )
     best = max(results, key=lambda r: (r[1]["bbox_mAP"] or 0.0, r[0] or 0))
-    step, metrics, preds, raw = best
+    step, metrics, preds, raw, images_per_second = best
     gt_box = to_coco_gt(gt_records, "bbox")
     write_jsonl(out_dir / "predictions.jsonl", raw)
     write_json(out_dir / "coco_gt.json", gt_box, indent=None)
     write_json(out_dir / "coco_results.json", build_coco_results(preds, gt_box, "bbox").results, indent=None)
     if len(results) > 1:
         metrics["best_step"] = step
-        metrics["by_step"] = {str(s): m["bbox_mAP"] for s, m, _, _ in results}
+        metrics["by_step"] = {str(s): m["bbox_mAP"] for s, m, *_ in results}
+    # the speed is a property of the machine: MLflow and the console only, so that eval.json (hashed by DVC)
+    # is the same bytes on every rerun
     write_json(paths.metrics_dir(root) / "eval.json", metrics)
 
     run_id = tracking.run_id_of(params, root)
@@ -157,13 +158,13 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         mlflow.log_metrics(
             {
                 tracking.mlflow_metric_name(k): float(v)
-                for k, v in metrics.items()
+                for k, v in {**metrics, "images_per_second": images_per_second}.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
-        for s, m, _, _ in results:
+        for s, m, *_ in results:
             if s is not None and m["bbox_mAP"] is not None:
                 mlflow.log_metric("ckpt_bbox_mAP", m["bbox_mAP"], step=s)
         for name in ("predictions.jsonl", "coco_gt.json", "coco_results.json"):
             mlflow.log_artifact(str(out_dir / name), "eval")
-    return metrics
+    return {**metrics, "images_per_second": images_per_second}

@@ -31,7 +31,7 @@ from typing import Any
 import mlflow
 
 from coordexp.core import paths
-from coordexp.core.checkpoint import RUN_ID_FILE
+from coordexp.core.checkpoint import FINAL_DIR, RUN_ID_FILE, weights_digest
 from coordexp.core.config import Params
 from coordexp.core.errors import StageError
 
@@ -114,10 +114,42 @@ def metric_name_from_mlflow(key: str) -> str:
     return key.replace("_at_", "@")
 
 
+WEIGHTS_DIGEST_TAG = "coordexp.weights_digest"
+"""Tag of a training run: :func:`coordexp.core.checkpoint.weights_digest` of the checkpoint it produced."""
+
+
 def run_id_of(params: Params, root: Path | None = None) -> str | None:
-    """The training run's MLflow id, written by the train stage; None before it has run."""
-    f = paths.resolve(params.train.out_dir, root or paths.project_root()) / RUN_ID_FILE
-    return (f.read_text().strip() or None) if f.is_file() else None
+    """The MLflow id of the training run that produced ``<train.out_dir>/final``; None before training.
+
+    The train stage writes the id to ``<train.out_dir>/mlflow_run_id``, beside (not inside) the DVC
+    output: a random id in a hashed output would change ``dvc.lock`` on every run. When DVC restores
+    ``final`` from its cache (a ``dvc exp run`` of params trained before), that file can name another
+    run; the run is then found by the weights' digest, which its training run carries as a tag.
+    """
+    out = paths.resolve(params.train.out_dir, root or paths.project_root())
+    f = out / RUN_ID_FILE
+    run_id = (f.read_text().strip() or None) if f.is_file() else None
+    final = out / FINAL_DIR
+    if not any(final.glob("*.safetensors")):
+        return run_id
+    digest = weights_digest(final)
+    client = _mlflow(params).MlflowClient()
+    if run_id is not None:
+        try:
+            if client.get_run(run_id).data.tags.get(WEIGHTS_DIGEST_TAG) in (digest, None):
+                return run_id
+        except Exception:  # noqa: BLE001 - MlflowException: the run is not in this store
+            pass
+    exp = client.get_experiment_by_name(params.tracking.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{WEIGHTS_DIGEST_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

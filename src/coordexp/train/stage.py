@@ -37,6 +37,7 @@ from coordexp.core.checkpoint import (
     SWIFT_DIR,
     last_checkpoint,
     model_type,
+    weights_digest,
 )
 from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl
@@ -199,8 +200,20 @@ def _num(v: Any) -> Any:
     return None
 
 
+TIMING_FIELDS = ("runtime", "_per_second", "train_speed", "memory")
+"""Substrings of the logged fields that measure the machine, not the model (``train_speed(s/it)``,
+``train_runtime``, ``eval_samples_per_second``, ``memory(GiB)``, ...)."""
+
+
+def is_timing(name: str) -> bool:
+    return any(t in name for t in TIMING_FIELDS)
+
+
 def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
-    """One row per logging event (train or eval) with every numeric field as a column."""
+    """One row per logging event (train or eval) with every numeric field as a column.
+
+    Timings are left out (they stay in MLflow): DVC hashes this file, and the same params must give
+    the same bytes on every rerun and every clone."""
     keep = [r for r in rows if "global_step/max_steps" in r or "loss" in r or "eval_loss" in r]
     cols: list[str] = ["step", "split"]
     out_rows = []
@@ -211,7 +224,7 @@ def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
         flat = {"step": step, "split": split}
         for k, v in r.items():
             n = _num(v)
-            if n is None:
+            if n is None or is_timing(k):
                 continue
             name = k[5:] if split == "eval" and k.startswith("eval_") else k
             flat[name] = n
@@ -226,8 +239,13 @@ def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
     return len(out_rows)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (same filesystem) or copy a checkpoint, so ``final`` costs no extra space."""
+TRAINER_STATE = ("args.json", "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*")
+"""The files of a ``checkpoint-N`` folder that resume training but are not the model. ``final`` (the DVC
+output) leaves them out: they hold absolute paths and timings, so they would differ on every run."""
+
+
+def _link_model(src: Path, dst: Path) -> None:
+    """Hard-link (same filesystem) or copy a checkpoint's model files, so ``final`` costs no extra space."""
     if dst.exists():
         shutil.rmtree(dst)
 
@@ -237,16 +255,16 @@ def _link_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, dst, copy_function=link)
+    shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns(*TRAINER_STATE))
 
 
 def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str, Any]:
+    """The run's figures for ``reports/metrics/train.json``: a function of the params (no timings, see
+    :func:`timings`)."""
     train = [r for r in rows if "loss" in r and _num(r.get("loss")) is not None]
     evals = [r for r in rows if "eval_loss" in r]
     out: dict[str, Any] = {
         "steps": throughput.get("global_step"),
-        "wall_time_s": round(throughput.get("wall_time_s", float("nan")), 2),
-        "tokens_per_second": round(throughput.get("tokens_per_second", float("nan")), 2),
         "final_train_loss": train[-1]["loss"] if train else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
     }
@@ -256,6 +274,15 @@ def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str,
         if evals and f"eval_{key}" in evals[-1]:
             out[f"final_eval_{key.split('/')[-1]}"] = evals[-1][f"eval_{key}"]
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def timings(throughput: dict[str, Any]) -> dict[str, float]:
+    """Wall time and token throughput: logged to MLflow and printed, never written to a DVC output."""
+    out = {
+        "wall_time_s": round(throughput.get("wall_time_s", float("nan")), 2),
+        "tokens_per_second": round(throughput.get("tokens_per_second", float("nan")), 2),
+    }
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 STATE_FILE = "state.json"
@@ -387,7 +414,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         if ckpt is None:
             raise TrainingError(f"{swift_out}: training ended without a checkpoint")
         final = out / FINAL_DIR
-        _link_tree(ckpt, final)
+        _link_model(ckpt, final)
         shutil.copy2(base / "coord_vocab.json", final / "coord_vocab.json")
         metrics = summary(rows, throughput)
         metrics["final_checkpoint"] = str(final.relative_to(root)) if final.is_relative_to(root) else str(final)
@@ -395,10 +422,11 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         write_json(paths.metrics_dir(root) / "train.json", metrics)
         hist = paths.resolve(params.report.out_dir, root) / "train_history.csv"
         write_history_csv(rows, hist)
+        clock = timings(throughput)
         mlflow.log_metrics(
             {
                 f"train_summary.{k}": float(v)
-                for k, v in metrics.items()
+                for k, v in {**metrics, **clock}.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
@@ -408,5 +436,6 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         if t.log_checkpoint == "full":
             mlflow.log_artifacts(str(final), "checkpoint")
         mlflow.set_tag("coordexp.final_checkpoint", str(final))
+        mlflow.set_tag(tracking.WEIGHTS_DIGEST_TAG, weights_digest(final))
         write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id, "status": "done"})
-    return metrics
+    return {**metrics, **clock}
