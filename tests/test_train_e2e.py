@@ -116,9 +116,9 @@ def test_stage1_training_logs_every_metric_and_learns(stage1_project):
     final = root / "artifacts" / "train" / "final"
     assert (final / "model.safetensors").is_file() and (final / "coord_vocab.json").is_file()
     # the DVC output is the model only: no optimizer state, no file with timings or absolute paths
-    assert not {"trainer_state.json", "args.json", "training_args.bin", "optimizer.pt"} & {
-        p.name for p in final.iterdir()
-    }
+    assert not {"trainer_state.json", "training_args.bin", "optimizer.pt"} & {p.name for p in final.iterdir()}
+    model_args = json.loads((final / "args.json").read_text())  # what ms-swift reads back to load it
+    assert model_args["model_type"] == "qwen3_vl" and "model" not in model_args
     assert run.data.tags["coordexp.weights_digest"] == weights_digest(final)
     summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
     assert summary["steps"] == 30 and "tokens_per_second" not in summary and "wall_time_s" not in summary

@@ -258,6 +258,18 @@ def _link_model(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns(*TRAINER_STATE))
 
 
+MODEL_ARGS = ("swift_version", "model_type", "template", "tuner_type", "task_type", "torch_dtype", "attn_impl")
+"""What ms-swift reads back from a checkpoint's ``args.json`` to load it (``model_type`` above all: a Qwen3-VL
+config matches several ms-swift model types); ``final/args.json`` keeps only these, none of them a path or a time."""
+
+
+def _write_model_args(ckpt: Path, final: Path) -> None:
+    src = ckpt / "args.json"
+    if src.is_file():
+        args = json.loads(src.read_text(encoding="utf-8"))
+        write_json(final / "args.json", {k: args[k] for k in MODEL_ARGS if k in args})
+
+
 def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str, Any]:
     """The run's figures for ``reports/metrics/train.json``: a function of the params (no timings, see
     :func:`timings`)."""
@@ -415,6 +427,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
             raise TrainingError(f"{swift_out}: training ended without a checkpoint")
         final = out / FINAL_DIR
         _link_model(ckpt, final)
+        _write_model_args(ckpt, final)
         shutil.copy2(base / "coord_vocab.json", final / "coord_vocab.json")
         metrics = summary(rows, throughput)
         metrics["final_checkpoint"] = str(final.relative_to(root)) if final.is_relative_to(root) else str(final)
