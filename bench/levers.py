@@ -95,7 +95,7 @@ def changes_of(name: str) -> dict[str, object]:
 
 
 EVAL_LINE = re.compile(r"\[evaluate\] checkpoint-(\d+): bbox_mAP=([\d.]+) mAP50=([\d.]+)")
-KEYS = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1@0.5", "f1@0.3", "images_per_second")
+KEYS = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1_at_0.5", "f1_at_0.3", "images_per_second")
 
 
 UPSTREAM = {
