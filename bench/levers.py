@@ -184,7 +184,7 @@ def run_variant(name: str, work: Path, threads: int | None, reuse_from: Path | N
 def table(rows: list[dict[str, object]]) -> str:
     out = [
         "| variant | changes | steps | eval W1 | eval softCE | token_acc | parse_rate | bbox_mAP50 | bbox_mAP | "
-        "f1@0.5 | wall |",
+        "f1_at_0.5 | wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -200,7 +200,7 @@ def table(rows: list[dict[str, object]]) -> str:
         out.append(
             f"| {r['variant']} | {ch} | {tr.get('steps', '-')} | {f(tr.get('final_eval_w1'))} | "
             f"{f(tr.get('final_eval_soft_ce'), 2)} | {f(tr.get('final_eval_token_acc'))} | {f(r['parse_rate'])} | "
-            f"{f(r['bbox_mAP50'], 4)} | {f(r['bbox_mAP'], 4)} | {f(r['f1@0.5'])} | {float(r['wall_s']) / 60:.1f} min |"
+            f"{f(r['bbox_mAP50'], 4)} | {f(r['bbox_mAP'], 4)} | {f(r['f1_at_0.5'])} | {float(r['wall_s']) / 60:.1f} min |"
         )
     return "\n".join(out)
 

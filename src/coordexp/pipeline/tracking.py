@@ -251,12 +251,11 @@ def experiment_id(params: Params) -> str:
     name = params.tracking.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        exp_id = mlflow.create_experiment(
+        return mlflow.create_experiment(
             name,
             artifact_location=Path(artifact_location(params)).as_uri(),
             tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
-        return exp_id
     if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     if _own_store(params) and not params.tracking.artifact_location:
@@ -300,11 +299,12 @@ def _follow_repository(exp: Any, expected: Path) -> None:
             "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new_uri, int(exp.experiment_id))
         )
         rows = db.execute(
-            "SELECT run_uuid, artifact_uri FROM runs WHERE experiment_id = ? AND artifact_uri LIKE ?",
-            (int(exp.experiment_id), old_uri + "/%"),
+            "SELECT run_uuid, artifact_uri FROM runs WHERE experiment_id = ?", (int(exp.experiment_id),)
         ).fetchall()
         moved = [
-            (new_uri + uri[len(old_uri) :], run) for run, uri in rows if (expected / uri[len(old_uri) + 1 :]).is_dir()
+            (new_uri + uri[len(old_uri) :], run)
+            for run, uri in rows
+            if uri.startswith(old_uri + "/") and (expected / uri[len(old_uri) + 1 :]).is_dir()
         ]
         db.executemany("UPDATE runs SET artifact_uri = ? WHERE run_uuid = ?", moved)
     print(
