@@ -29,7 +29,7 @@ def test_dvc_experiment_is_its_own_tagged_run(tmp_path):
         output_format="list",
     )
     (run,) = runs
-    assert run.data.tags["dvc.exp_name"] == "w1zero"
+    assert run.data.tags["dvc.exp_name"] == "w1zero" and run.info.run_name == "train/w1zero"
     assert float(run.data.params["cfg.train.coord_soft_ce_w1.w1_weight"]) == 0.0
     shown = _sh(["dvc", "exp", "show", "--no-pager", "--csv"], root).stdout
     assert "w1zero" in shown

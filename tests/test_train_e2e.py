@@ -128,7 +128,39 @@ def test_stage1_training_logs_every_metric_and_learns(stage1_project):
     assert hist[0].startswith("step,split") and len(hist) > 6
     assert not [c for c in hist[0].split(",") if "runtime" in c or "per_second" in c or "speed" in c]
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
-    assert {"config/resolved_params.json", "config/coord_vocab.json"} <= arts
+    assert {"config/resolved_params.json", "config/coord_vocab.json", "config/swift_args.json"} <= arts
+
+
+@pytest.mark.slow
+def test_training_run_reads_as_the_mlflow_ui_expects(stage1_project):
+    """Named after what it is, the project's params only, relative paths, the launcher's arguments
+    as an artifact, the preprocess outputs as dataset inputs with their DVC md5."""
+    from dvc_data.hashfile.hash import file_md5
+
+    from coordexp.core.config import load_params
+    from coordexp.pipeline.tracking import mlflow_params
+
+    root = stage1_project
+    client, run = _run(root)
+    assert run.info.run_name == "train/stage1"  # ms-swift's MLflow callback kept our name
+    assert set(run.data.params) == set(mlflow_params(load_params(root / "params.yaml")))
+    assert run.data.tags["coordexp.base_checkpoint"] == "artifacts/base"
+    assert run.data.tags["coordexp.final_checkpoint"] == "artifacts/train/final"
+    assert not [v for v in {**run.data.tags, **run.data.params}.values() if str(root) in v]
+    for name in ("swift_args.json", "swift_resolved_args.json"):
+        text = Path(client.download_artifacts(run.info.run_id, f"config/{name}", str(root / "dl"))).read_text()
+        assert str(root) not in text and "artifacts/base" in text, name
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
+    for context, split in (("training", "train"), ("validation", "val")):
+        f = root / "artifacts" / "preprocess" / f"{split}.jsonl"
+        assert inputs[context].digest == file_md5(str(f)), context
+        assert json.loads(inputs[context].source) == {"uri": f"artifacts/preprocess/{split}.jsonl"}
+    # the preprocess run has the same datasets (same digests) as its outputs
+    (pre,) = mlflow.search_runs([run.info.experiment_id], "tags.`coordexp.stage` = 'preprocess'", output_format="list")
+    assert pre.info.run_name == "preprocess"
+    assert {i.dataset.digest for i in pre.inputs.dataset_inputs} == {d.digest for d in inputs.values()}
 
 
 @pytest.mark.slow
@@ -142,7 +174,7 @@ def test_trainer_loss_equals_library_loss_on_the_same_logits(stage1_project):
 @pytest.mark.slow
 def test_baseline_is_plain_ce_on_every_token(baseline_project):
     client, run = _run(baseline_project)
-    assert run.data.tags["coordexp.loss"] == "ce_baseline"
+    assert run.data.tags["coordexp.loss"] == "ce_baseline" and run.info.run_name == "train/ce-baseline"
     eval_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
     ref = _reference_eval(baseline_project, enabled=False)
     assert eval_loss[30] == pytest.approx(ref["ce"], rel=1e-4)
@@ -207,7 +239,16 @@ def test_evaluate_writes_metrics_that_match_pycocotools(stage1_project):
     root = stage1_project
     res = run_stage(root, "evaluate", **{})
     m = json.loads((root / "reports" / "metrics" / "eval.json").read_text())
-    for key in ("bbox_mAP", "bbox_mAP50", "bbox_mAP75", "segm_mAP", "f1@0.5", "f1@0.3", "parse_rate", "nan_scores"):
+    for key in (
+        "bbox_mAP",
+        "bbox_mAP50",
+        "bbox_mAP75",
+        "segm_mAP",
+        "f1_at_0.5",
+        "f1_at_0.3",
+        "parse_rate",
+        "nan_scores",
+    ):
         assert key in m, key
     assert m["nan_scores"] == 0 and 0 <= m["parse_rate"] <= 1
     ev = root / "artifacts" / "eval"
@@ -223,7 +264,12 @@ def test_evaluate_writes_metrics_that_match_pycocotools(stage1_project):
         assert m["bbox_mAP"] == 0.0
     client, run = _run(root)
     logged = mlflow.get_run(run.info.run_id).data.metrics
-    assert logged["bbox_mAP"] == pytest.approx(m["bbox_mAP"]) and "parse_rate" in logged
+    numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {k: logged[k] for k in numbers} == pytest.approx(numbers)  # one name, one number, both places
+    (ev_input,) = [
+        i for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs if i.dataset.name == "val-evaluation"
+    ]
+    assert {t.key: t.value for t in ev_input.tags} == {"mlflow.data.context": "evaluation", "coordexp.records": "8"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
         "eval/predictions.jsonl",
         "eval/coco_gt.json",

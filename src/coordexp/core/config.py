@@ -300,7 +300,8 @@ class TrackingConfig(_Section):
     """Tracking URI; ``null`` means ``sqlite:///<project root>/mlflow.db``. The environment
     variable ``MLFLOW_TRACKING_URI`` overrides both."""
     artifact_location: str | None = None
-    """Artifact root for a new experiment; ``null`` means ``<project root>/mlartifacts``."""
+    """Artifact root for a new experiment; ``null`` means ``<project root>/mlartifacts``, which a copied
+    repository's store follows to the copy (``coordexp.pipeline.tracking``)."""
 
 
 class Params(_Section):

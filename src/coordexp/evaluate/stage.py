@@ -68,6 +68,8 @@ def _clean(v: Any) -> Any:
 
 
 def compute_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], parses: list[Any]) -> dict[str, Any]:
+    """The metrics of ``eval.json``, named as MLflow logs them (``f1_at_0.5``: MLflow forbids ``@``),
+    so ``dvc metrics``, the MLflow UI and the reports show one name for one number."""
     gt_box = to_coco_gt(records, "bbox")
     box = coco_map(gt_box, build_coco_results(preds, gt_box, "bbox").results, "bbox")
     gt_seg = to_coco_gt(records, "segm")
@@ -82,12 +84,12 @@ def compute_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], 
         "bbox_mAP75": box.mAP75,
         "segm_mAP": seg.mAP,
         "segm_mAP50": seg.mAP50,
-        "f1@0.5": f5["f1"],
-        "precision@0.5": f5["precision"],
-        "recall@0.5": f5["recall"],
-        "f1@0.3": f3["f1"],
-        "precision@0.3": f3["precision"],
-        "recall@0.3": f3["recall"],
+        "f1_at_0.5": f5["f1"],
+        "precision_at_0.5": f5["precision"],
+        "recall_at_0.5": f5["recall"],
+        "f1_at_0.3": f3["f1"],
+        "precision_at_0.3": f3["precision"],
+        "recall_at_0.3": f3["recall"],
         "parse_rate": health["parse_rate"],
         "salvage_rate": health["salvage_rate"],
         "nan_scores": health["nan_scores"],
@@ -154,14 +156,17 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     write_json(paths.metrics_dir(root) / "eval.json", metrics)
 
     run_id = tracking.run_id_of(params, root)
-    with tracking.stage_run(params, "evaluate", run_id=run_id, run_name="evaluate") as _:
+    with tracking.stage_run(params, "evaluate", run_id=run_id) as _:
         mlflow.log_metrics(
             {
-                tracking.mlflow_metric_name(k): float(v)
+                k: float(v)
                 for k, v in {**metrics, "images_per_second": images_per_second}.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
+        # its own dataset name: MLflow keeps one input per dataset and run, and the training run
+        # already has this split as its "validation" input
+        tracking.log_dataset(jsonl, "evaluation", name=f"{cfg.split}-evaluation", records=len(records), root=root)
         for s, m, *_ in results:
             if s is not None and m["bbox_mAP"] is not None:
                 mlflow.log_metric("ckpt_bbox_mAP", m["bbox_mAP"], step=s)

@@ -126,7 +126,7 @@ def loss_kind_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_loss_kinds(
-    runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "bbox_mAP50", "f1@0.5", "parse_rate")
+    runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "bbox_mAP50", "f1_at_0.5", "parse_rate")
 ) -> plt.Figure:
     """CE baseline vs Stage-1: mean of each metric over the runs of each ``coordexp.loss`` kind,
     with every run as a dot (so one lucky seed does not pass for a trend)."""

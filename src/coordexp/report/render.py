@@ -137,7 +137,7 @@ def render_reports(params: Any, root: Path) -> dict[str, Any]:
         body, _ = exporter.from_notebook_node(nbformat.read(dst, as_version=4))
         (html_dir / f"{name}.html").write_text(body, encoding="utf-8")
         figures += check_figures(fig_dir, name)
-    with tracking.stage_run(params, "report", run_id=run_id, run_name="report"):
+    with tracking.stage_run(params, "report", run_id=run_id):
         mlflow.log_artifacts(str(fig_dir), "report/figures")
         mlflow.log_artifacts(str(html_dir), "report/html")
     all_figs = sorted(p.name for p in fig_dir.iterdir())

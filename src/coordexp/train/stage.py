@@ -6,9 +6,10 @@ selects a ZeRO stage. The project's template, trainer and loss reach it through
 ``--external_plugins`` (:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in
 ``COORDEXP_TRAIN_CONFIG``.
 
-MLflow: the stage creates the run (tags, params), hands its id to the trainer's MLflow callback
-through ``MLFLOW_RUN_ID``, and, after training, reopens the same run to log the artifacts and the
-summary. The run id is written to ``<out_dir>/mlflow_run_id`` so that ``evaluate`` and
+MLflow: the stage creates the run (tags, params, dataset inputs, the launcher's arguments as
+``config/swift_args.json``), hands its id to the trainer's MLflow callback through the environment
+of :func:`coordexp.pipeline.tracking.trainer_env` (metrics only, under the same run name), and,
+after training, reopens the same run to log the artifacts and the summary. The run id is written to ``<out_dir>/mlflow_run_id`` so that ``evaluate`` and
 ``report`` add to the same run.
 """
 
@@ -152,7 +153,7 @@ def swift_cli_args(
         "use_hf": "true",
         "check_model": "false",  # else ms-swift asks the ModelScope hub about the local model (retries offline)
         "attn_impl": "flash_attn" if t.packing else "sdpa",
-        "run_name": "train",
+        "run_name": tracking.run_name(params, "train"),  # HF's MLflow callback renames the run to this
     }
     if t.save_total_limit:
         args["save_total_limit"] = t.save_total_limit
@@ -370,12 +371,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     if resume is not None:
         cli += ["--resume_from_checkpoint", str(resume[1])]
-    with tracking.stage_run(
-        params,
-        "train",
-        run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline",
-        run_id=resume[0] if resume else None,
-    ) as r:
+    with tracking.stage_run(params, "train", run_id=resume[0] if resume else None) as r:
         run_id = r.info.run_id
         (out / RUN_ID_FILE).write_text(run_id + "\n")
         write_json(
@@ -384,15 +380,16 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         mlflow.set_tags(
             {
                 "coordexp.loss": "stage1_softce_w1" if t.coord_soft_ce_w1.enabled else "ce_baseline",
-                "coordexp.base_checkpoint": str(base),
+                "coordexp.base_checkpoint": tracking.repo_relative(base, root),
             }
         )
+        tracking.log_dataset(pre_dir / "train.jsonl", "training", records=n_train, root=root)
+        tracking.log_dataset(pre_dir / "val.jsonl", "validation", records=n_val, root=root)
+        mlflow.log_dict(tracking.repo_relative({"command": cli}, root), "config/swift_args.json")
         env = {
             **os.environ,
             "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
-            "MLFLOW_TRACKING_URI": uri,
-            "MLFLOW_RUN_ID": run_id,
-            "MLFLOW_EXPERIMENT_NAME": params.tracking.experiment,
+            **tracking.trainer_env(params, run_id),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
@@ -412,6 +409,10 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         proc = subprocess.run(cli, env=env, cwd=root)
         wall = time.time() - t0
         mlflow.start_run(run_id=run_id)
+        resolved = swift_out / "args.json"  # every argument ms-swift and the HF trainer resolved
+        if resolved.is_file():
+            args = json.loads(resolved.read_text())
+            mlflow.log_dict(tracking.repo_relative(args, root), "config/swift_resolved_args.json")
         if proc.returncode != 0:
             failure = swift_out / "coordexp_failure.txt"
             cause = failure.read_text().strip() if failure.is_file() else "see its output above"
@@ -448,7 +449,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         mlflow.log_artifact(str(hist), "history")
         if t.log_checkpoint == "full":
             mlflow.log_artifacts(str(final), "checkpoint")
-        mlflow.set_tag("coordexp.final_checkpoint", str(final))
+        mlflow.set_tag("coordexp.final_checkpoint", tracking.repo_relative(final, root))
         mlflow.set_tag(tracking.WEIGHTS_DIGEST_TAG, weights_digest(final))
         write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id, "status": "done"})
     return {**metrics, **clock}
