@@ -21,6 +21,7 @@ from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl, record_to_json
 from coordexp.core.errors import MissingInputError
 from coordexp.core.io import write_json, write_jsonl
+from coordexp.evaluate import mlflow_model
 from coordexp.evaluate.generate import Detector
 from coordexp.evaluate.metrics import (
     boxes_from_records,
@@ -154,6 +155,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     run_id = tracking.run_id_of(params, root)
     with tracking.stage_run(params, "evaluate", run_id=run_id, run_name="evaluate") as _:
+        # first, so that MLflow links the metrics below to the logged model
+        mlflow_model.log_checkpoint_model(params, root, paths.resolve(metrics["checkpoint"], root), metrics)
         mlflow.log_metrics(
             {
                 tracking.mlflow_metric_name(k): float(v)
