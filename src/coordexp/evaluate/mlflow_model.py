@@ -109,8 +109,9 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         self.batch_size = int(cfg.get("batch_size", 8))
         self.detector = Detector(checkpoint_from_artifacts(context.artifacts))
 
-    # no type hints: MLflow would read them as a signature; the explicit one (signature()) is the contract
-    def predict(self, context, model_input, params=None):
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """One record per input image, in order (see the module docstring); an unreadable input gets ``error``."""
         from coordexp.evaluate.predict import detect
 
