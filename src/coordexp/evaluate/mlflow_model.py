@@ -253,31 +253,47 @@ def _dvc_cache(root: Path) -> Path:
     return root / ".dvc" / "cache" / "files" / "md5"
 
 
+def candidate_roots() -> list[Path]:
+    """Where a reference may be resolved: the repository of the working directory (or ``COORDEXP_ROOT``), then
+    the folder of the SQLite tracking store the model was loaded from, which is the repository that logged it
+    by default, so ``MLFLOW_TRACKING_URI=sqlite:///<repo>/mlflow.db mlflow models serve ...`` works from anywhere."""
+    roots = [paths.project_root()]
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        roots.append(Path(uri[len("sqlite:///") :]).parent)
+    return list(dict.fromkeys(r.resolve() for r in roots))
+
+
 def resolve_reference(ref: Mapping[str, Any], root: Path | None = None) -> Path:
     """The checkpoint folder a reference names, checked file by file against its MD5s.
 
-    The working copy comes first; when it holds other weights (retrained since), the same files are
-    assembled from the DVC cache; otherwise this fails naming the commit to check out, because serving a
-    different checkpoint under the logged model's name would be silently wrong.
+    Looked for under ``root``, or else each of :func:`candidate_roots`: the working copy first; when it holds
+    other weights (retrained since), the same files are assembled from the DVC cache; otherwise this fails
+    naming the commit to check out, because serving a different checkpoint under the logged model's name would
+    be silently wrong.
     """
-    root = root or paths.project_root()
-    folder = paths.resolve(ref["checkpoint"], root)
+    roots = [root] if root is not None else candidate_roots()
     files: Mapping[str, str] = ref["files"]
-    if _matches(folder, files):
-        return folder
-    cache = _dvc_cache(root)
-    cached = {n: cache / h[:2] / h[2:] for n, h in files.items()}
-    if all(p.is_file() for p in cached.values()):
-        staged = Path(tempfile.mkdtemp(prefix="coordexp-model-"))
-        for n, p in cached.items():
-            os.symlink(p, staged / n)
-        return staged
-    state = "holds other weights" if folder.is_dir() else "does not exist"
+    for r in roots:
+        folder = paths.resolve(ref["checkpoint"], r)
+        if _matches(folder, files):
+            return folder
+    for r in roots:
+        cached = {n: _dvc_cache(r) / h[:2] / h[2:] for n, h in files.items()}
+        if all(p.is_file() for p in cached.values()):
+            staged = Path(tempfile.mkdtemp(prefix="coordexp-model-"))
+            for n, p in cached.items():
+                os.symlink(p, staged / n)
+            return staged
+    states = [
+        f"{r}: {'holds other weights' if paths.resolve(ref['checkpoint'], r).is_dir() else 'does not exist'}"
+        for r in roots
+    ]
     raise CheckpointError(
-        f"this model was logged by reference to {ref['checkpoint']} (git commit {ref.get('git_commit', '?')}); "
-        f"under {root} that folder {state} and the DVC cache lacks its files. Serve from the repository that "
-        "trained it (or set COORDEXP_ROOT), `git checkout <commit> && dvc checkout` there, or log models with "
-        "evaluate.log_model: copy"
+        f"this model was logged by reference to {ref['checkpoint']} (git commit {ref.get('git_commit', '?')}), "
+        f"which no repository tried has, in its working copy or its DVC cache ({'; '.join(states)}). Serve with "
+        "MLFLOW_TRACKING_URI=sqlite:///<repo>/mlflow.db or from inside the repository that trained it (or set "
+        "COORDEXP_ROOT), `git checkout <commit> && dvc checkout` there, or log models with evaluate.log_model: copy"
     )
 
 
