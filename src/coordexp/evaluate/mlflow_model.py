@@ -25,15 +25,16 @@ scores, :func:`coordexp.evaluate.predict.detect`), so a served answer is the ans
 
 Geometry (``bbox_2d``, ``poly`` or ``line``) is in pixels of the input image, the bins the model emitted
 alongside (:data:`coordexp.evaluate.predict.COORDINATES`); a non-finite score is ``null``. An input that is
-not base64 or not a readable image gets a row whose ``error`` says why (and no objects): one bad image
+not base64 or not a readable image gets a record whose ``error`` says why (and no objects): one bad image
 never fails the batch.
 
 **How the checkpoint travels** (``evaluate.log_model``): ``copy`` puts its inference files (weights, config,
 tokenizer, processor; not the optimizer or trainer state) inside the model's artifacts; ``reference`` stores
 only ``checkpoint_ref.json``, the folder's path relative to the repository with each file's MD5, and loads
-from the repository it is served from (the working directory's, or ``COORDEXP_ROOT``). If the working copy
-holds a different checkpoint by then (a later ``dvc repro``), the files are taken from the DVC cache by their
-MD5s; if they are not there either, loading fails and says so rather than serving other weights.
+from the repository of the working directory (or ``COORDEXP_ROOT``) or the folder of the SQLite tracking store
+(:func:`candidate_roots`). If the working copy holds a different checkpoint by then (a later ``dvc repro``), the
+files are taken from the DVC cache by their MD5s; if they are not there either, loading fails and says so
+rather than serving other weights.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Object score (what ranks detections for AP): the geometric mean of the probabilities the model
 gave to the object's generated coord tokens, ``exp(mean_i log p_i)``; see
 :mod:`coordexp.evaluate.scoring`. Checkpoints are compared by ``bbox_mAP`` (never by token accuracy).
+The evaluated checkpoint becomes the run's MLflow model (:mod:`coordexp.evaluate.mlflow_model`), so what was
+measured is what ``mlflow models serve`` answers with; it touches no DVC output.
 """
 
 from __future__ import annotations
