@@ -276,6 +276,21 @@ def test_evaluate_writes_metrics_that_match_pycocotools(stage1_project):
         "eval/coco_results.json",
     }
     assert "evaluate" in res.stdout
+    # the evaluated checkpoint is the run's MLflow model (by reference, the default), registered with the metrics
+    versions = client.search_model_versions("name='coordexp-stage1'")
+    latest = max(versions, key=lambda v: int(v.version))
+    assert latest.run_id == run.info.run_id and float(latest.tags["bbox_mAP"]) == pytest.approx(m["bbox_mAP"])
+    assert latest.tags["checkpoint"] == "artifacts/train/final" and "f1_at_0.5" in latest.tags
+    # loaded from another working directory: the reference resolves through the store's repository
+    (row,) = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(_one_image(root))
+    assert row["error"] is None and isinstance(row["objects"], list)
+
+
+def _one_image(root: Path):
+    from coordexp.evaluate.mlflow_model import encode_image, input_example
+
+    img = next((root / "artifacts" / "preprocess" / "images" / "val").glob("*.png"))
+    return input_example().assign(image=[encode_image(img)])
 
 
 @pytest.mark.slow
@@ -293,6 +308,10 @@ def test_evaluate_all_checkpoints_picks_best_by_map(stage1_project):
     assert m["bbox_mAP"] == max(v or 0.0 for v in m["by_step"].values())
     client, run = _run(root)
     assert len(client.get_metric_history(run.info.run_id, "ckpt_bbox_mAP")) >= 3
+    # the registered version is the best checkpoint's
+    latest = max(client.search_model_versions("name='coordexp-stage1'"), key=lambda v: int(v.version))
+    assert latest.tags["checkpoint"] == m["checkpoint"] == f"artifacts/train/swift/checkpoint-{m['best_step']}"
+    assert latest.tags["best_step"] == str(m["best_step"])
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 Object score (what ranks detections for AP): the geometric mean of the probabilities the model
 gave to the object's generated coord tokens, ``exp(mean_i log p_i)``; see
 :mod:`coordexp.evaluate.scoring`. Checkpoints are compared by ``bbox_mAP`` (never by token accuracy).
+The evaluated checkpoint becomes the run's MLflow model (:mod:`coordexp.evaluate.mlflow_model`), so what was
+measured is what ``mlflow models serve`` answers with; it touches no DVC output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl, record_to_json
 from coordexp.core.errors import MissingInputError
 from coordexp.core.io import write_json, write_jsonl
+from coordexp.evaluate import mlflow_model
 from coordexp.evaluate.generate import Detector
 from coordexp.evaluate.metrics import (
     boxes_from_records,
@@ -157,6 +160,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     run_id = tracking.run_id_of(params, root)
     with tracking.stage_run(params, "evaluate", run_id=run_id) as _:
+        # first, so that MLflow links the metrics below to the logged model
+        mlflow_model.log_checkpoint_model(params, root, paths.resolve(metrics["checkpoint"], root), metrics)
         mlflow.log_metrics(
             {
                 k: float(v)
