@@ -109,7 +109,7 @@ def test_reference_checks_the_files_and_falls_back_to_the_dvc_cache(tmp_path):
 
 METRICS = {
     "bbox_mAP": 0.25,
-    "f1@0.5": 0.5,
+    "f1_at_0.5": 0.5,
     "parse_rate": 1.0,
     "images_per_second": 3.0,
     "per_class_ap": {"red circle": 0.25},
@@ -120,7 +120,7 @@ METRICS = {
 def _log(params: Params, root: Path, ckpt: Path) -> tuple[Any, str]:
     with tracking.stage_run(params, "evaluate") as run:
         info = mm.log_checkpoint_model(params, root, ckpt, METRICS)
-        mlflow.log_metrics({"bbox_mAP": METRICS["bbox_mAP"], "f1_at_0.5": METRICS["f1@0.5"]})  # as the stage does
+        mlflow.log_metrics({"bbox_mAP": METRICS["bbox_mAP"], "f1_at_0.5": METRICS["f1_at_0.5"]})  # as the stage does
     return info, run.info.run_id
 
 
