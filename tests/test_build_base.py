@@ -414,6 +414,11 @@ def test_build_base_is_byte_deterministic(data, tmp_path):
     assert builds[0] == builds[1]
     info = json.loads((tmp_path / "a" / "artifacts" / "base" / "build_info.json").read_text())
     assert "build_seconds" not in info and "seconds" not in info["vision_warmup"]
+    # the size it records is of the other files: counting itself, it would depend on how a timing was written
+    files = [
+        f for f in (tmp_path / "a" / "artifacts" / "base").rglob("*") if f.is_file() and f.name != "build_info.json"
+    ]
+    assert info["checkpoint_bytes"] == sum(f.stat().st_size for f in files)
 
 
 def test_build_base_refuses_before_writing(tmp_path):

@@ -49,8 +49,13 @@ def safetensors_num_params(checkpoint_dir: str | Path) -> int:
     return total
 
 
+INFO_FILE = "build_info.json"
+
+
 def checkpoint_bytes(checkpoint_dir: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(checkpoint_dir).rglob("*") if p.is_file())
+    """Bytes of the checkpoint's files, ``build_info.json`` left out: it records this number, so counting
+    itself would make the figure depend on how the file was written before."""
+    return sum(p.stat().st_size for p in Path(checkpoint_dir).rglob("*") if p.is_file() and p.name != INFO_FILE)
 
 
 def build_base(
@@ -100,7 +105,7 @@ def build_base(
             "coord_id_max": int((cmap >= 0).nonzero().max()),
             "checkpoint_bytes": checkpoint_bytes(tmp),
         }
-        info_path = tmp / "build_info.json"
+        info_path = tmp / INFO_FILE
         info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
         info.update({k: v for k, v in summary.items() if k != "out_dir"})
         timings = {"build_seconds": round(seconds, 2)}
