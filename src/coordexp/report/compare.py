@@ -107,8 +107,10 @@ def comparability_columns(runs: pd.DataFrame) -> dict[str, list[str]]:
 
 def _describe(row: Mapping, cols: Sequence[str], strip: str = "") -> str:
     parts = []
-    for c in cols:
+    for c in sorted(cols):
         v = _jsonable(row.get(c))
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # MLflow gives counts back as floats: 3000, not 3000.0
         if v is not None:
             parts.append(f"{c.removeprefix(strip)}={v}")
     return ", ".join(parts) if parts else "(not logged)"
@@ -178,7 +180,7 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
 
 def runs_overview(runs: pd.DataFrame) -> pd.DataFrame:
     """The compact table for the notebook: label, loss kind, ablation knobs, varying params, headline metrics."""
-    keep = [c for c in ("group", "label", "loss_kind", "status") if c in runs]
+    keep = [c for c in ("group", "label", "workspace", "loss_kind", "status") if c in runs]
     keep += [c for c in ABLATION_PARAMS if c in runs]
     keep += [c for c in varying_params(runs) if c not in keep]
     keep += [c for c in HEADLINE_METRICS if c in runs]
@@ -224,7 +226,8 @@ def plot_metric_vs_params(
                 )
         ax.legend(fontsize=6, loc="lower right")
         s1_all = d[d["loss_kind"] == "stage1_softce_w1"]
-        if s1_all.groupby("group")[p].nunique().max() < 2 if len(s1_all) else True:
+        values_per_group = s1_all.groupby("group")[p].nunique() if len(s1_all) else pd.Series(dtype=int)
+        if values_per_group.empty or values_per_group.max() < 2:
             note(ax, f"one value of {short} per group so far:\nnot enough runs for a trend", fontsize=7, y=0.85)
     fig.tight_layout()
     return fig
