@@ -101,7 +101,9 @@ def test_write_plot_data_is_byte_identical(tmp_path: Path) -> None:
     gt = {
         "images": [{"id": 1, "width": 100, "height": 100}],
         "categories": [{"id": 1, "name": "red circle"}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0}
+        ],
     }
     (ev / "coco_gt.json").write_text(json.dumps(gt))
     (ev / "coco_results.json").write_text(

@@ -76,8 +76,9 @@ def pr_curve_frame(recall: Sequence[float], curves: dict[str, Sequence[float]]) 
         return pd.DataFrame({"recall": pd.Series(dtype=float), "precision": pd.Series(dtype=float)})
     p = np.asarray([curves[k] for k in sorted(curves)], dtype=float)
     p = np.where(p > -1, p, np.nan)
-    with np.errstate(invalid="ignore"):
-        mean = np.nanmean(p, axis=0) if np.isfinite(p).any() else np.full(len(r), np.nan)
+    defined = np.isfinite(p).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(defined > 0, np.nansum(p, axis=0) / np.maximum(defined, 1), np.nan)
     keep = np.isfinite(mean)
     return pd.DataFrame({"recall": r[keep], "precision": mean[keep]})
 
