@@ -230,6 +230,7 @@ def test_scrub_notebook_removes_timings_paths_and_run_ids() -> None:
         "cells": [
             {
                 "cell_type": "code",
+                "id": "3f9a1c2e",
                 "metadata": {
                     "papermill": {"start_time": "t0", "end_time": "t1", "duration": 0.1, "status": "completed"},
                     "execution": {"iopub.status.busy": "t0"},
@@ -249,6 +250,7 @@ def test_scrub_notebook_removes_timings_paths_and_run_ids() -> None:
     assert meta["parameters"] == {"tracking_uri": "sqlite:///mlflow.db"}
     cell = out["cells"][0]
     assert cell["metadata"] == {"papermill": {"status": "completed"}, "tags": ["injected-parameters"]}
+    assert cell["id"] == "injected-parameters"
     assert cell["source"] == f'run_id = "{render.RUN_ID_PLACEHOLDER}"\ntracking_uri = "sqlite:///mlflow.db"\n'
     assert cell["outputs"][0]["text"] == ["in reports, not /repo2 nor /repo.d\n"]
     assert cell["outputs"][1]["data"] == {"image/png": png, "text/plain": [f"run {render.RUN_ID_PLACEHOLDER} at ."]}

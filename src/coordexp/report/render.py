@@ -133,7 +133,8 @@ def scrub_notebook(nb: Any, replacements: Mapping[str, str], redact: Iterable[st
     """Make an executed notebook a function of its inputs: the same bytes on every rerun and at any path.
 
     Removes papermill's time stamps, durations and input/output paths (notebook and cell
-    metadata) and the kernel's ``execution`` timings; in every source, text output and metadata
+    metadata) and the kernel's ``execution`` timings, and gives papermill's injected-parameters cell a
+    fixed id instead of a random one; in every source, text output and metadata
     string, replaces each key of ``replacements`` (longest first) by its value and each string of
     ``redact`` (MLflow run ids) by :data:`RUN_ID_PLACEHOLDER`. Image outputs (base64) are left alone.
     Works in place on an ``nbformat`` node or a plain dict and returns it.
@@ -168,6 +169,8 @@ def scrub_notebook(nb: Any, replacements: Mapping[str, str], redact: Iterable[st
     for k in _VOLATILE_NB_KEYS:
         meta.get("papermill", {}).pop(k, None)
     for cell in nb["cells"]:
+        if "injected-parameters" in cell["metadata"].get("tags", []) and "id" in cell:
+            cell["id"] = "injected-parameters"  # papermill gives the cell it adds a random id
         cell["metadata"].pop("execution", None)
         for k in _VOLATILE_CELL_KEYS:
             cell["metadata"].get("papermill", {}).pop(k, None)
