@@ -158,7 +158,7 @@ def main() -> None:
             Detector(ck, device="cpu"), val, root, batch_size=20, max_new_tokens=256, desc="decode"
         )
         m = compute_metrics([record_to_json(r) for r in val], preds, parses)
-        keys = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1@0.5", "f1@0.3", "recall@0.5")
+        keys = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1_at_0.5", "f1_at_0.3", "recall_at_0.5")
         print(
             json.dumps(
                 {

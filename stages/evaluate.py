@@ -9,7 +9,7 @@ def main(params, root):
     m = stage.run(params, root)
     print(
         f"[evaluate] bbox_mAP={m['bbox_mAP']} bbox_mAP50={m['bbox_mAP50']} segm_mAP={m['segm_mAP']} "
-        f"f1@0.5={m['f1@0.5']} parse_rate={m['parse_rate']} nan_scores={m['nan_scores']}"
+        f"f1_at_0.5={m['f1_at_0.5']} parse_rate={m['parse_rate']} nan_scores={m['nan_scores']}"
     )
 
 

@@ -8,7 +8,7 @@ from coordexp.train import stage
 def main(params, root):
     m = stage.run(params, root)
     print(
-        f"[train] steps={m['steps']} wall={m['wall_time_s']}s tokens/s={m['tokens_per_second']} "
+        f"[train] steps={m['steps']} wall={m.get('wall_time_s')}s tokens/s={m.get('tokens_per_second')} "
         f"final train loss={m['final_train_loss']} eval loss={m['final_eval_loss']} "
         f"coord_vocab_mass={m.get('final_eval_coord_vocab_mass')}"
     )

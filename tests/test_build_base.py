@@ -387,6 +387,35 @@ def test_build_base_tiny_is_atomic(data, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["base"]
 
 
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """{relative path: md5} of every file: what DVC hashes for a folder output."""
+    import hashlib
+
+    return {
+        str(f.relative_to(folder)): hashlib.md5(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+def test_build_base_is_byte_deterministic(data, tmp_path):
+    """Two builds from the same params, in two different folders, hash the same file for file: a fresh
+    clone's `dvc repro` reproduces the committed dvc.lock. The wall times are only in the summary."""
+    from coordexp.build_base.build import build_base
+
+    warm = {**SMALL, "vision_warmup": {"steps": 2, "batch_size": 4}}
+    builds = []
+    for name in ("a", "b"):
+        out = tmp_path / name / "artifacts" / "base"
+        summary = build_base("tiny", out, train_jsonl=data, tiny=warm)
+        assert summary["build_seconds"] > 0 and summary["vision_warmup_seconds"] > 0
+        builds.append(_file_hashes(out))
+    assert "build_info.json" in builds[0] and "model.safetensors" in builds[0]
+    assert builds[0] == builds[1]
+    info = json.loads((tmp_path / "a" / "artifacts" / "base" / "build_info.json").read_text())
+    assert "build_seconds" not in info and "seconds" not in info["vision_warmup"]
+
+
 def test_build_base_refuses_before_writing(tmp_path):
     from coordexp.build_base.build import build_base
     from coordexp.core.checkpoint import CheckpointError

@@ -94,7 +94,7 @@ def test_runs_are_grouped_by_data_steps_and_base_and_never_averaged_across(store
     s1 = summary.loc[(group[full_a], "stage1_softce_w1"), ("bbox_mAP", "mean")]
     assert s1 == pytest.approx(0.42) and summary.loc[(group[full_a], "stage1_softce_w1"), ("bbox_mAP", "count")] == 2
     assert summary.loc[(group[smoke], "stage1_softce_w1"), ("bbox_mAP", "mean")] == pytest.approx(0.05)
-    assert summary.loc[(group[full_a], "ce_baseline"), ("f1@0.5", "mean")] == pytest.approx(0.52)
+    assert summary.loc[(group[full_a], "ce_baseline"), ("f1_at_0.5", "mean")] == pytest.approx(0.52)
 
     # the params that differ, in full (long format: nothing cut to "...")
     differ = compare.params_that_differ(table)
@@ -180,7 +180,7 @@ def test_runs_table_reads_mlflow_dataset_digests(store) -> None:
     rid = log_run(exp, "a", steps=30, n_train=24)
     with mlflow.start_run(run_id=rid):
         ds = mlflow.data.from_pandas(pd.DataFrame({"x": [1.0]}), name="train.jsonl", digest="abc123")
-        mlflow.log_input(ds, context="training")
+        mlflow.log_input(ds, context="training", tags={"coordexp.records": "24"})
     table = compare.group_runs(runs.runs_table(uri, "coordexp-stage1"))
-    assert table.loc[0, "data_digest"] == "train.jsonl:abc123"
-    assert "data_digest=train.jsonl:abc123" in table.loc[0, "data"]
+    assert table.loc[0, "data_digest"] == "train.jsonl:abc123 (24 records)"
+    assert "data_digest=train.jsonl:abc123 (24 records)" in table.loc[0, "data"]

@@ -308,3 +308,23 @@ def test_summarize() -> None:
     json.dumps(s)
     assert duplicate_count([("a", (0, 0, 10, 10))] * 3) == 2
     assert summarize(None, [], records)["parse_rate"] is None
+
+
+def test_eval_json_names_are_the_mlflow_names(mlflow_store: str) -> None:
+    """``eval.json`` and MLflow spell every metric the same way: each numeric key logs as is."""
+    import mlflow
+
+    from coordexp.evaluate.metrics import HEADLINE_METRICS
+    from coordexp.evaluate.stage import compute_metrics
+
+    records = [rec(1, [box("sq", 100, 100, 300, 300)]), rec(2, [box("sq", 0, 0, 50, 60)])]
+    texts = ['{"object_1": {"desc": "sq", "bbox_2d": ' + json.dumps(tok(100, 100, 300, 300)) + "}}", "not json"]
+    parses = [parse_prediction(t) for t in texts]
+    preds = [rec(r["id"], [dict(o.to_dict(), score=0.9) for o in p.objects]) for r, p in zip(records, parses)]
+    m = compute_metrics(records, preds, parses)
+    assert set(HEADLINE_METRICS) <= set(m)
+    assert m["f1_at_0.5"] == pytest.approx(2 / 3) and m["recall_at_0.3"] == 0.5 and m["precision_at_0.5"] == 1.0
+    numbers = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with mlflow.start_run() as run:
+        mlflow.log_metrics(numbers)  # MLflow refuses a name it cannot store (``f1@0.5`` was one)
+    assert mlflow.get_run(run.info.run_id).data.metrics == numbers

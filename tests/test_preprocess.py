@@ -268,3 +268,29 @@ def test_vertex_order_source_keeps_the_annotation_order(dataset):
     run(_params(dataset, vertex_order="source"), root=dataset)
     tri = read_jsonl(dataset / "out" / "train.jsonl")[0].objects[0]
     assert tri.poly == codec.encode_xy([20, 25, 30, 5, 10, 5], 100, 80)
+
+
+def test_stage_logs_its_outputs_as_mlflow_datasets(dataset, monkeypatch):
+    """Each split's JSONL is a dataset input of the preprocess run: its path in the repository and
+    the md5 DVC records for it, so the UI can follow it into the training run by digest."""
+    import mlflow
+    from dvc_data.hashfile.hash import file_md5
+
+    from coordexp.preprocess import stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("COORDEXP_STORE_ROOT", str(dataset))  # the repository's own store, in tmp
+    metrics = stage.run(_params(dataset), dataset)
+    (run,) = mlflow.search_runs(experiment_names=["coordexp-stage1"], output_format="list")
+    assert run.info.run_name == "preprocess"
+    got = {i.dataset.name: (i.dataset, {t.key: t.value for t in i.tags}) for i in run.inputs.dataset_inputs}
+    assert set(got) == {"train", "val"}
+    for split, context in (("train", "training"), ("val", "validation")):
+        ds, tags = got[split]
+        assert ds.digest == file_md5(str(dataset / "out" / f"{split}.jsonl"))
+        assert json.loads(ds.source) == {"uri": f"out/{split}.jsonl"}  # relative to the repository
+        assert tags == {
+            "mlflow.data.context": context,
+            "coordexp.records": str(metrics["splits"][split]["records_out"]),
+        }

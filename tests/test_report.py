@@ -204,7 +204,7 @@ def test_history_and_runs_table_from_mlflow(mlflow_store: str) -> None:
     assert table["run_id"].tolist() == [rid]  # the untagged run is not a training run
     assert table.loc[0, "cfg.train.coord_soft_ce_w1.w1_weight"] == 0.5  # numbers, not strings
     assert table.loc[0, "bbox_mAP"] == 0.25 and table.loc[0, "loss_kind"] == "stage1_softce_w1"
-    assert table.loc[0, "f1@0.5"] == 0.5  # MLflow's f1_at_0.5, named as in eval.json
+    assert table.loc[0, "f1_at_0.5"] == 0.5  # one name in MLflow, eval.json and the tables
     overview = compare.runs_overview(table)
     assert {"label", "w1_weight", "bbox_mAP"} <= set(overview.columns)
     assert runs.runs_table(mlflow_store, "no-such-experiment").empty

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import make_tiny_project, run_stage
 
+from coordexp.core.checkpoint import weights_digest
+
 KEYS = [
     "coord_softce_w1/loss",
     "coord_softce_w1/soft_ce",
@@ -113,13 +115,52 @@ def test_stage1_training_logs_every_metric_and_learns(stage1_project):
     # outputs: checkpoint with its vocabulary, metrics, history
     final = root / "artifacts" / "train" / "final"
     assert (final / "model.safetensors").is_file() and (final / "coord_vocab.json").is_file()
+    # the DVC output is the model only: no optimizer state, no file with timings or absolute paths
+    assert not {"trainer_state.json", "training_args.bin", "optimizer.pt"} & {p.name for p in final.iterdir()}
+    model_args = json.loads((final / "args.json").read_text())  # what ms-swift reads back to load it
+    assert model_args["model_type"] == "qwen3_vl" and "model" not in model_args
+    assert run.data.tags["coordexp.weights_digest"] == weights_digest(final)
     summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
-    assert summary["steps"] == 30 and summary["tokens_per_second"] > 0
+    assert summary["steps"] == 30 and "tokens_per_second" not in summary and "wall_time_s" not in summary
+    assert run.data.metrics["train_summary.tokens_per_second"] > 0  # timings go to MLflow only
     assert 0 < summary["final_eval_coord_vocab_mass"] <= 1
     hist = (root / "reports" / "train_history.csv").read_text().splitlines()
     assert hist[0].startswith("step,split") and len(hist) > 6
+    assert not [c for c in hist[0].split(",") if "runtime" in c or "per_second" in c or "speed" in c]
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
-    assert {"config/resolved_params.json", "config/coord_vocab.json"} <= arts
+    assert {"config/resolved_params.json", "config/coord_vocab.json", "config/swift_args.json"} <= arts
+
+
+@pytest.mark.slow
+def test_training_run_reads_as_the_mlflow_ui_expects(stage1_project):
+    """Named after what it is, the project's params only, relative paths, the launcher's arguments
+    as an artifact, the preprocess outputs as dataset inputs with their DVC md5."""
+    from dvc_data.hashfile.hash import file_md5
+
+    from coordexp.core.config import load_params
+    from coordexp.pipeline.tracking import mlflow_params
+
+    root = stage1_project
+    client, run = _run(root)
+    assert run.info.run_name == "train/stage1"  # ms-swift's MLflow callback kept our name
+    assert set(run.data.params) == set(mlflow_params(load_params(root / "params.yaml")))
+    assert run.data.tags["coordexp.base_checkpoint"] == "artifacts/base"
+    assert run.data.tags["coordexp.final_checkpoint"] == "artifacts/train/final"
+    assert not [v for v in {**run.data.tags, **run.data.params}.values() if str(root) in v]
+    for name in ("swift_args.json", "swift_resolved_args.json"):
+        text = Path(client.download_artifacts(run.info.run_id, f"config/{name}", str(root / "dl"))).read_text()
+        assert str(root) not in text and "artifacts/base" in text, name
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset for i in run.inputs.dataset_inputs}
+    for context, split in (("training", "train"), ("validation", "val")):
+        f = root / "artifacts" / "preprocess" / f"{split}.jsonl"
+        assert inputs[context].digest == file_md5(str(f)), context
+        assert json.loads(inputs[context].source) == {"uri": f"artifacts/preprocess/{split}.jsonl"}
+    # the preprocess run has the same datasets (same digests) as its outputs
+    (pre,) = mlflow.search_runs([run.info.experiment_id], "tags.`coordexp.stage` = 'preprocess'", output_format="list")
+    assert pre.info.run_name == "preprocess"
+    assert {i.dataset.digest for i in pre.inputs.dataset_inputs} == {d.digest for d in inputs.values()}
 
 
 @pytest.mark.slow
@@ -133,7 +174,7 @@ def test_trainer_loss_equals_library_loss_on_the_same_logits(stage1_project):
 @pytest.mark.slow
 def test_baseline_is_plain_ce_on_every_token(baseline_project):
     client, run = _run(baseline_project)
-    assert run.data.tags["coordexp.loss"] == "ce_baseline"
+    assert run.data.tags["coordexp.loss"] == "ce_baseline" and run.info.run_name == "train/ce-baseline"
     eval_loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval_loss")}
     ref = _reference_eval(baseline_project, enabled=False)
     assert eval_loss[30] == pytest.approx(ref["ce"], rel=1e-4)
@@ -198,7 +239,16 @@ def test_evaluate_writes_metrics_that_match_pycocotools(stage1_project):
     root = stage1_project
     res = run_stage(root, "evaluate", **{})
     m = json.loads((root / "reports" / "metrics" / "eval.json").read_text())
-    for key in ("bbox_mAP", "bbox_mAP50", "bbox_mAP75", "segm_mAP", "f1@0.5", "f1@0.3", "parse_rate", "nan_scores"):
+    for key in (
+        "bbox_mAP",
+        "bbox_mAP50",
+        "bbox_mAP75",
+        "segm_mAP",
+        "f1_at_0.5",
+        "f1_at_0.3",
+        "parse_rate",
+        "nan_scores",
+    ):
         assert key in m, key
     assert m["nan_scores"] == 0 and 0 <= m["parse_rate"] <= 1
     ev = root / "artifacts" / "eval"
@@ -214,13 +264,33 @@ def test_evaluate_writes_metrics_that_match_pycocotools(stage1_project):
         assert m["bbox_mAP"] == 0.0
     client, run = _run(root)
     logged = mlflow.get_run(run.info.run_id).data.metrics
-    assert logged["bbox_mAP"] == pytest.approx(m["bbox_mAP"]) and "parse_rate" in logged
+    numbers = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {k: logged[k] for k in numbers} == pytest.approx(numbers)  # one name, one number, both places
+    (ev_input,) = [
+        i for i in mlflow.get_run(run.info.run_id).inputs.dataset_inputs if i.dataset.name == "val-evaluation"
+    ]
+    assert {t.key: t.value for t in ev_input.tags} == {"mlflow.data.context": "evaluation", "coordexp.records": "8"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
         "eval/predictions.jsonl",
         "eval/coco_gt.json",
         "eval/coco_results.json",
     }
     assert "evaluate" in res.stdout
+    # the evaluated checkpoint is the run's MLflow model (by reference, the default), registered with the metrics
+    versions = client.search_model_versions("name='coordexp-stage1'")
+    latest = max(versions, key=lambda v: int(v.version))
+    assert latest.run_id == run.info.run_id and float(latest.tags["bbox_mAP"]) == pytest.approx(m["bbox_mAP"])
+    assert latest.tags["checkpoint"] == "artifacts/train/final" and "f1_at_0.5" in latest.tags
+    # loaded from another working directory: the reference resolves through the store's repository
+    (row,) = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model").predict(_one_image(root))
+    assert row["error"] is None and isinstance(row["objects"], list)
+
+
+def _one_image(root: Path):
+    from coordexp.evaluate.mlflow_model import encode_image, input_example
+
+    img = next((root / "artifacts" / "preprocess" / "images" / "val").glob("*.png"))
+    return input_example().assign(image=[encode_image(img)])
 
 
 @pytest.mark.slow
@@ -238,6 +308,10 @@ def test_evaluate_all_checkpoints_picks_best_by_map(stage1_project):
     assert m["bbox_mAP"] == max(v or 0.0 for v in m["by_step"].values())
     client, run = _run(root)
     assert len(client.get_metric_history(run.info.run_id, "ckpt_bbox_mAP")) >= 3
+    # the registered version is the best checkpoint's
+    latest = max(client.search_model_versions("name='coordexp-stage1'"), key=lambda v: int(v.version))
+    assert latest.tags["checkpoint"] == m["checkpoint"] == f"artifacts/train/swift/checkpoint-{m['best_step']}"
+    assert latest.tags["best_step"] == str(m["best_step"])
 
 
 @pytest.mark.slow

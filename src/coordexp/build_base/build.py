@@ -6,6 +6,11 @@ cross-checked between ``coord_vocab.json``, tokenizer and config), and only then
 into place, so an interrupted build never leaves a half-written checkpoint that looks
 complete.
 
+Why no timings in ``build_info.json``: DVC hashes the checkpoint folder, and the same params must
+give the same bytes (a fresh clone's ``dvc repro`` reproduces the committed ``dvc.lock``). Wall
+times are returned in the summary (the stage logs them to MLflow) and never written beside the
+weights.
+
 The two builders live in :mod:`coordexp.build_base.tiny` (``build_tiny``) and
 :mod:`coordexp.build_base.expand` (``expand_checkpoint``).
 """
@@ -94,10 +99,13 @@ def build_base(
             "coord_id_min": int((cmap >= 0).nonzero().min()),
             "coord_id_max": int((cmap >= 0).nonzero().max()),
             "checkpoint_bytes": checkpoint_bytes(tmp),
-            "build_seconds": round(seconds, 2),
         }
         info_path = tmp / "build_info.json"
         info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
         info.update({k: v for k, v in summary.items() if k != "out_dir"})
+        timings = {"build_seconds": round(seconds, 2)}
+        warmup = info.get("vision_warmup")
+        if isinstance(warmup, dict) and "seconds" in warmup:
+            timings["vision_warmup_seconds"] = warmup.pop("seconds")
         info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return summary
+    return {**summary, **timings}

@@ -8,6 +8,7 @@ named here too, because ``evaluate`` and ``report`` read it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -92,3 +93,17 @@ def last_checkpoint(swift_out: str | Path, *, complete: bool = False) -> Path | 
     """The highest-step ``checkpoint-N`` (see :func:`list_checkpoints`), or None."""
     ckpts = list_checkpoints(swift_out, complete=complete)
     return ckpts[-1] if ckpts else None
+
+
+def weights_digest(checkpoint_dir: str | Path) -> str:
+    """md5 of a checkpoint's weight files (``*.safetensors``, by name): the identity of a trained model.
+
+    The train stage tags its MLflow run with it, so a checkpoint can be traced to the run that produced
+    it even when DVC restores the checkpoint from its cache instead of training again."""
+    h = hashlib.md5()
+    for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 23), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -286,6 +286,16 @@ class EvaluateConfig(_Section):
     """Which preprocessed split to evaluate."""
     limit: int | None = Field(default=None, ge=1)
     """Evaluate only the first N records (``null``: all)."""
+    log_model: Literal["reference", "copy", "none"] = "reference"
+    """How the evaluated checkpoint (the final one, or the best by bbox mAP) is logged as the run's MLflow
+    pyfunc model ``model`` (:mod:`coordexp.evaluate.mlflow_model`): ``reference`` stores a small file naming the
+    checkpoint folder relative to the repository, with its files' MD5s, and loads from there (free, so the
+    default pipeline stays fast; the model serves only where that checkpoint is checked out, from the
+    repository or the DVC cache); ``copy`` puts the checkpoint's inference files inside the model's artifacts
+    (self-contained, costs the checkpoint's size); ``none`` logs no model."""
+    registered_model: str | None = "{experiment}"
+    """Model-registry name the logged model is registered under, as a new version tagged with the evaluation
+    metrics; ``{experiment}`` is replaced by ``tracking.experiment``. ``null``: logged, not registered."""
 
 
 class ReportConfig(_Section):
@@ -300,7 +310,8 @@ class TrackingConfig(_Section):
     """Tracking URI; ``null`` means ``sqlite:///<project root>/mlflow.db``. The environment
     variable ``MLFLOW_TRACKING_URI`` overrides both."""
     artifact_location: str | None = None
-    """Artifact root for a new experiment; ``null`` means ``<project root>/mlartifacts``."""
+    """Artifact root for a new experiment; ``null`` means ``<project root>/mlartifacts``, which a copied
+    repository's store follows to the copy (``coordexp.pipeline.tracking``)."""
 
 
 class Params(_Section):

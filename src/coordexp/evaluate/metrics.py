@@ -59,12 +59,12 @@ HEADLINE_METRICS: tuple[str, ...] = (
     "bbox_mAP50",
     "bbox_mAP75",
     "segm_mAP",
-    "f1@0.5",
-    "f1@0.3",
+    "f1_at_0.5",
+    "f1_at_0.3",
     "parse_rate",
     "nan_scores",
 )
-"""The metrics of ``eval.json`` that the stage prints and tables list first, spelled as in the file."""
+"""The metrics of ``eval.json`` that the stage prints and tables list first (the same names in MLflow)."""
 
 
 # ----------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
@@ -89,8 +89,17 @@ def read_image(path: Path) -> Image.Image | str:
         return "a directory, not an image file"
     if not path.exists():
         return "no such file"
+    return open_image(path)
+
+
+def open_image(source: Path | BinaryIO) -> Image.Image | str:
+    """The decoded image (RGB) of a file or a byte stream, or why it cannot be used as an input image.
+
+    One home for what counts as a readable input, shared by ``coordexp predict`` (files) and the served
+    MLflow model (request bytes), so both refuse the same inputs with the same reasons.
+    """
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             rgb = im.convert("RGB")
     except UnidentifiedImageError:
@@ -100,6 +109,36 @@ def read_image(path: Path) -> Image.Image | str:
     if min(rgb.size) < 2:
         return f"image is {rgb.width}x{rgb.height} pixels; at least 2x2 are needed"
     return rgb
+
+
+def detect(det: Detector, images: list[Image.Image], max_new_tokens: int) -> list[dict[str, Any]]:
+    """One generation batch over decoded images: per image its size, objects in pixels, raw answer and problems.
+
+    The one template wants contract records whose image paths are relative to a root, so the images are
+    written (losslessly, whatever their source format) to a temporary folder for the batch.
+    """
+    if not images:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        recs = []
+        for n, im in enumerate(images):
+            name = f"image_{n}.png"
+            im.save(Path(tmp) / name)
+            recs.append(Record(id=n, images=[name], width=im.width, height=im.height, objects=[]))
+        gens = det.generate(det.rows(recs, Path(tmp)), max_new_tokens)
+    out = []
+    for rec, gen in zip(recs, gens):
+        pred, parse = gen.prediction(rec.id, rec.width, rec.height)
+        out.append(
+            {
+                "width": rec.width,
+                "height": rec.height,
+                "objects": to_pixels(pred["objects"], rec.width, rec.height),
+                "text": gen.text,
+                "problems": [p.__dict__ for p in parse.problems],
+            }
+        )
+    return out
 
 
 def _warn(line: str) -> None:
@@ -125,21 +164,14 @@ def predict(
     done: list[dict[str, Any]] = []
     refused: list[dict[str, str]] = []
     drawn_names: set[str] = set()
-    for n, path in enumerate(images):
+    for path in images:
         im = read_image(path)
         if isinstance(im, str):
             warn(f"refused {path}: {im}")
             refused.append({"image": str(path), "reason": im})
             continue
-        w, h = im.size
-        with tempfile.TemporaryDirectory() as tmp:
-            # the one template wants a contract record whose image path is relative to a root
-            local = Path(tmp) / "image.png"
-            im.save(local)  # lossless, whatever the input's format and suffix
-            rec = Record(id=n, images=[local.name], width=w, height=h, objects=[])
-            (gen,) = det.generate(det.rows([rec], Path(tmp)), max_new_tokens)
-        pred, parse = gen.prediction(n, w, h)
-        objects = to_pixels(pred["objects"], w, h)
+        (found,) = detect(det, [im], max_new_tokens)
+        objects = found["objects"]
         name = f"{path.stem}.pred.png"
         i = 1
         while name in drawn_names:  # two inputs with one stem (a/x.png, b/x.jpg) keep both drawings
@@ -150,12 +182,12 @@ def predict(
         done.append(
             {
                 "image": str(path),
-                "width": w,
-                "height": h,
+                "width": found["width"],
+                "height": found["height"],
                 "drawn": str(out_dir / name),
                 "objects": objects,
-                "text": gen.text,
-                "problems": [p.__dict__ for p in parse.problems],
+                "text": found["text"],
+                "problems": found["problems"],
             }
         )
     result = {

@@ -3,6 +3,8 @@
 Object score (what ranks detections for AP): the geometric mean of the probabilities the model
 gave to the object's generated coord tokens, ``exp(mean_i log p_i)``; see
 :mod:`coordexp.evaluate.scoring`. Checkpoints are compared by ``bbox_mAP`` (never by token accuracy).
+The evaluated checkpoint becomes the run's MLflow model (:mod:`coordexp.evaluate.mlflow_model`), so what was
+measured is what ``mlflow models serve`` answers with; it touches no DVC output.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl, record_to_json
 from coordexp.core.errors import MissingInputError
 from coordexp.core.io import write_json, write_jsonl
+from coordexp.evaluate import mlflow_model
 from coordexp.evaluate.generate import Detector
 from coordexp.evaluate.metrics import (
     boxes_from_records,
@@ -68,6 +71,8 @@ def _clean(v: Any) -> Any:
 
 
 def compute_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], parses: list[Any]) -> dict[str, Any]:
+    """The metrics of ``eval.json``, named as MLflow logs them (``f1_at_0.5``: MLflow forbids ``@``),
+    so ``dvc metrics``, the MLflow UI and the reports show one name for one number."""
     gt_box = to_coco_gt(records, "bbox")
     box = coco_map(gt_box, build_coco_results(preds, gt_box, "bbox").results, "bbox")
     gt_seg = to_coco_gt(records, "segm")
@@ -82,12 +87,12 @@ def compute_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], 
         "bbox_mAP75": box.mAP75,
         "segm_mAP": seg.mAP,
         "segm_mAP50": seg.mAP50,
-        "f1@0.5": f5["f1"],
-        "precision@0.5": f5["precision"],
-        "recall@0.5": f5["recall"],
-        "f1@0.3": f3["f1"],
-        "precision@0.3": f3["precision"],
-        "recall@0.3": f3["recall"],
+        "f1_at_0.5": f5["f1"],
+        "precision_at_0.5": f5["precision"],
+        "recall_at_0.5": f5["recall"],
+        "f1_at_0.3": f3["f1"],
+        "precision_at_0.3": f3["precision"],
+        "recall_at_0.3": f3["recall"],
         "parse_rate": health["parse_rate"],
         "salvage_rate": health["salvage_rate"],
         "nan_scores": health["nan_scores"],
@@ -132,38 +137,44 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
             max_new_tokens=cfg.max_new_tokens,
             desc=f"evaluate {ckpt.name}",
         )
-        seconds = time.time() - t0
+        images_per_second = len(records) / max(time.time() - t0, 1e-9)
         metrics = compute_metrics(gt_records, preds, parses)
-        metrics["images_per_second"] = len(records) / max(seconds, 1e-9)
         metrics["checkpoint"] = str(ckpt.relative_to(root)) if ckpt.is_relative_to(root) else str(ckpt)
-        results.append((step, metrics, preds, raw))
+        results.append((step, metrics, preds, raw, images_per_second))
         print(
             f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
-            f"parse_rate={metrics['parse_rate']:.3f} ({metrics['images_per_second']:.1f} img/s)"
+            f"parse_rate={metrics['parse_rate']:.3f} ({images_per_second:.1f} img/s)"
         )
     best = max(results, key=lambda r: (r[1]["bbox_mAP"] or 0.0, r[0] or 0))
-    step, metrics, preds, raw = best
+    step, metrics, preds, raw, images_per_second = best
     gt_box = to_coco_gt(gt_records, "bbox")
     write_jsonl(out_dir / "predictions.jsonl", raw)
     write_json(out_dir / "coco_gt.json", gt_box, indent=None)
     write_json(out_dir / "coco_results.json", build_coco_results(preds, gt_box, "bbox").results, indent=None)
     if len(results) > 1:
         metrics["best_step"] = step
-        metrics["by_step"] = {str(s): m["bbox_mAP"] for s, m, _, _ in results}
+        metrics["by_step"] = {str(s): m["bbox_mAP"] for s, m, *_ in results}
+    # the speed is a property of the machine: MLflow and the console only, so that eval.json (hashed by DVC)
+    # is the same bytes on every rerun
     write_json(paths.metrics_dir(root) / "eval.json", metrics)
 
     run_id = tracking.run_id_of(params, root)
-    with tracking.stage_run(params, "evaluate", run_id=run_id, run_name="evaluate") as _:
+    with tracking.stage_run(params, "evaluate", run_id=run_id) as _:
+        # first, so that MLflow links the metrics below to the logged model
+        mlflow_model.log_checkpoint_model(params, root, paths.resolve(metrics["checkpoint"], root), metrics)
         mlflow.log_metrics(
             {
-                tracking.mlflow_metric_name(k): float(v)
-                for k, v in metrics.items()
+                k: float(v)
+                for k, v in {**metrics, "images_per_second": images_per_second}.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
-        for s, m, _, _ in results:
+        # its own dataset name: MLflow keeps one input per dataset and run, and the training run
+        # already has this split as its "validation" input
+        tracking.log_dataset(jsonl, "evaluation", name=f"{cfg.split}-evaluation", records=len(records), root=root)
+        for s, m, *_ in results:
             if s is not None and m["bbox_mAP"] is not None:
                 mlflow.log_metric("ckpt_bbox_mAP", m["bbox_mAP"], step=s)
         for name in ("predictions.jsonl", "coco_gt.json", "coco_results.json"):
             mlflow.log_artifact(str(out_dir / name), "eval")
-    return metrics
+    return {**metrics, "images_per_second": images_per_second}

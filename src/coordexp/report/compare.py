@@ -51,10 +51,11 @@ COMPARABLE_BY: dict[str, tuple[str, ...]] = {
     "base": ("cfg.build_base.",),
 }
 """Columns (exact names, or prefixes ending in ``.``) whose values must be equal for two runs to be
-compared: the data (MLflow dataset digests when the run logged them, else the source files, the
-image size and the number of training records that survived preprocessing), the training budget, and
-the base checkpoint (every ``build_base`` param). Object and vertex order are left out: they are
-ablation knobs of the targets, not different data."""
+compared: the data (the digests of the MLflow dataset inputs the run logged, i.e. the contract
+JSONL it trained and was evaluated on, plus the source files, the image size and the number of
+training records that survived preprocessing), the training budget, and the base checkpoint (every
+``build_base`` param). The digests are of the preprocessed records, so runs whose objects were
+ordered differently are conservatively in different groups; their metrics are still in one table."""
 
 _NOT_COMPARABILITY = ("cfg.build_base.out_dir",)
 """Where a base is written does not change it."""
@@ -278,7 +279,7 @@ def loss_kind_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_loss_kinds(
-    runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "bbox_mAP50", "f1@0.5", "parse_rate")
+    runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "bbox_mAP50", "f1_at_0.5", "parse_rate")
 ) -> plt.Figure:
     """CE baseline vs Stage-1 within each group of comparable runs (one panel per group): the mean
     of each metric over the runs of each ``coordexp.loss`` kind, with every run as a dot (so one

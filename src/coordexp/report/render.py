@@ -256,7 +256,7 @@ def render_reports(params: Any, root: Path) -> dict[str, Any]:
             name, root, nb_dir / f"{name}.ipynb", html_dir / f"{name}.html", nb_params[name], redact=[run_id]
         )
         figures += check_figures(fig_dir, name)
-    with tracking.stage_run(params, "report", run_id=run_id, run_name="report"):
+    with tracking.stage_run(params, "report", run_id=run_id):
         mlflow.log_artifacts(str(fig_dir), "report/figures")
         mlflow.log_artifacts(str(html_dir), "report/html")
     all_figs = sorted(p.name for p in fig_dir.iterdir())

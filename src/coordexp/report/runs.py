@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from coordexp.evaluate.metrics import HEADLINE_METRICS
-from coordexp.pipeline.tracking import metric_name_from_mlflow
 from coordexp.report.training import LOSS_COMPONENTS, NONFINITE_ATTR
 
 _NONFINITE_TEXT = {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
@@ -58,7 +57,7 @@ def history_from_mlflow(tracking_uri: str, run_id: str) -> pd.DataFrame:
     curves = set(counts[counts > 1].index) | {
         k for k in counts.index if k.startswith("eval_") or k in dict(LOSS_COMPONENTS)
     }
-    summary = long["key"].map(metric_name_from_mlflow).isin(HEADLINE_METRICS) | (long["key"] == "ckpt_bbox_mAP")
+    summary = long["key"].isin(HEADLINE_METRICS) | (long["key"] == "ckpt_bbox_mAP")
     long = long[long["key"].isin(curves) & ~summary]
     long = long.assign(
         split=np.where(long["key"].str.startswith("eval_"), "eval", "train"),
@@ -98,8 +97,8 @@ def runs_table(tracking_uri: str, experiment: str, *, training_only: bool = True
 
     Training runs are those tagged ``coordexp.loss`` (set by the train stage only; evaluate and
     report resume the same run and overwrite ``coordexp.stage``). Rows are ordered by start time so
-    the table (and its figures) is stable from one rerun to the next. Metrics are named as in
-    ``eval.json`` (``f1@0.5``, not MLflow's ``f1_at_0.5``).
+    the table (and its figures) is stable from one rerun to the next. Metrics are named as in MLflow,
+    which are also their names in ``eval.json`` (``f1_at_0.5``).
     """
     # lazy: mlflow takes seconds to import; the plotting helpers of the report do not need it
     import mlflow
@@ -128,9 +127,7 @@ def runs_table(tracking_uri: str, experiment: str, *, training_only: bool = True
         }
     )
     params = df[[c for c in df.columns if c.startswith("params.cfg.")]].rename(columns=lambda c: c[len("params.") :])
-    metrics = df[[c for c in df.columns if c.startswith("metrics.")]].rename(
-        columns=lambda c: metric_name_from_mlflow(c[len("metrics.") :])
-    )
+    metrics = df[[c for c in df.columns if c.startswith("metrics.")]].rename(columns=lambda c: c[len("metrics.") :])
     params = params.apply(_numeric_if_possible)
     out = pd.concat([out, params, metrics], axis=1)
     digests = _dataset_digests([exp.experiment_id])
@@ -140,17 +137,25 @@ def runs_table(tracking_uri: str, experiment: str, *, training_only: bool = True
 
 
 def _dataset_digests(experiment_ids: list[str]) -> dict[str, str]:
-    """Run id -> ``name:digest, ...`` of the MLflow dataset inputs a run logged (sorted; absent when
-    none): the most direct statement of which data a run saw, used to group comparable runs."""
+    """Run id -> ``name:digest, ...`` of the MLflow dataset inputs a run logged (the train stage's
+    train/val JSONL and the evaluate stage's split, with their DVC md5; sorted; absent when none): the
+    most direct statement of which data a run saw, used to group comparable runs."""
     import mlflow
 
     out = {}
     for run in mlflow.search_runs(experiment_ids, output_format="list"):
         inputs = getattr(run, "inputs", None)
-        found = sorted(f"{d.dataset.name}:{d.dataset.digest}" for d in (getattr(inputs, "dataset_inputs", None) or []))
+        found = sorted(_dataset_key(d) for d in (getattr(inputs, "dataset_inputs", None) or []))
         if found:
             out[run.info.run_id] = ", ".join(found)
     return out
+
+
+def _dataset_key(d) -> str:
+    """``name:digest``, plus ``(N records)`` when the stage used part of the file (a limit)."""
+    records = {t.key: t.value for t in (d.tags or [])}.get("coordexp.records")
+    key = f"{d.dataset.name}:{d.dataset.digest}"
+    return f"{key} ({records} records)" if records else key
 
 
 def _numeric_if_possible(s: pd.Series) -> pd.Series:

@@ -6,9 +6,10 @@ selects a ZeRO stage. The project's template, trainer and loss reach it through
 ``--external_plugins`` (:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in
 ``COORDEXP_TRAIN_CONFIG``.
 
-MLflow: the stage creates the run (tags, params), hands its id to the trainer's MLflow callback
-through ``MLFLOW_RUN_ID``, and, after training, reopens the same run to log the artifacts and the
-summary. The run id is written to ``<out_dir>/mlflow_run_id`` so that ``evaluate`` and
+MLflow: the stage creates the run (tags, params, dataset inputs, the launcher's arguments as
+``config/swift_args.json``), hands its id to the trainer's MLflow callback through the environment
+of :func:`coordexp.pipeline.tracking.trainer_env` (metrics only, under the same run name), and,
+after training, reopens the same run to log the artifacts and the summary. The run id is written to ``<out_dir>/mlflow_run_id`` so that ``evaluate`` and
 ``report`` add to the same run.
 """
 
@@ -37,6 +38,7 @@ from coordexp.core.checkpoint import (
     SWIFT_DIR,
     last_checkpoint,
     model_type,
+    weights_digest,
 )
 from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl
@@ -151,7 +153,7 @@ def swift_cli_args(
         "use_hf": "true",
         "check_model": "false",  # else ms-swift asks the ModelScope hub about the local model (retries offline)
         "attn_impl": "flash_attn" if t.packing else "sdpa",
-        "run_name": "train",
+        "run_name": tracking.run_name(params, "train"),  # HF's MLflow callback renames the run to this
     }
     if t.save_total_limit:
         args["save_total_limit"] = t.save_total_limit
@@ -199,8 +201,20 @@ def _num(v: Any) -> Any:
     return None
 
 
+TIMING_FIELDS = ("runtime", "_per_second", "train_speed", "memory")
+"""Substrings of the logged fields that measure the machine, not the model (``train_speed(s/it)``,
+``train_runtime``, ``eval_samples_per_second``, ``memory(GiB)``, ...)."""
+
+
+def is_timing(name: str) -> bool:
+    return any(t in name for t in TIMING_FIELDS)
+
+
 def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
-    """One row per logging event (train or eval) with every numeric field as a column."""
+    """One row per logging event (train or eval) with every numeric field as a column.
+
+    Timings are left out (they stay in MLflow): DVC hashes this file, and the same params must give
+    the same bytes on every rerun and every clone."""
     keep = [r for r in rows if "global_step/max_steps" in r or "loss" in r or "eval_loss" in r]
     cols: list[str] = ["step", "split"]
     out_rows = []
@@ -211,7 +225,7 @@ def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
         flat = {"step": step, "split": split}
         for k, v in r.items():
             n = _num(v)
-            if n is None:
+            if n is None or is_timing(k):
                 continue
             name = k[5:] if split == "eval" and k.startswith("eval_") else k
             flat[name] = n
@@ -226,8 +240,13 @@ def write_history_csv(rows: list[dict[str, Any]], path: Path) -> int:
     return len(out_rows)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (same filesystem) or copy a checkpoint, so ``final`` costs no extra space."""
+TRAINER_STATE = ("args.json", "trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state*")
+"""The files of a ``checkpoint-N`` folder that resume training but are not the model. ``final`` (the DVC
+output) leaves them out: they hold absolute paths and timings, so they would differ on every run."""
+
+
+def _link_model(src: Path, dst: Path) -> None:
+    """Hard-link (same filesystem) or copy a checkpoint's model files, so ``final`` costs no extra space."""
     if dst.exists():
         shutil.rmtree(dst)
 
@@ -237,16 +256,28 @@ def _link_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, dst, copy_function=link)
+    shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns(*TRAINER_STATE))
+
+
+MODEL_ARGS = ("swift_version", "model_type", "template", "tuner_type", "task_type", "torch_dtype", "attn_impl")
+"""What ms-swift reads back from a checkpoint's ``args.json`` to load it (``model_type`` above all: a Qwen3-VL
+config matches several ms-swift model types); ``final/args.json`` keeps only these, none of them a path or a time."""
+
+
+def _write_model_args(ckpt: Path, final: Path) -> None:
+    src = ckpt / "args.json"
+    if src.is_file():
+        args = json.loads(src.read_text(encoding="utf-8"))
+        write_json(final / "args.json", {k: args[k] for k in MODEL_ARGS if k in args})
 
 
 def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str, Any]:
+    """The run's figures for ``reports/metrics/train.json``: a function of the params (no timings, see
+    :func:`timings`)."""
     train = [r for r in rows if "loss" in r and _num(r.get("loss")) is not None]
     evals = [r for r in rows if "eval_loss" in r]
     out: dict[str, Any] = {
         "steps": throughput.get("global_step"),
-        "wall_time_s": round(throughput.get("wall_time_s", float("nan")), 2),
-        "tokens_per_second": round(throughput.get("tokens_per_second", float("nan")), 2),
         "final_train_loss": train[-1]["loss"] if train else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
     }
@@ -256,6 +287,15 @@ def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str,
         if evals and f"eval_{key}" in evals[-1]:
             out[f"final_eval_{key.split('/')[-1]}"] = evals[-1][f"eval_{key}"]
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def timings(throughput: dict[str, Any]) -> dict[str, float]:
+    """Wall time and token throughput: logged to MLflow and printed, never written to a DVC output."""
+    out = {
+        "wall_time_s": round(throughput.get("wall_time_s", float("nan")), 2),
+        "tokens_per_second": round(throughput.get("tokens_per_second", float("nan")), 2),
+    }
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 STATE_FILE = "state.json"
@@ -331,12 +371,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     if resume is not None:
         cli += ["--resume_from_checkpoint", str(resume[1])]
-    with tracking.stage_run(
-        params,
-        "train",
-        run_name="stage1" if t.coord_soft_ce_w1.enabled else "ce-baseline",
-        run_id=resume[0] if resume else None,
-    ) as r:
+    with tracking.stage_run(params, "train", run_id=resume[0] if resume else None) as r:
         run_id = r.info.run_id
         (out / RUN_ID_FILE).write_text(run_id + "\n")
         write_json(
@@ -345,15 +380,16 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         mlflow.set_tags(
             {
                 "coordexp.loss": "stage1_softce_w1" if t.coord_soft_ce_w1.enabled else "ce_baseline",
-                "coordexp.base_checkpoint": str(base),
+                "coordexp.base_checkpoint": tracking.repo_relative(base, root),
             }
         )
+        tracking.log_dataset(pre_dir / "train.jsonl", "training", records=n_train, root=root)
+        tracking.log_dataset(pre_dir / "val.jsonl", "validation", records=n_val, root=root)
+        mlflow.log_dict(tracking.repo_relative({"command": cli}, root), "config/swift_args.json")
         env = {
             **os.environ,
             "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
-            "MLFLOW_TRACKING_URI": uri,
-            "MLFLOW_RUN_ID": run_id,
-            "MLFLOW_EXPERIMENT_NAME": params.tracking.experiment,
+            **tracking.trainer_env(params, run_id),
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
@@ -373,6 +409,10 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         proc = subprocess.run(cli, env=env, cwd=root)
         wall = time.time() - t0
         mlflow.start_run(run_id=run_id)
+        resolved = swift_out / "args.json"  # every argument ms-swift and the HF trainer resolved
+        if resolved.is_file():
+            args = json.loads(resolved.read_text())
+            mlflow.log_dict(tracking.repo_relative(args, root), "config/swift_resolved_args.json")
         if proc.returncode != 0:
             failure = swift_out / "coordexp_failure.txt"
             cause = failure.read_text().strip() if failure.is_file() else "see its output above"
@@ -387,7 +427,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         if ckpt is None:
             raise TrainingError(f"{swift_out}: training ended without a checkpoint")
         final = out / FINAL_DIR
-        _link_tree(ckpt, final)
+        _link_model(ckpt, final)
+        _write_model_args(ckpt, final)
         shutil.copy2(base / "coord_vocab.json", final / "coord_vocab.json")
         metrics = summary(rows, throughput)
         metrics["final_checkpoint"] = str(final.relative_to(root)) if final.is_relative_to(root) else str(final)
@@ -395,10 +436,11 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         write_json(paths.metrics_dir(root) / "train.json", metrics)
         hist = paths.resolve(params.report.out_dir, root) / "train_history.csv"
         write_history_csv(rows, hist)
+        clock = timings(throughput)
         mlflow.log_metrics(
             {
                 f"train_summary.{k}": float(v)
-                for k, v in metrics.items()
+                for k, v in {**metrics, **clock}.items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
@@ -407,6 +449,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         mlflow.log_artifact(str(hist), "history")
         if t.log_checkpoint == "full":
             mlflow.log_artifacts(str(final), "checkpoint")
-        mlflow.set_tag("coordexp.final_checkpoint", str(final))
+        mlflow.set_tag("coordexp.final_checkpoint", tracking.repo_relative(final, root))
+        mlflow.set_tag(tracking.WEIGHTS_DIGEST_TAG, weights_digest(final))
         write_json(out / STATE_FILE, {"fingerprint": training_fingerprint(params), "run_id": run_id, "status": "done"})
-    return metrics
+    return {**metrics, **clock}
