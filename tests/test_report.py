@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from coordexp.report import compare, distributions, evaluation, figures, render, runs, training
+from coordexp.report import compare, distributions, evaluation, figures, plots, render, runs, training
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -209,6 +210,65 @@ def test_history_and_runs_table_from_mlflow(mlflow_store: str) -> None:
     assert runs.runs_table(mlflow_store, "no-such-experiment").empty
 
 
+def test_scrub_notebook_removes_timings_paths_and_run_ids() -> None:
+    """What papermill and the kernel add that varies between reruns and clone locations goes; the rest stays."""
+    rid = "f045107d923c4ee3ae410a8beadaa052"
+    png = "iVBORw0KGgo/repo/x/" + rid  # base64 image data is never rewritten
+    nb = {
+        "metadata": {
+            "papermill": {
+                "start_time": "2026-12-02T06:36:13",
+                "end_time": "2026-12-02T06:36:18",
+                "duration": 5.2,
+                "input_path": "/repo/notebooks/a.ipynb",
+                "output_path": "/repo/reports/notebooks/a.ipynb",
+                "parameters": {"tracking_uri": "sqlite:////repo/mlflow.db"},
+                "version": "2.7.0",
+                "exception": None,
+            }
+        },
+        "cells": [
+            {
+                "cell_type": "code",
+                "id": "3f9a1c2e",
+                "metadata": {
+                    "papermill": {"start_time": "t0", "end_time": "t1", "duration": 0.1, "status": "completed"},
+                    "execution": {"iopub.status.busy": "t0"},
+                    "tags": ["injected-parameters"],
+                },
+                "source": f'run_id = "{rid}"\ntracking_uri = "sqlite:////repo/mlflow.db"\n',
+                "outputs": [
+                    {"output_type": "stream", "name": "stdout", "text": ["in /repo/reports, not /repo2 nor /repo.d\n"]},
+                    {"output_type": "display_data", "data": {"image/png": png, "text/plain": [f"run {rid} at /repo"]}},
+                ],
+            }
+        ],
+    }
+    out = render.scrub_notebook(nb, {"/repo/": "", "/repo": "."}, redact=[rid])
+    meta = out["metadata"]["papermill"]
+    assert set(meta) == {"parameters", "version", "exception"}
+    assert meta["parameters"] == {"tracking_uri": "sqlite:///mlflow.db"}
+    cell = out["cells"][0]
+    assert cell["metadata"] == {"papermill": {"status": "completed"}, "tags": ["injected-parameters"]}
+    assert cell["id"] == "injected-parameters"
+    assert cell["source"] == f'run_id = "{render.RUN_ID_PLACEHOLDER}"\ntracking_uri = "sqlite:///mlflow.db"\n'
+    assert cell["outputs"][0]["text"] == ["in reports, not /repo2 nor /repo.d\n"]
+    assert cell["outputs"][1]["data"] == {"image/png": png, "text/plain": [f"run {render.RUN_ID_PLACEHOLDER} at ."]}
+
+
+def test_path_replacements_cover_the_root_and_the_store_root(tmp_path: Path, monkeypatch) -> None:
+    """In a DVC experiment's temporary copy the store is the real repository's: both become relative."""
+    repo = tmp_path / "repo"
+    exp = repo / ".dvc" / "tmp" / "exps" / "abc"
+    exp.mkdir(parents=True)
+    monkeypatch.delenv("COORDEXP_STORE_ROOT", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    subs = render.path_replacements(exp)
+    assert subs[f"{exp}/"] == "" and subs[f"{repo}/"] == "" and subs[str(repo)] == "."
+    uri = f"sqlite:///{repo}/mlflow.db"
+    assert render.scrub_notebook({"metadata": {}, "cells": [], "u": uri}, subs)["u"] == "sqlite:///mlflow.db"
+
+
 # ------------------------------------------------------------------------------------------
 # slow: the real pipeline on a tiny project, then the real report stage (papermill)
 
@@ -220,13 +280,14 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from conftest import make_tiny_project, run_stage
 
     root = make_tiny_project(tmp_path_factory.mktemp("report") / "repo", **{"train.token_type_metrics.enabled": True})
-    for stage in ("preprocess", "build_base", "train", "evaluate", "report"):
+    for stage in ("preprocess", "build_base", "train", "evaluate", "report", "compare"):
         run_stage(root, stage)
     return root
 
 
 def expected_figures() -> list[str]:
     stems = [s for nb in render.NOTEBOOKS for s in render.EXPECTED_FIGURES[nb]] + ["train_token_types"]
+    assert render.COMPARE_NOTEBOOK not in render.NOTEBOOKS, "compare_runs is the compare stage's"
     return [f"{s}.{ext}" for s in stems for ext in ("png", "pdf")]
 
 
@@ -248,6 +309,14 @@ def test_report_stage_renders_notebooks_html_and_figures(reported: Path) -> None
     figs = out / "figures"
     for fname in expected_figures():
         (assert_real_png if fname.endswith(".png") else assert_real_pdf)(figs / fname)
+    assert not list(figs.glob("compare_*")), "compare figures are not the report stage's (not DVC outputs)"
+    for f in plots.FILES.values():
+        assert len(pd.read_csv(out / "plots" / f)), f
+    # the compare stage's rendering, beside (git-ignored)
+    comp = out / render.COMPARE_DIR
+    for p in render.compare_outputs(comp):
+        assert p.is_file() and p.stat().st_size > 0, p
+    assert "data:image/png;base64" in (comp / "compare_runs.html").read_text()
 
 
 @pytest.mark.slow
@@ -263,17 +332,47 @@ def test_report_figures_are_logged_to_the_training_run(reported: Path) -> None:
     }
 
 
+def _report_digests(root: Path) -> dict[str, str]:
+    out = root / "reports"
+    return {f"{d}/{k}": v for d in ("figures", "notebooks", "html", "plots") for k, v in digests(out / d).items()}
+
+
 @pytest.mark.slow
-def test_report_rerun_is_byte_identical(reported: Path) -> None:
+def test_report_rerun_is_byte_identical(reported: Path, tmp_path: Path) -> None:
+    """Every output of the report stage (git-tracked, hashed by DVC) is the same bytes on a rerun and in a
+    copy of the project at another path, and holds no run id, absolute path or time stamp."""
     from conftest import run_stage
 
-    figs = reported / "reports" / "figures"
-    before = digests(figs)
+    before = _report_digests(reported)
     run_stage(reported, "report")
-    after = digests(figs)
+    after = _report_digests(reported)
     assert before.keys() == after.keys()
     changed = [k for k in before if before[k] != after[k]]
-    assert not changed, f"figures differ on rerun: {changed}"
+    assert not changed, f"report outputs differ on rerun: {changed}"
+
+    moved = tmp_path / "elsewhere" / "clone"
+    shutil.copytree(reported, moved, symlinks=True)
+    run_stage(moved, "report")
+    elsewhere = _report_digests(moved)
+    changed = [k for k in before if before[k] != elsewhere.get(k)]
+    assert not changed, f"report outputs depend on the project's path: {changed}"
+
+    run_id = (reported / "artifacts" / "train" / "mlflow_run_id").read_text().strip()
+    for d in ("notebooks", "html"):
+        for f in (reported / "reports" / d).iterdir():
+            text = f.read_text()
+            for bad in (run_id, str(reported), str(tmp_path), '"start_time"', '"duration"', '"input_path"'):
+                assert bad not in text, f"{f.name} holds {bad}"
+            assert "sqlite:///mlflow.db" in text, f.name
+
+
+@pytest.mark.slow
+def test_compare_stage_skips_when_no_run_has_landed(reported: Path) -> None:
+    """The report reruns above resumed and re-ended the training run; nothing the comparison shows changed."""
+    from conftest import run_stage
+
+    res = run_stage(reported, "compare")
+    assert render.NO_NEW_RUNS in res.stdout, res.stdout
 
 
 @pytest.mark.slow

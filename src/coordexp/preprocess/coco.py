@@ -8,7 +8,7 @@ What becomes what:
 * anything else -> ``bbox_2d`` from the COCO ``bbox`` (x, y, w, h).
 
 Nothing is dropped silently: every object or image that does not make it is written to
-``rejects.jsonl`` with its reason and counted in ``reports/metrics/preprocess.json``. An image
+``rejects.jsonl`` with its reason and counted in ``reports/preprocess_counts.json``. An image
 whose annotations were *all* rejected is rejected as well (``no_valid_objects``) rather than kept
 as an "empty" example that would teach the model to see nothing; an image that never had
 annotations is kept, with an empty answer.
@@ -340,8 +340,16 @@ def _clip(obj: dict[str, Any], width: int, height: int) -> dict[str, Any]:
     return {"desc": obj["desc"], kind: vals}
 
 
+TOTAL_METRICS: tuple[str, ...] = ("records_in", "records_out", "objects_in", "objects_out", "rejects")
+"""The DVC metrics of ``reports/metrics/preprocess.json``: totals over the splits."""
+
+PREPROCESS_COUNTS = "reports/preprocess_counts.json"
+"""Every count (per split, per geometry, per reject reason), a DVC output that is not a metric."""
+
+
 def run(params: Params, root: Path | None = None) -> dict[str, Any]:
-    """Convert every split; write ``<out_dir>`` atomically and the metrics file. Returns the metrics.
+    """Convert every split; write ``<out_dir>`` atomically, the metrics file (totals) and the counts file
+    (everything). Returns the counts (``splits`` and ``total``).
 
     ``<out_dir>/rejects.jsonl`` lists this run's rejects whatever the outcome: when the run fails
     (a split with no surviving record, an unusable COCO file, anything else) the half-built folder is
@@ -384,5 +392,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         totals.update({f"rejects.{k}": v for k, v in s["rejects"].items()})
     metrics["total"] = dict(sorted(totals.items()))
     metrics["total"]["rejects"] = len(rejects)
-    write_json(paths.metrics_dir(root) / "preprocess.json", metrics)
+    # DVC metrics: the five totals only, so `dvc exp show` opens on what matters; the per-split and
+    # per-reason counts (dozens of columns) go to a plain output beside it
+    write_json(paths.metrics_dir(root) / "preprocess.json", {k: metrics["total"][k] for k in TOTAL_METRICS})
+    write_json(paths.resolve(PREPROCESS_COUNTS, root), metrics)
     return metrics

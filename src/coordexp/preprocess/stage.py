@@ -18,7 +18,7 @@ from coordexp.preprocess import coco
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
-    """Convert every split of ``preprocess.splits``; returns the counts written to ``reports/metrics/preprocess.json``."""
+    """Convert every split of ``preprocess.splits``; returns the counts (``reports/preprocess_counts.json``)."""
     with tracking.stage_run(params, "preprocess"):
         metrics = coco.run(params, root)
         mlflow.log_metrics({f"preprocess.{k}": float(v) for k, v in metrics["total"].items()})

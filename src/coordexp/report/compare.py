@@ -1,5 +1,11 @@
-"""The compare-runs notebook: the runs of an experiment side by side (params, metrics, curves) and
-the CE baseline against Stage-1.
+"""The compare-runs notebook: the finished runs of an experiment side by side (params, metrics,
+curves) and the CE baseline against Stage-1, within groups of comparable runs.
+
+A 60-step run on 24 images and a 2000-step run on 3000 are not two samples of one thing: their
+metrics differ because of the data and the budget, not the loss. So runs are grouped by what must be
+equal for a comparison to mean something (:data:`COMPARABLE_BY`: the data, the number of steps, the
+base checkpoint), every mean is taken within one group, and the params that differ between runs are
+listed in full, so a reader sees what else changed.
 
 Works on the frames of :mod:`coordexp.report.runs`. An experiment with a single run, or with no
 evaluated run yet, still gives every figure, with a note saying what is missing.
@@ -7,6 +13,9 @@ evaluated run yet, still gives every figure, with a note saying what is missing.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -30,6 +39,139 @@ ABLATION_PARAMS: tuple[str, ...] = (
 
 LOSS_WEIGHTS: tuple[str, ...] = ABLATION_PARAMS[1:4]
 
+COMPARABLE_BY: dict[str, tuple[str, ...]] = {
+    "data": (
+        "data_digest",
+        "cfg.preprocess.splits.",
+        "cfg.preprocess.max_side",
+        "cfg.preprocess.min_box_side",
+        "train_summary.train_samples",
+    ),
+    "steps": ("cfg.train.max_steps",),
+    "base": ("cfg.build_base.",),
+}
+"""Columns (exact names, or prefixes ending in ``.``) whose values must be equal for two runs to be
+compared: the data (the digests of the MLflow dataset inputs the run logged, i.e. the contract
+JSONL it trained and was evaluated on, plus the source files, the image size and the number of
+training records that survived preprocessing), the training budget, and the base checkpoint (every
+``build_base`` param). The digests are of the preprocessed records, so runs whose objects were
+ordered differently are conservatively in different groups; their metrics are still in one table."""
+
+_NOT_COMPARABILITY = ("cfg.build_base.out_dir",)
+"""Where a base is written does not change it."""
+
+
+def finished_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that ended well (``FINISHED``): a running run's metrics still move and a failed run's
+    are not a result, so neither is compared nor counted in the compare stage's digest."""
+    if "status" not in runs or runs.empty:
+        return runs.iloc[0:0].copy() if len(runs.columns) else runs
+    return runs[runs["status"] == "FINISHED"].reset_index(drop=True)
+
+
+def _jsonable(v):
+    if isinstance(v, (float, np.floating)):
+        return None if not math.isfinite(float(v)) else float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v if isinstance(v, (int, str, bool)) else str(v)
+
+
+def runs_digest(runs: pd.DataFrame) -> str:
+    """A SHA-256 of what the compare notebook shows of ``runs``: each run's id, status, tags, params
+    and latest metric values, independent of row and column order.
+
+    A new finished run, a re-evaluated run or a changed tag changes it. End times are left out on
+    purpose: the evaluate and report stages resume the training run and end it again, which would
+    re-render the comparison although nothing it shows changed.
+    """
+    cols = sorted(c for c in runs.columns if c not in ("start_time", "end_time"))
+    records = sorted(
+        ({c: _jsonable(r[c]) for c in cols} for r in runs.to_dict("records")), key=lambda r: str(r.get("run_id"))
+    )
+    return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def comparability_columns(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """The columns of ``runs`` behind each part of :data:`COMPARABLE_BY`."""
+    out = {}
+    for part, keys in COMPARABLE_BY.items():
+        out[part] = [
+            c
+            for c in runs.columns
+            if c not in _NOT_COMPARABILITY and any(c == k or (k.endswith(".") and c.startswith(k)) for k in keys)
+        ]
+    return out
+
+
+def _describe(row: Mapping, cols: Sequence[str], strip: str = "") -> str:
+    parts = []
+    for c in sorted(cols):
+        v = _jsonable(row.get(c))
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # MLflow gives counts back as floats: 3000, not 3000.0
+        if v is not None:
+            parts.append(f"{c.removeprefix(strip)}={v}")
+    return ", ".join(parts) if parts else "(not logged)"
+
+
+def group_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``group`` (G1, G2, ... in order of each group's first run) and one column per
+    part of :data:`COMPARABLE_BY` (``data``, ``steps``, ``base``) describing its values in full.
+
+    Two runs share a group exactly when every comparability column is equal (missing equals missing).
+    """
+    out = runs.copy()
+    cols = comparability_columns(out)
+    strips = {"data": "cfg.preprocess.", "steps": "cfg.train.", "base": "cfg.build_base."}
+    for part in COMPARABLE_BY:
+        out[part] = [_describe(r, cols[part], strips[part]) for r in out.to_dict("records")]
+    keys = [tuple(r[p] for p in COMPARABLE_BY) for r in out.to_dict("records")]
+    first: dict[tuple, str] = {}
+    for k in keys:
+        first.setdefault(k, f"G{len(first) + 1}")
+    out["group"] = [first[k] for k in keys]
+    return out
+
+
+def groups_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per group of comparable runs: how many runs, their labels, and the data, steps and
+    base that define it (in full)."""
+    g = runs if "group" in runs else group_runs(runs)
+    if g.empty:
+        return pd.DataFrame(columns=["group", "runs", "n_runs", *COMPARABLE_BY]).set_index("group")
+    rows = []
+    for name, d in g.groupby("group", sort=False):
+        rows.append(
+            {
+                "group": name,
+                "n_runs": len(d),
+                "runs": ", ".join(d["label"].astype(str)) if "label" in d else "",
+                **{p: d[p].iloc[0] for p in COMPARABLE_BY},
+            }
+        )
+    return pd.DataFrame(rows).set_index("group")
+
+
+def params_that_differ(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every ``cfg.*`` param whose value differs between runs, one row per (param, run), values in
+    full: the long format never truncates, however many params or runs there are."""
+    g = runs if "group" in runs else group_runs(runs)
+    changed = varying_params(g)
+    rows = [
+        {
+            "param": c.removeprefix("cfg."),
+            "group": r.get("group"),
+            "run": r.get("label", r.get("run_id")),
+            "value": "null" if _jsonable(r[c]) is None else str(r[c]),
+        }
+        for c in changed
+        for r in g.to_dict("records")
+    ]
+    return pd.DataFrame(rows, columns=["param", "group", "run", "value"])
+
 
 def varying_params(runs: pd.DataFrame) -> list[str]:
     """``cfg.*`` columns whose value differs between runs (what an ablation changed)."""
@@ -39,7 +181,7 @@ def varying_params(runs: pd.DataFrame) -> list[str]:
 
 def runs_overview(runs: pd.DataFrame) -> pd.DataFrame:
     """The compact table for the notebook: label, loss kind, ablation knobs, varying params, headline metrics."""
-    keep = [c for c in ("label", "loss_kind", "status") if c in runs]
+    keep = [c for c in ("group", "label", "workspace", "loss_kind", "status") if c in runs]
     keep += [c for c in ABLATION_PARAMS if c in runs]
     keep += [c for c in varying_params(runs) if c not in keep]
     keep += [c for c in HEADLINE_METRICS if c in runs]
@@ -54,30 +196,40 @@ def plot_metric_vs_params(
     metric: str = "bbox_mAP",
     params: Sequence[str] = LOSS_WEIGHTS + ("cfg.train.coord_soft_ce_w1.target_sigma",),
 ) -> plt.Figure:
-    """``metric`` against each loss weight / ablation knob of the Stage-1 runs, one scatter per knob.
+    """``metric`` against each loss weight / ablation knob of the Stage-1 runs, one scatter per knob,
+    one colour per group of comparable runs.
 
-    CE-baseline runs do not use these knobs, so they are a horizontal line (their mean) rather than
-    points at a meaningless weight.
+    CE-baseline runs do not use these knobs, so they are a horizontal line (their mean within their
+    group, in the group's colour) rather than points at a meaningless weight.
     """
+    g = runs if "group" in runs or runs.empty else group_runs(runs)
     fig, axes = grid(len(params), 4, size=(3.3, 2.8))
     for ax, p in zip(axes, params):
         short = p.replace("cfg.train.coord_soft_ce_w1.", "")
         ax.set_title(f"{metric} vs {short}")
         ax.set_xlabel(short)
         ax.set_ylabel(metric)
-        if p not in runs or metric not in runs or runs[metric].notna().sum() == 0:
+        if p not in g or metric not in g or g[metric].notna().sum() == 0:
             note(ax, f"no evaluated run\nwith {metric}", fontsize=7)
             continue
-        d = runs.dropna(subset=[metric])
-        s1 = d[d["loss_kind"] == "stage1_softce_w1"]
-        base = d[d["loss_kind"] == "ce_baseline"]
-        if len(s1):
-            ax.scatter(pd.to_numeric(s1[p], errors="coerce"), s1[metric], color="C0", s=28, label="Stage-1 runs")
-        if len(base):
-            ax.axhline(base[metric].mean(), color="C3", ls="--", lw=1.0, label=f"CE baseline (n={len(base)})")
+        d = g.dropna(subset=[metric])
+        for i, (name, dg) in enumerate(d.groupby("group", sort=False)):
+            color = plt.cm.tab10(i % 10)
+            s1 = dg[dg["loss_kind"] == "stage1_softce_w1"]
+            base = dg[dg["loss_kind"] == "ce_baseline"]
+            if len(s1):
+                ax.scatter(
+                    pd.to_numeric(s1[p], errors="coerce"), s1[metric], color=color, s=28, label=f"{name} Stage-1"
+                )
+            if len(base):
+                ax.axhline(
+                    base[metric].mean(), color=color, ls="--", lw=1.0, label=f"{name} CE baseline (n={len(base)})"
+                )
         ax.legend(fontsize=6, loc="lower right")
-        if s1[p].astype(str).nunique() < 2:
-            note(ax, f"one value of {short} so far:\nnot enough runs for a trend", fontsize=7, y=0.85)
+        s1_all = d[d["loss_kind"] == "stage1_softce_w1"]
+        values_per_group = s1_all.groupby("group")[p].nunique() if len(s1_all) else pd.Series(dtype=int)
+        if values_per_group.empty or values_per_group.max() < 2:
+            note(ax, f"one value of {short} per group so far:\nnot enough runs for a trend", fontsize=7, y=0.85)
     fig.tight_layout()
     return fig
 
@@ -117,46 +269,54 @@ def plot_overlaid_curves(
 
 
 def loss_kind_summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, min, max and count of the headline metrics per ``coordexp.loss`` kind (empty when no
-    run has been evaluated yet)."""
+    """Mean, min, max and count of the headline metrics per group of comparable runs and
+    ``coordexp.loss`` kind (empty when no run has been evaluated yet). Never across groups."""
     present = [m for m in HEADLINE_METRICS if m in runs and runs[m].notna().any()]
     if runs.empty or not present:
-        return pd.DataFrame(index=pd.Index([], name="loss_kind"))
-    return runs.groupby("loss_kind")[present].agg(["mean", "min", "max", "count"])
+        return pd.DataFrame(index=pd.MultiIndex.from_arrays([[], []], names=["group", "loss_kind"]))
+    g = runs if "group" in runs else group_runs(runs)
+    return g.groupby(["group", "loss_kind"], sort=False)[present].agg(["mean", "min", "max", "count"])
 
 
 def plot_loss_kinds(
     runs: pd.DataFrame, metrics: Sequence[str] = ("bbox_mAP", "bbox_mAP50", "f1_at_0.5", "parse_rate")
 ) -> plt.Figure:
-    """CE baseline vs Stage-1: mean of each metric over the runs of each ``coordexp.loss`` kind,
-    with every run as a dot (so one lucky seed does not pass for a trend)."""
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    kinds = ["ce_baseline", "stage1_softce_w1"]
+    """CE baseline vs Stage-1 within each group of comparable runs (one panel per group): the mean
+    of each metric over the runs of each ``coordexp.loss`` kind, with every run as a dot (so one
+    lucky seed does not pass for a trend)."""
     present = [m for m in metrics if m in runs]
     if not present or runs.empty:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
         note(ax, "no evaluated runs")
         return fig
+    g = runs if "group" in runs else group_runs(runs)
+    groups = list(dict.fromkeys(g["group"]))
+    fig, axes = grid(len(groups), 2, size=(6.0, 3.6))
+    kinds = ["ce_baseline", "stage1_softce_w1"]
     x = np.arange(len(present))
     w = 0.38
-    for i, kind in enumerate(kinds):
-        s = runs[runs["loss_kind"] == kind]
-        if s.empty:
-            continue
-        means = [s[m].mean() for m in present]
-        off = (i - 0.5) * w
-        ax.bar(x + off, means, width=w, label=f"{kind} (n={len(s)})", color=("C3", "C0")[i], alpha=0.8)
-        for j, m in enumerate(present):
-            ax.scatter(np.full(len(s), x[j] + off), s[m], color="k", s=8, zorder=3)
-    ax.set_xticks(x, present)
-    ax.set_ylim(0, 1)
-    ax.set_title("CE baseline vs Stage-1 (bars: mean over runs, dots: runs)")
-    ax.legend(fontsize=7)
-    missing = [k for k in kinds if not (runs["loss_kind"] == k).any()]
-    if missing:
-        note(
-            ax,
-            "not enough runs: no " + " / ".join(missing) + " run yet\n"
-            "(dvc exp run -S train.coord_soft_ce_w1.enabled=false for the baseline)",
-        )
+    for ax, name in zip(axes, groups):
+        dg = g[g["group"] == name]
+        for i, kind in enumerate(kinds):
+            s = dg[dg["loss_kind"] == kind]
+            if s.empty:
+                continue
+            off = (i - 0.5) * w
+            means = [s[m].mean() for m in present]
+            ax.bar(x + off, means, width=w, label=f"{kind} (n={len(s)})", color=("C3", "C0")[i], alpha=0.8)
+            for j, m in enumerate(present):
+                ax.scatter(np.full(len(s), x[j] + off), s[m], color="k", s=8, zorder=3)
+        ax.set_xticks(x, present)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name}: CE baseline vs Stage-1 (bars: mean, dots: runs)", fontsize=8)
+        ax.legend(fontsize=7)
+        missing = [k for k in kinds if not (dg["loss_kind"] == k).any()]
+        if missing:
+            note(
+                ax,
+                f"not enough runs in {name}: no " + " / ".join(missing) + " run\n"
+                "(dvc exp run -S train.coord_soft_ce_w1.enabled=false for the baseline)",
+                fontsize=7,
+            )
     fig.tight_layout()
     return fig

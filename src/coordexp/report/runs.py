@@ -130,8 +130,32 @@ def runs_table(tracking_uri: str, experiment: str, *, training_only: bool = True
     metrics = df[[c for c in df.columns if c.startswith("metrics.")]].rename(columns=lambda c: c[len("metrics.") :])
     params = params.apply(_numeric_if_possible)
     out = pd.concat([out, params, metrics], axis=1)
+    digests = _dataset_digests([exp.experiment_id])
+    out["data_digest"] = [digests.get(r) for r in out["run_id"]]
     out["label"] = [label_of(r) for r in out.to_dict("records")]
     return out.sort_values("start_time", kind="stable").reset_index(drop=True)
+
+
+def _dataset_digests(experiment_ids: list[str]) -> dict[str, str]:
+    """Run id -> ``name:digest, ...`` of the MLflow dataset inputs a run logged (the train stage's
+    train/val JSONL and the evaluate stage's split, with their DVC md5; sorted; absent when none): the
+    most direct statement of which data a run saw, used to group comparable runs."""
+    import mlflow
+
+    out = {}
+    for run in mlflow.search_runs(experiment_ids, output_format="list"):
+        inputs = getattr(run, "inputs", None)
+        found = sorted(_dataset_key(d) for d in (getattr(inputs, "dataset_inputs", None) or []))
+        if found:
+            out[run.info.run_id] = ", ".join(found)
+    return out
+
+
+def _dataset_key(d) -> str:
+    """``name:digest``, plus ``(N records)`` when the stage used part of the file (a limit)."""
+    records = {t.key: t.value for t in (d.tags or [])}.get("coordexp.records")
+    key = f"{d.dataset.name}:{d.dataset.digest}"
+    return f"{key} ({records} records)" if records else key
 
 
 def _numeric_if_possible(s: pd.Series) -> pd.Series:
