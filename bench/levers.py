@@ -100,11 +100,19 @@ SPEED_LINE = re.compile(r"\[evaluate\] .*\(([\d.]+) img/s\)")
 KEYS = ("bbox_mAP50", "bbox_mAP", "parse_rate", "f1_at_0.5", "f1_at_0.3")
 
 
-UPSTREAM = {
-    "preprocess": ("artifacts/preprocess", "reports/metrics/preprocess.json"),
-    "build_base": ("artifacts/base",),
-}
-"""Stage -> outputs that ``--reuse-base`` copies when a variant's params for the stage match the source's."""
+UPSTREAM = ("preprocess", "build_base")
+"""Stages whose outputs ``--reuse-base`` copies when a variant's params for the stage match the source's."""
+
+
+def stage_outputs(project: Path, stage: str) -> list[str]:
+    """Every output ``dvc.yaml`` declares for ``stage`` (``outs``, ``metrics``, ``plots``), so a new output is
+    copied without being listed here too."""
+    import yaml
+
+    spec = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage]
+    return [
+        o if isinstance(o, str) else next(iter(o)) for key in ("outs", "metrics", "plots") for o in spec.get(key, [])
+    ]
 
 
 def _stage_params(project: Path) -> dict[str, object]:
@@ -126,10 +134,10 @@ def reuse_upstream(dest: Path, source: Path) -> list[str]:
     if mine["seed"] != theirs["seed"]:
         return []
     copied = []
-    for stage, outs in UPSTREAM.items():
+    for stage in UPSTREAM:
         if mine[stage] != theirs[stage]:
             break  # a later stage depends on this one's outputs
-        for out in outs:
+        for out in stage_outputs(source, stage):
             src, dst = source / out, dest / out
             if src.is_dir():
                 shutil.copytree(src, dst, dirs_exist_ok=True)
