@@ -8,7 +8,7 @@ Decoding keeps the coord tokens (they are non-special added tokens) and records,
 generated token, the probability the model gave it: object scores are computed from them.
 
 What the distribution says is captured during the one generation pass by :class:`CoordCapture`, the first
-logits processor of every step: it turns the raw scores into a full-vocab log-softmax (O(batch x V), freed at
+logits processor of every step: it normalises the raw scores over the full vocabulary (O(batch x V), freed at
 the next step) and keeps per row and step only the chosen token's log-probability and the few numbers of
 :data:`coordexp.evaluate.readout.STAT_COLUMNS`. Generation memory therefore does not grow with V x steps, as
 keeping ``output_scores`` and stacking their softmax did (``bench/RESULTS.md``, ``## coord_distribution_capture``).
@@ -92,12 +92,14 @@ class CoordCapture(LogitsProcessor):
     statistics, from the raw scores; returns the scores unchanged.
 
     It must be the first processor of the list: the statistics are the model's distribution, before any mask
-    (a grammar constraint) or penalty changes it. At each call it forms the float64 log-softmax of the batch
-    ``[B, V]``, keeps ``[B, len(STAT_COLUMNS)]`` numbers of it (:func:`coordexp.evaluate.readout.coord_stats`),
-    and holds on to that one log-softmax until the next call, where the token the previous step chose
-    (``input_ids[:, -1]``) is known and its log-probability is gathered; :meth:`finalize` gathers the last
-    step's from the returned sequences. Peak memory is O(B x V) whatever the length; what accumulates is
-    O(B x steps x 8). One instance serves one ``generate`` call.
+    (a grammar constraint) or penalty changes it. At each call it forms the batch's full-vocab log-normaliser
+    (max plus a float64-accumulated sum of exponentials, one transient ``[B, V]`` float32 buffer), keeps
+    ``[B, len(STAT_COLUMNS)]`` numbers of the coord slice's log-probabilities
+    (:func:`coordexp.evaluate.readout.coord_stats`), and holds a copy of the raw scores until the next call,
+    where the token this step chose (``input_ids[:, -1]``) is known and its log-probability is gathered (a copy,
+    because later processors may edit the scores in place); :meth:`finalize` gathers the last step's from the
+    returned sequences. Peak memory is O(B x V) whatever the length; what accumulates is O(B x steps x 8).
+    One instance serves one ``generate`` call.
     """
 
     def __init__(self, coord_ids: torch.Tensor | None, local_window: int) -> None:
@@ -105,18 +107,33 @@ class CoordCapture(LogitsProcessor):
         self.local_window = int(local_window)
         self._stats: list[torch.Tensor] = []
         self._chosen: list[torch.Tensor] = []
-        self._prev: torch.Tensor | None = None
+        self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
         self._steps = 0
 
+    @staticmethod
+    def _log_normaliser(scores: torch.Tensor) -> torch.Tensor:
+        """``[B]`` float64 log-sum-exp of each row of ``scores`` (half-precision scores are upcast first)."""
+        if scores.dtype not in (torch.float32, torch.float64):
+            scores = scores.float()
+        m = scores.max(dim=-1, keepdim=True).values
+        total = torch.exp(scores - m).sum(dim=-1, dtype=torch.float64)
+        return m[:, 0].to(torch.float64) + torch.log(total)
+
+    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self._prev is not None
+        raw, lse = self._prev
+        return raw.gather(1, ids.to(raw.device)).squeeze(1).to(torch.float64) - lse
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = torch.log_softmax(scores.to(torch.float64), dim=-1)
         if self._prev is not None:
-            self._chosen.append(self._prev.gather(1, input_ids[:, -1:]).squeeze(1))
+            self._chosen.append(self._gather(input_ids[:, -1:]))
+        lse = self._log_normaliser(scores)
         if self.coord_ids is not None:
-            if self.coord_ids.device != logp.device:
-                self.coord_ids = self.coord_ids.to(logp.device)
-            self._stats.append(coord_stats(logp, self.coord_ids, self.local_window))
-        self._prev = logp
+            if self.coord_ids.device != scores.device:
+                self.coord_ids = self.coord_ids.to(scores.device)
+            coord_logp = scores.index_select(1, self.coord_ids).to(torch.float64) - lse[:, None]
+            self._stats.append(coord_stats(coord_logp, self.local_window))
+        self._prev = (scores.clone(), lse)
         self._steps += 1
         return scores
 
@@ -125,8 +142,7 @@ class CoordCapture(LogitsProcessor):
         CPU for the ``T`` steps of ``generated`` (the new tokens only, ``[B, T]``)."""
         n, b = self._steps, generated.shape[0]
         if self._prev is not None:
-            last = generated[:, n - 1 : n].to(self._prev.device)
-            self._chosen.append(self._prev.gather(1, last).squeeze(1))
+            self._chosen.append(self._gather(generated[:, n - 1 : n]))
             self._prev = None
         chosen = torch.stack(self._chosen, dim=1).cpu() if n else torch.zeros(b, 0, dtype=torch.float64)
         if self.coord_ids is None:

@@ -22,10 +22,12 @@ capture keeps, per row and step, only the numbers in :data:`STAT_COLUMNS`, never
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where the capture runs: parsing and scoring stay light
+    import torch
 
 Readout = Literal["argmax", "expectation", "median", "local_expectation"]
 READOUTS: tuple[str, ...] = ("argmax", "expectation", "median", "local_expectation")
@@ -117,14 +119,16 @@ def read(p: Sequence[float] | np.ndarray, readout: str, window: int = 8) -> floa
 # vectorised: what the capture runs at every generation step
 
 
-def coord_stats(logp: torch.Tensor, coord_ids: torch.Tensor, window: int) -> torch.Tensor:
+def coord_stats(coord_logp: torch.Tensor, window: int) -> torch.Tensor:
     """``[B, len(STAT_COLUMNS)]`` float64 statistics of each row's coord distribution.
 
-    ``logp`` is the full-vocab log-softmax ``[B, V]`` (float64 keeps the renormalised slice exact to ~1e-15;
-    float32 would do for the readouts); ``coord_ids`` the K coord token ids in bin order. Transient memory
-    is O(B x K) beyond ``logp``.
+    ``coord_logp`` ``[B, K]`` holds the full-vocab log-probabilities of the K coord tokens in bin order (so
+    their log-sum-exp is the log coord-vocab mass); float64 keeps the renormalised slice exact to ~1e-15.
+    Memory is O(B x K).
     """
-    c = logp.index_select(1, coord_ids).to(torch.float64)  # [B, K]
+    import torch
+
+    c = coord_logp.to(torch.float64)
     lse = torch.logsumexp(c, dim=1, keepdim=True)
     p = torch.exp(c - lse)  # the coord slice renormalised
     k = torch.arange(c.shape[1], dtype=torch.float64, device=c.device)
