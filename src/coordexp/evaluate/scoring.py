@@ -19,6 +19,10 @@ token can still have probability that underflows to 0), so the score is never 0 
 underflow alone. A non-finite or out-of-range probability gives score 0.0 and is reported,
 so the caller can count it (``nan_scores`` in :func:`coordexp.evaluate.metrics.summarize`).
 
+Other definitions from the same generation (the coord-vocab mass, the peak probability and the spread of the
+captured coord distributions, and a geometric mean that includes the description tokens) are in
+:data:`SCORES`; ``evaluate.score`` picks the one that ranks detections, and every one's AP is measured.
+
 Token alignment contract (:func:`score_objects`): the caller passes, for every generated
 step, the token *string* (``tokenizer.convert_ids_to_tokens(ids)``) and the probability of
 the chosen token at that step, together with the parse of the *decoded* text (decoded
