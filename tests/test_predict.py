@@ -85,6 +85,8 @@ def test_predict_refuses_unreadable_inputs_and_writes_pixels(checkpoint, tmp_pat
     assert all(r["reason"] for r in res["refused"])
     (entry,) = res["images"]
     assert entry["image"] == str(good) and (entry["width"], entry["height"]) == (160, 96)
+    assert entry["ok"] is True and entry["problems"] == []
+    assert res["readout"] == "median"  # the project's evaluate.readout
     (obj,) = entry["objects"]
     assert obj["desc"] == "red circle" and obj["bins"] == {"bbox_2d": ANSWER_BINS}
     assert obj["bbox_2d"] == pytest.approx(codec.decode_xy(ANSWER_BINS, 160, 96))

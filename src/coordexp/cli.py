@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordexp.core.config import ConfigError, load_params
+from coordexp.core.config import ConfigError, EvaluateConfig, load_params
 from coordexp.core.errors import UserError
 
 
@@ -27,13 +27,31 @@ def _synth(args: argparse.Namespace) -> int:
     return synth.main(args.rest) or 0
 
 
+def _evaluate_defaults() -> EvaluateConfig:
+    """The project's ``evaluate`` settings (readout, score, window) when a valid ``params.yaml`` is found from
+    the working directory, else the schema's: ``predict`` answers as the evaluation measured."""
+    try:
+        return load_params().evaluate
+    except ConfigError:
+        return EvaluateConfig()
+
+
 def _predict(args: argparse.Namespace) -> int:
     """Exit 0: every input was processed; 1: some were refused (one stderr line each), the rest
     are in predictions.json; 2: nothing could be done (e.g. no usable checkpoint)."""
     from coordexp.evaluate.predict import predict  # lazy: torch and transformers, only for predict
 
     try:
-        res = predict(args.checkpoint, args.images, args.out, max_new_tokens=args.max_new_tokens)
+        cfg = _evaluate_defaults()
+        res = predict(
+            args.checkpoint,
+            args.images,
+            args.out,
+            max_new_tokens=args.max_new_tokens,
+            readout=args.readout or cfg.readout,
+            score=cfg.score,
+            local_window=cfg.local_window,
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -68,6 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. artifacts/train/final")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--readout",
+        choices=["argmax", "expectation", "median", "local_expectation"],
+        default=None,
+        help="how coordinates are read from the coord distribution (default: evaluate.readout of params.yaml, "
+        "else median)",
+    )
     p.add_argument("images", nargs="+", type=Path)
     p.set_defaults(func=_predict)
 

@@ -104,7 +104,7 @@ def encode_xy(values: Iterable[float], width: float, height: float) -> list[str]
     return [coord_token(int(k)) for k in pixels_to_bins(vals, xy_sizes(len(vals), width, height))]
 
 
-def decode_xy(tokens: Iterable[str | int], width: float, height: float) -> list[float]:
-    """Coord token strings (or bin ints) ``[x, y, ...]`` -> flat pixel list."""
-    ks = [t if isinstance(t, int) else parse_coord_token(t) for t in tokens]
+def decode_xy(tokens: Iterable[str | int | float], width: float, height: float) -> list[float]:
+    """Coord token strings, bin ints or continuous bins (floats) ``[x, y, ...]`` -> flat pixel list."""
+    ks = [parse_coord_token(t) if isinstance(t, str) else t for t in tokens]
     return [float(v) for v in bins_to_pixels(ks, xy_sizes(len(ks), width, height))]

@@ -5,6 +5,8 @@ probabilities); this package turns them into COCO mAP, F1 and answer-health numb
 
     parse = parse_prediction(text)                      # never raises
     scores = score_objects(parse, token_strings, probs)  # geometric mean of coord-token probs
+    # other score definitions (scoring.SCORES) and coordinates read from the captured coord distributions
+    # (readout.READOUTS) need the per-step statistics of coordexp.evaluate.generate.CoordCapture
     pred = build_prediction(record["id"], W, H, parse, scores)
     gt = to_coco_gt(records, "bbox"); m = coco_map(gt, to_coco_results(preds, gt, "bbox"), "bbox")
 """

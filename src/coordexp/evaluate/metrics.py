@@ -7,7 +7,8 @@ Inputs are data-contract records (:mod:`coordexp.core.contract`)::
     prediction:  the same shape (``images`` optional); each object may carry "score"
                  (default 1.0) and "score_status" (see :mod:`coordexp.evaluate.scoring`).
 
-Coords are ``"<|coord_k|>"`` strings or bin integers; they become pixels through
+Coords are ``"<|coord_k|>"`` strings, bin integers, or continuous bins (floats: a coordinate read from the
+distribution, :mod:`coordexp.evaluate.readout`); they become pixels through
 :func:`coordexp.core.codec.decode_xy` only.
 
 Choices (each one a reasonable convention, written down so numbers are comparable):
@@ -74,7 +75,7 @@ HEADLINE_METRICS: tuple[str, ...] = (
 def object_pixels(obj: Mapping[str, Any], width: float, height: float) -> tuple[str, list[float]]:
     """``(kind, [x, y, x, y, ...])`` in pixels, via the codec."""
     kind, coords = geometry_of(obj)
-    return kind, decode_xy([c if isinstance(c, str) else int(c) for c in coords], width, height)
+    return kind, decode_xy([c if isinstance(c, str) else float(c) for c in coords], width, height)
 
 
 def _segm_polygon(kind: str, pts: list[float], box_as_polygon: bool) -> list[float] | None:

@@ -12,19 +12,21 @@ scores, :func:`coordexp.evaluate.predict.detect`), so a served answer is the ans
 (any format Pillow reads). Over HTTP, POST ``/invocations`` with ``Content-Type: application/json``::
 
     {"dataframe_records": [{"image": "<base64 of a PNG/JPEG>"}, ...],
-     "params": {"max_new_tokens": 256}}
+     "params": {"max_new_tokens": 256, "readout": "median"}}
 
-(``params`` is optional; ``dataframe_split`` and ``inputs`` work as MLflow defines them.)
+(``params`` is optional; ``readout`` defaults to the evaluation's ``evaluate.readout``; ``dataframe_split`` and
+``inputs`` work as MLflow defines them.)
 
 **Output**: a list with one record per input image, in order (over HTTP ``{"predictions": [record, ...]}``)::
 
     {"width": 640, "height": 480,
      "objects": [{"desc": "red circle", "bbox_2d": [x1, y1, x2, y2], "bins": {"bbox_2d": [k1, k2, k3, k4]},
                   "score": 0.93, "score_status": "ok"}],
-     "text": "<the raw answer>", "problems": [], "error": null}
+     "text": "<the raw answer>", "ok": true, "problems": [], "error": null}
 
-Geometry (``bbox_2d``, ``poly`` or ``line``) is in pixels of the input image, the bins the model emitted
-alongside (:data:`coordexp.evaluate.predict.COORDINATES`); a non-finite score is ``null``. An input that is
+Geometry (``bbox_2d``, ``poly`` or ``line``) is in pixels of the input image, the bins read from the coord
+distribution alongside (floats unless the readout is ``argmax``; :data:`coordexp.evaluate.predict.COORDINATES`);
+a non-finite score is ``null``. An input that is
 not base64 or not a readable image gets a record whose ``error`` says why (and no objects): one bad image
 never fails the batch.
 
@@ -108,7 +110,11 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         cfg = context.model_config or {}
         self.max_new_tokens = int(cfg.get("max_new_tokens", 256))
         self.batch_size = int(cfg.get("batch_size", 8))
-        self.detector = Detector(checkpoint_from_artifacts(context.artifacts))
+        self.readout = str(cfg.get("readout", "median"))
+        self.score = str(cfg.get("score", "coord_geomean"))
+        self.detector = Detector(
+            checkpoint_from_artifacts(context.artifacts), local_window=int(cfg.get("local_window", 8))
+        )
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -118,17 +124,29 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
         values = _image_values(model_input)
         max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        readout = str((params or {}).get("readout") or self.readout)
         rows: list[dict[str, Any]] = [{}] * len(values)
         readable: list[tuple[int, Any]] = []
         for i, value in enumerate(values):
             im = _decode(value)
             if isinstance(im, str):
-                rows[i] = {"width": None, "height": None, "objects": [], "text": None, "problems": [], "error": im}
+                rows[i] = {
+                    "width": None,
+                    "height": None,
+                    "objects": [],
+                    "text": None,
+                    "ok": False,
+                    "problems": [],
+                    "error": im,
+                }
             else:
                 readable.append((i, im))
         for start in range(0, len(readable), self.batch_size):
             chunk = readable[start : start + self.batch_size]
-            for (i, _), found in zip(chunk, detect(self.detector, [im for _, im in chunk], max_new_tokens)):
+            found_all = detect(
+                self.detector, [im for _, im in chunk], max_new_tokens, readout=readout, score=self.score
+            )
+            for (i, _), found in zip(chunk, found_all):
                 for obj in found["objects"]:
                     obj["score"] = _finite(obj.get("score"))
                 rows[i] = {**found, "error": None}
@@ -163,7 +181,7 @@ OUTPUT_SCHEMA = Schema(
                     [
                         Property("desc", "string"),
                         *(Property(k, _COORDS, required=False) for k in _GEOMETRY),
-                        Property("bins", Object([Property(k, Array("long"), required=False) for k in _GEOMETRY])),
+                        Property("bins", Object([Property(k, _COORDS, required=False) for k in _GEOMETRY])),
                         Property("score", "double", required=False),
                         Property("score_status", "string"),
                     ]
@@ -172,6 +190,7 @@ OUTPUT_SCHEMA = Schema(
             "objects",
         ),
         ColSpec("string", "text", required=False),
+        ColSpec("boolean", "ok", required=False),
         ColSpec(
             Array(
                 Object(
@@ -189,12 +208,14 @@ OUTPUT_SCHEMA = Schema(
 )
 
 
-def signature(max_new_tokens: int) -> ModelSignature:
-    """Base64 images in, detections out; ``max_new_tokens`` may be overridden per request."""
+def signature(max_new_tokens: int, readout: str = "median") -> ModelSignature:
+    """Base64 images in, detections out; ``max_new_tokens`` and ``readout`` may be overridden per request."""
     return ModelSignature(
         inputs=INPUT_SCHEMA,
         outputs=OUTPUT_SCHEMA,
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]),
+        params=ParamSchema(
+            [ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("readout", "string", readout)]
+        ),
     )
 
 
@@ -364,8 +385,14 @@ def log_checkpoint_model(params: Params, root: Path, checkpoint: Path, metrics: 
             name=MODEL_NAME,
             python_model=str(CODE_FILE),
             artifacts=artifacts,
-            model_config={"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
-            signature=signature(cfg.max_new_tokens),
+            model_config={
+                "max_new_tokens": cfg.max_new_tokens,
+                "batch_size": cfg.batch_size,
+                "readout": cfg.readout,
+                "score": cfg.score,
+                "local_window": cfg.local_window,
+            },
+            signature=signature(cfg.max_new_tokens, cfg.readout),
             input_example=input_example(),
             pip_requirements=_requirements(),
             metadata={"units": "pixels", "checkpoint": ckpt_name, "log_model": cfg.log_model},

@@ -74,7 +74,9 @@ class ParsedObject:
     in the parsed text (the token text inside the quotes, or the digits of a plain integer).
     ``coord_token_indices[i]`` is the ordinal of that coord among all coord-token occurrences
     in the text (``ParseResult.coord_occurrences``), or ``None`` when the coord is not a
-    literal token there (a plain integer, or a string spelled with JSON escapes).
+    literal token there (a plain integer, or a string spelled with JSON escapes). ``desc_span`` is the
+    ``(start, end)`` character span of the description's content, so a caller can find the generated tokens
+    that wrote it (the ``desc_coord_geomean`` score of :mod:`coordexp.evaluate.scoring`).
     """
 
     index: int
@@ -84,6 +86,7 @@ class ParsedObject:
     bins: tuple[int, ...]
     coord_spans: tuple[tuple[int, int], ...]
     coord_token_indices: tuple[int | None, ...]
+    desc_span: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The object in contract form, coords as bin integers: ``{"desc", kind: [bins]}``."""
@@ -393,7 +396,9 @@ def _member_object(
     if extra:
         bad("unknown_field", f"extra fields {extra}")
     assert isinstance(desc_v, _Str)
-    return ParsedObject(index, key.value, desc_v.value, kind, tuple(bins), tuple(spans), tuple(tok_idx))
+    return ParsedObject(
+        index, key.value, desc_v.value, kind, tuple(bins), tuple(spans), tuple(tok_idx), (desc_v.start, desc_v.end)
+    )
 
 
 def parse_prediction(text: str) -> ParseResult:

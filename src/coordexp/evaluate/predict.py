@@ -5,19 +5,25 @@
     {
       "units": "pixels",
       "coordinates": "<how pixels and bins relate>",
-      "checkpoint": "artifacts/train/final",
+      "checkpoint": "artifacts/train/final", "readout": "median", "score": "coord_geomean",
       "images": [
         {"image": "my_image.jpg", "width": 640, "height": 480, "drawn": "predictions/my_image.pred.png",
          "objects": [{"desc": "red circle", "bbox_2d": [x1, y1, x2, y2],
                       "bins": {"bbox_2d": [k1, k2, k3, k4]}, "score": 0.93, "score_status": "ok"}],
-         "text": "<the raw answer>", "problems": []}
+         "text": "<the raw answer>", "ok": true, "problems": []}
       ],
       "refused": [{"image": "notes.png", "reason": "not an image (Pillow cannot identify its format)"}]
     }
 
 Each object's geometry (``bbox_2d``, ``poly`` or ``line``: a flat ``[x, y, x, y, ...]`` list) is in
 pixels of the input image, ``x = k / 999 * (width - 1)`` (:func:`coordexp.core.codec.decode_xy`),
-not rounded; ``bins`` holds the bins ``k`` (0..999) the model emitted, under the same geometry key.
+not rounded; ``bins`` holds the bins ``k`` in [0, 999], under the same geometry key, read from the coord
+distribution at each slot with the chosen readout (``--readout``, default ``evaluate.readout`` of the project's
+``params.yaml``, else ``median``; :mod:`coordexp.evaluate.readout`). With ``argmax`` they are the integers the
+model emitted; with the other readouts they are continuous (floats between bins). ``score`` is the
+``evaluate.score`` definition (default the geometric mean of the coord tokens' probabilities). ``ok`` says
+the answer parsed cleanly (:attr:`coordexp.evaluate.parse.ParseResult.ok`); ``problems`` lists what was
+wrong with it otherwise.
 
 An input that cannot be read (missing, a directory, not an image, corrupt or truncated) is refused
 with one line on stderr and listed under ``refused``; the other inputs go on. Only errors about the
@@ -47,7 +53,9 @@ UNITS = "pixels"
 COORDINATES = (
     f"bbox_2d / poly / line are flat [x, y, x, y, ...] lists in pixels of the input image: "
     f"x = k / {codec.K - 1} * (width - 1), y = k / {codec.K - 1} * (height - 1), where k is the bin "
-    f"(0..{codec.K - 1}) the model emitted; the bins are under 'bins', with the same geometry key"
+    f"in [0, {codec.K - 1}] read from the model's coord distribution (the emitted bin for the argmax readout, "
+    f"a continuous value for expectation, median and local_expectation); the bins are under 'bins', with the "
+    f"same geometry key"
 )
 
 # Pillow's decoding errors that are not OSErrors (a decompression bomb; a few plugins' SyntaxError)
@@ -55,12 +63,14 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, Image.DecompressionB
 
 
 def to_pixels(objects: list[dict[str, Any]], width: int, height: int) -> list[dict[str, Any]]:
-    """Parsed objects (geometry in bins) -> the same objects with the geometry in pixels and the bins under ``bins``."""
+    """Parsed objects (geometry in bins) -> the same objects with the geometry in pixels and the bins under ``bins``
+    (integers stay integers, continuous readouts stay floats); the evaluation-only ``readouts`` and ``scores``
+    (every readout's bins and every score definition) are left out."""
     out = []
     for o in objects:
         kind, bins = geometry_of(o)
-        bins = [int(k) for k in bins]
-        rest = {k: v for k, v in o.items() if k not in ("desc", kind)}
+        bins = [k if isinstance(k, int) else float(k) for k in bins]
+        rest = {k: v for k, v in o.items() if k not in ("desc", kind, "readouts", "scores")}
         out.append({"desc": o["desc"], kind: codec.decode_xy(bins, width, height), "bins": {kind: bins}, **rest})
     return out
 
@@ -111,8 +121,16 @@ def open_image(source: Path | BinaryIO) -> Image.Image | str:
     return rgb
 
 
-def detect(det: Detector, images: list[Image.Image], max_new_tokens: int) -> list[dict[str, Any]]:
-    """One generation batch over decoded images: per image its size, objects in pixels, raw answer and problems.
+def detect(
+    det: Detector,
+    images: list[Image.Image],
+    max_new_tokens: int,
+    *,
+    readout: str = "median",
+    score: str = "coord_geomean",
+) -> list[dict[str, Any]]:
+    """One generation batch over decoded images: per image its size, objects in pixels (coordinates by
+    ``readout``, ranked by ``score``), raw answer, whether it parsed cleanly (``ok``) and its problems.
 
     The one template wants contract records whose image paths are relative to a root, so the images are
     written (losslessly, whatever their source format) to a temporary folder for the batch.
@@ -128,13 +146,14 @@ def detect(det: Detector, images: list[Image.Image], max_new_tokens: int) -> lis
         gens = det.generate(det.rows(recs, Path(tmp)), max_new_tokens)
     out = []
     for rec, gen in zip(recs, gens):
-        pred, parse = gen.prediction(rec.id, rec.width, rec.height)
+        pred, parse = gen.prediction(rec.id, rec.width, rec.height, readout=readout, score=score)
         out.append(
             {
                 "width": rec.width,
                 "height": rec.height,
                 "objects": to_pixels(pred["objects"], rec.width, rec.height),
                 "text": gen.text,
+                "ok": parse.ok,
                 "problems": [p.__dict__ for p in parse.problems],
             }
         )
@@ -151,6 +170,9 @@ def predict(
     out_dir: Path,
     *,
     max_new_tokens: int = 256,
+    readout: str = "median",
+    score: str = "coord_geomean",
+    local_window: int = 8,
     warn: Callable[[str], None] = _warn,
 ) -> dict[str, Any]:
     """Detect objects in ``images``; writes ``<out_dir>/predictions.json`` and ``<stem>.pred.png`` copies.
@@ -159,7 +181,7 @@ def predict(
     loaded raises :class:`coordexp.core.checkpoint.CheckpointError` before anything is written; an
     unreadable input is refused (one ``warn`` line naming it) and the others go on.
     """
-    det = Detector(checkpoint)
+    det = Detector(checkpoint, local_window=local_window)
     out_dir.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
     refused: list[dict[str, str]] = []
@@ -170,7 +192,7 @@ def predict(
             warn(f"refused {path}: {im}")
             refused.append({"image": str(path), "reason": im})
             continue
-        (found,) = detect(det, [im], max_new_tokens)
+        (found,) = detect(det, [im], max_new_tokens, readout=readout, score=score)
         objects = found["objects"]
         name = f"{path.stem}.pred.png"
         i = 1
@@ -187,6 +209,7 @@ def predict(
                 "drawn": str(out_dir / name),
                 "objects": objects,
                 "text": found["text"],
+                "ok": found["ok"],
                 "problems": found["problems"],
             }
         )
@@ -194,6 +217,8 @@ def predict(
         "units": UNITS,
         "coordinates": COORDINATES,
         "checkpoint": str(checkpoint),
+        "readout": readout,
+        "score": score,
         "images": done,
         "refused": refused,
     }

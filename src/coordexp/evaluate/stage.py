@@ -1,8 +1,11 @@
 """The ``evaluate`` stage: generate on the val split, parse, score, and measure against pycocotools.
 
-Object score (what ranks detections for AP): the geometric mean of the probabilities the model
+Object score (what ranks detections for AP): by default the geometric mean of the probabilities the model
 gave to the object's generated coord tokens, ``exp(mean_i log p_i)``; see
-:mod:`coordexp.evaluate.scoring`. Checkpoints are compared by ``bbox_mAP`` (never by token accuracy).
+:mod:`coordexp.evaluate.scoring` (``evaluate.score`` picks another definition). Coordinates are read from the
+coord distribution with ``evaluate.readout`` (:mod:`coordexp.evaluate.readout`). One generation is measured
+under every readout (``eval.json`` ``readouts``) and every score definition (``scores``), and the headline
+score's calibration is measured (``calibration``, :mod:`coordexp.evaluate.calibration`). Checkpoints are compared by ``bbox_mAP`` (never by token accuracy).
 The evaluated checkpoint becomes the run's MLflow model (:mod:`coordexp.evaluate.mlflow_model`), so what was
 measured is what ``mlflow models serve`` answers with; it touches no DVC output.
 """
@@ -24,6 +27,7 @@ from coordexp.core.contract import read_jsonl, record_to_json
 from coordexp.core.errors import MissingInputError
 from coordexp.core.io import write_json, write_jsonl
 from coordexp.evaluate import mlflow_model
+from coordexp.evaluate.calibration import calibration_report
 from coordexp.evaluate.generate import Detector
 from coordexp.evaluate.metrics import (
     boxes_from_records,
@@ -33,20 +37,36 @@ from coordexp.evaluate.metrics import (
     summarize,
     to_coco_gt,
 )
+from coordexp.evaluate.readout import READOUTS
+from coordexp.evaluate.scoring import SCORES
 from coordexp.pipeline import tracking
+
+SECTIONS: tuple[str, ...] = ("readouts", "scores", "calibration")
+"""The nested sections of ``eval.json`` whose numbers MLflow gets under flattened names (``readouts/median/bbox_mAP50``)."""
 
 
 def predict_records(
-    detector: Any, records: list[Any], image_root: Path, *, batch_size: int, max_new_tokens: int, desc: str = "evaluate"
+    detector: Any,
+    records: list[Any],
+    image_root: Path,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "evaluate",
+    readout: str = "argmax",
+    score: str = "coord_geomean",
 ) -> tuple[list[dict[str, Any]], list[Any], list[dict[str, Any]]]:
-    """(prediction records, parse results, raw rows) for contract records, batch by batch."""
+    """(prediction records, parse results, raw rows) for contract records, batch by batch.
+
+    Objects carry the ``readout``'s coordinates and the ``score`` definition's score, and every readout's
+    coordinates and every score under ``readouts`` and ``scores`` (:meth:`Generation.prediction`)."""
     preds, parses, raw = [], [], []
     bar = tqdm(total=len(records), desc=desc, unit="img", disable=None)
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         gens = detector.generate(detector.rows(chunk, image_root), max_new_tokens)
         for rec, gen in zip(chunk, gens):
-            pred, parse = gen.prediction(rec.id, rec.width, rec.height)
+            pred, parse = gen.prediction(rec.id, rec.width, rec.height, readout=readout, score=score)
             preds.append(pred)
             parses.append(parse)
             raw.append(
@@ -70,9 +90,58 @@ def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def compute_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], parses: list[Any]) -> dict[str, Any]:
+def _variant(
+    preds: list[dict[str, Any]], *, readout: str | None = None, score: str | None = None
+) -> list[dict[str, Any]]:
+    """The predictions with each object's geometry replaced by another readout's, or its score by another
+    definition's (what :meth:`Generation.prediction` stored under ``readouts`` / ``scores``)."""
+    out = []
+    for p in preds:
+        objs = []
+        for o in p["objects"]:
+            o = dict(o)
+            if readout is not None and readout in o.get("readouts", {}):
+                kind = next(k for k in ("bbox_2d", "poly", "line") if k in o)
+                o[kind] = o["readouts"][readout]
+            if score is not None and score in o.get("scores", {}):
+                o["score"] = o["scores"][score]
+            objs.append(o)
+        out.append({**p, "objects": objs})
+    return out
+
+
+def _box_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], gt_box: dict[str, Any]) -> dict[str, Any]:
+    box = coco_map(gt_box, build_coco_results(preds, gt_box, "bbox").results, "bbox")
+    f5 = f1_at_iou(boxes_from_records(records), boxes_from_records(preds), 0.5)
+    return {"bbox_mAP": box.mAP, "bbox_mAP50": box.mAP50, "bbox_mAP75": box.mAP75, "f1_at_0.5": f5["f1"]}
+
+
+def _clean_tree(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _clean_tree(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean_tree(x) for x in v]
+    return _clean(v)
+
+
+def compute_metrics(
+    records: list[dict[str, Any]],
+    preds: list[dict[str, Any]],
+    parses: list[Any],
+    *,
+    readout: str = "argmax",
+    score: str = "coord_geomean",
+    decoding: str = "free",
+    calibration_bins: int = 10,
+    calibration_fit: str = "isotonic",
+) -> dict[str, Any]:
     """The metrics of ``eval.json``, named as MLflow logs them (``f1_at_0.5``: MLflow forbids ``@``),
-    so ``dvc metrics``, the MLflow UI and the reports show one name for one number."""
+    so ``dvc metrics``, the MLflow UI and the reports show one name for one number.
+
+    ``preds`` hold the headline (``readout``, ``score``) coordinates and scores, which give the headline
+    keys; ``readouts`` and ``scores`` re-measure the same answers under every readout (scored by ``score``)
+    and every score definition (coordinates by ``readout``), and ``calibration`` is the headline score's.
+    The names ``readout``, ``score`` and ``decoding`` say what was run."""
     gt_box = to_coco_gt(records, "bbox")
     box = coco_map(gt_box, build_coco_results(preds, gt_box, "bbox").results, "bbox")
     gt_seg = to_coco_gt(records, "segm")
@@ -101,8 +170,38 @@ def compute_metrics(records: list[dict[str, Any]], preds: list[dict[str, Any]], 
         "gt_objects_per_image": health["gt_objects_per_image"],
         "problem_counts": health["problem_counts"],
         "per_class_ap": box.summary()["per_class_ap"],
+        "readout": readout,
+        "score": score,
+        "decoding": decoding,
     }
-    return {k: _clean(v) for k, v in m.items()}
+    m["readouts"] = {name: _box_metrics(records, _variant(preds, readout=name), gt_box) for name in READOUTS}
+    m["scores"] = {}
+    for name in SCORES:
+        sm = _box_metrics(records, _variant(preds, score=name), gt_box)
+        m["scores"][name] = {"bbox_mAP": sm["bbox_mAP"], "bbox_mAP50": sm["bbox_mAP50"]}
+    m["calibration"] = calibration_report(records, preds, n_bins=calibration_bins, fit=calibration_fit)
+    return {k: _clean_tree(v) for k, v in m.items()}
+
+
+def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of ``eval.json`` for MLflow: top-level scalars as they are, and every scalar of the
+    :data:`SECTIONS` under its path joined by ``/`` (``readouts/median/bbox_mAP50``, ``calibration/ece``);
+    lists (the reliability bins) stay in the JSON."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}/{k}", x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[prefix] = float(v)
+
+    for k, v in metrics.items():
+        if k in SECTIONS:
+            walk(k, v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
 
 
 def checkpoints_to_evaluate(params: Params, root: Path) -> list[tuple[int | None, Path]]:
@@ -127,7 +226,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     tracking.check_reachable(tracking.tracking_uri(params))
     results = []
     for step, ckpt in checkpoints_to_evaluate(params, root):
-        det = Detector(ckpt)
+        det = Detector(ckpt, local_window=cfg.local_window)
         t0 = time.time()
         preds, parses, raw = predict_records(
             det,
@@ -136,9 +235,20 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
             batch_size=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
             desc=f"evaluate {ckpt.name}",
+            readout=cfg.readout,
+            score=cfg.score,
         )
         images_per_second = len(records) / max(time.time() - t0, 1e-9)
-        metrics = compute_metrics(gt_records, preds, parses)
+        metrics = compute_metrics(
+            gt_records,
+            preds,
+            parses,
+            readout=cfg.readout,
+            score=cfg.score,
+            decoding=getattr(cfg, "decoding", "free"),
+            calibration_bins=cfg.calibration_bins,
+            calibration_fit=cfg.calibration_fit,
+        )
         metrics["checkpoint"] = str(ckpt.relative_to(root)) if ckpt.is_relative_to(root) else str(ckpt)
         results.append((step, metrics, preds, raw, images_per_second))
         print(
@@ -162,13 +272,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     with tracking.stage_run(params, "evaluate", run_id=run_id) as _:
         # first, so that MLflow links the metrics below to the logged model
         mlflow_model.log_checkpoint_model(params, root, paths.resolve(metrics["checkpoint"], root), metrics)
-        mlflow.log_metrics(
-            {
-                k: float(v)
-                for k, v in {**metrics, "images_per_second": images_per_second}.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-        )
+        mlflow.log_metrics(mlflow_metrics({**metrics, "images_per_second": images_per_second}))
         # its own dataset name: MLflow keeps one input per dataset and run, and the training run
         # already has this split as its "validation" input
         tracking.log_dataset(jsonl, "evaluation", name=f"{cfg.split}-evaluation", records=len(records), root=root)

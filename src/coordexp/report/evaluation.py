@@ -92,20 +92,21 @@ def plot_pr_curves(recall: Sequence[float], curves: Mapping[str, Sequence[float]
     return fig
 
 
-def object_bins(obj: Mapping[str, Any]) -> tuple[str, list[int]]:
-    """``(kind, [bins])`` of a GT (coord-token strings) or predicted (ints) object."""
+def object_bins(obj: Mapping[str, Any]) -> tuple[str, list[float]]:
+    """``(kind, [bins])`` of a GT (coord-token strings) or predicted object (ints, or floats for a coordinate
+    read from the distribution: :mod:`coordexp.evaluate.readout`)."""
     kind, coords = geometry_of(obj)
-    return kind, [c if isinstance(c, int) else parse_coord_token(c) for c in coords]
+    return kind, [parse_coord_token(c) if isinstance(c, str) else c for c in coords]
 
 
-def box_bins(kind: str, bins: Sequence[int]) -> tuple[int, int, int, int]:
+def box_bins(kind: str, bins: Sequence[float]) -> tuple[float, float, float, float]:
     """``(x1, y1, x2, y2)`` in bins: the box itself, or the box around a polygon's / line's points.
 
     Unlike :func:`coordexp.core.geometry.enclosing_box`, no side is widened to one unit: errors stay
     whole bins, and a line along an axis has a zero-area box that matches nothing.
     """
     if kind == "bbox_2d":
-        return tuple(int(b) for b in bins[:4])
+        return tuple(bins[:4])
     xs, ys = bins[0::2], bins[1::2]
     return min(xs), min(ys), max(xs), max(ys)
 
