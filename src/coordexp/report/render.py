@@ -255,7 +255,7 @@ def render_reports(params: Any, root: Path) -> dict[str, Any]:
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-    plots.write_plot_data(out / "train_history.csv", eval_dir, plot_dir)
+    plots.write_plot_data(out / "train_history.csv", eval_dir, plot_dir, paths.metrics_dir(root) / "eval.json")
     nb_params = notebook_parameters(params, root, fig_dir)
     figures: list[Path] = []
     for name in NOTEBOOKS:
