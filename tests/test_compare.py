@@ -30,6 +30,7 @@ def log_run(
     m: float = 0.4,
     status: str = "FINISHED",
     base_source: str | None = None,
+    readouts: dict[str, float] | None = None,
 ) -> str:
     """One training run as the train and evaluate stages would leave it."""
     import mlflow
@@ -55,6 +56,7 @@ def log_run(
     mlflow.log_metrics(
         {"train_summary.train_samples": n_train, "bbox_mAP": m, "bbox_mAP50": m + 0.2, "f1_at_0.5": m + 0.1}
     )
+    mlflow.log_metrics({f"readouts/{r}/bbox_mAP50": v for r, v in (readouts or {}).items()})
     mlflow.end_run(status=status)
     return run.info.run_id
 
@@ -107,6 +109,34 @@ def test_runs_are_grouped_by_data_steps_and_base_and_never_averaged_across(store
 
     for fig in (compare.plot_metric_vs_params(table), compare.plot_loss_kinds(table)):
         plt.close(fig)
+
+
+def test_readouts_by_loss_compares_stage1_and_ce_within_groups(store, tmp_path) -> None:
+    """Stage-1 against the CE baseline by readout: means per (group, loss kind), never across groups."""
+    import matplotlib.pyplot as plt
+
+    from coordexp.report import figures
+
+    uri, exp = store
+    s1 = log_run(exp, "s1-a", steps=2000, n_train=3000, readouts={"argmax": 0.44, "median": 0.46})
+    log_run(exp, "s1-b", steps=2000, n_train=3000, readouts={"argmax": 0.46, "median": 0.50})
+    log_run(exp, "ce", steps=2000, n_train=3000, loss="ce_baseline", readouts={"argmax": 0.43, "median": 0.42})
+    smoke = log_run(exp, "smoke", steps=60, n_train=24, readouts={"argmax": 0.01, "median": 0.02})
+    log_run(exp, "old", steps=2000, n_train=3000)  # evaluated before readouts existed: counted in no mean
+    table = compare.group_runs(compare.finished_runs(runs.runs_table(uri, "coordexp-stage1")))
+    by = compare.readouts_by_loss(table)
+    group = dict(zip(table["run_id"], table["group"]))
+    full = by.loc[(group[s1], "stage1_softce_w1")]
+    assert full["median"] == pytest.approx(0.48) and full["argmax"] == pytest.approx(0.45) and full["n_runs"] == 2
+    assert by.loc[(group[s1], "ce_baseline"), "median"] == pytest.approx(0.42)
+    assert by.loc[(group[smoke], "stage1_softce_w1"), "median"] == pytest.approx(0.02)
+    assert compare.readouts_by_loss(table, "bbox_mAP").empty, "nothing logged under that metric"
+    figures.style()
+    fig = compare.plot_readouts_by_loss(table)
+    assert len([a for a in fig.axes if a.get_visible()]) == 2, "one panel per group"
+    png, _ = figures.save_figure(fig, "r", tmp_path)
+    plt.close(fig)
+    assert png.stat().st_size > 1000
 
 
 def test_runs_digest_changes_with_a_new_finished_run_only(store) -> None:

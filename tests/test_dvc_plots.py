@@ -109,10 +109,15 @@ def test_write_plot_data_is_byte_identical(tmp_path: Path) -> None:
     (ev / "coco_results.json").write_text(
         json.dumps([{"image_id": 1, "category_id": 1, "bbox": [11, 10, 30, 30], "score": 0.9}])
     )
-    a = plots.write_plot_data(hist, ev, tmp_path / "a")
-    b = plots.write_plot_data(hist, ev, tmp_path / "b")
+    metrics = tmp_path / "eval.json"
+    metrics.write_text(json.dumps({"readouts": {"median": {"bbox_mAP50": 0.5, "bbox_mAP": 0.25}}}))
+    a = plots.write_plot_data(hist, ev, tmp_path / "a", metrics)
+    b = plots.write_plot_data(hist, ev, tmp_path / "b", metrics)
     assert [p.name for p in a] == list(plots.FILES.values())
     for p, q in zip(a, b):
         assert p.read_bytes() == q.read_bytes(), p.name
     ap = pd.read_csv(tmp_path / "a" / "per_class_ap.csv")
     assert ap["class"].tolist() == ["red circle"] and ap["AP50"].tolist() == [1.0]
+    ro = pd.read_csv(tmp_path / "a" / "readouts.csv")
+    assert ro["readout"].tolist() == list(plots.READOUTS), "every readout a row, in a fixed order"
+    assert ro.set_index("readout").loc["median", "bbox_mAP50"] == 0.5 and ro["bbox_mAP"].isna().sum() == 3

@@ -172,9 +172,56 @@ def test_plots_render_with_thin_or_empty_data(tmp_path: Path) -> None:
         "vs": compare.plot_metric_vs_params(empty_runs),
         "overlay": compare.plot_overlaid_curves(pd.DataFrame(columns=["run_id", "key", "step", "value"]), {}),
         "kinds": compare.plot_loss_kinds(empty_runs),
+        "readouts": evaluation.plot_readouts({}),
+        "reliability": evaluation.plot_reliability(None),
+        "readouts_by_loss": compare.plot_readouts_by_loss(empty_runs),
     }
     for name, fig in figs.items():
         png, _ = figures.save_figure(fig, name, tmp_path / "figs")
+        plt.close(fig)
+        assert_real_png(png)
+
+
+def test_readout_and_score_tables_and_figures_from_eval_json(tmp_path: Path) -> None:
+    """The eval report reads the per-readout, per-score and calibration blocks of eval.json as written."""
+    metrics = {
+        "readout": "median",
+        "score": "coord_geomean",
+        "decoding": "constrained",
+        "readouts": {
+            r: {"bbox_mAP": 0.1 + i / 100, "bbox_mAP50": 0.4 + i / 100, "bbox_mAP75": 0.05, "f1_at_0.5": 0.5}
+            for i, r in enumerate(("argmax", "expectation", "median", "local_expectation"))
+        },
+        "scores": {"coord_geomean": {"bbox_mAP": 0.2, "bbox_mAP50": 0.45}, "coord_mass": {"bbox_mAP": 0.1}},
+        "calibration": {
+            "score": "coord_geomean",
+            "ece": 0.3,
+            "ece_fitted": 0.05,
+            "fit": "isotonic",
+            "bins": [
+                {"lo": 0.0, "hi": 0.5, "count": 3, "confidence": 0.3, "accuracy": 0.0},
+                {"lo": 0.5, "hi": 1.0, "count": 1, "confidence": 0.9, "accuracy": 1.0},
+            ],
+            "bins_fitted": [{"lo": 0.0, "hi": 0.5, "count": 2, "confidence": 0.1, "accuracy": 0.0}],
+        },
+    }
+    t = evaluation.readouts_table(metrics)
+    assert list(t.index) == ["argmax", "expectation", "median", "local_expectation"]
+    assert t.loc["median", "bbox_mAP50"] == pytest.approx(0.42) and t["headline"].tolist() == [
+        False,
+        False,
+        True,
+        False,
+    ]
+    s = evaluation.scores_table(metrics)
+    assert s.loc["coord_geomean", "headline"] and pd.isna(s.loc["coord_mass", "bbox_mAP50"])
+    assert evaluation.readouts_table({}).empty and evaluation.scores_table({}).empty
+    figures.style()
+    for name, fig in {
+        "r": evaluation.plot_readouts(metrics),
+        "c": evaluation.plot_reliability(metrics["calibration"]),
+    }.items():
+        png, _ = figures.save_figure(fig, name, tmp_path)
         plt.close(fig)
         assert_real_png(png)
 

@@ -320,3 +320,76 @@ def plot_loss_kinds(
             )
     fig.tight_layout()
     return fig
+
+
+READOUT_PREFIX = "readouts/"
+"""MLflow metric names of the evaluate stage's per-readout block: ``readouts/<readout>/<metric>``."""
+
+
+def readouts_by_loss(runs: pd.DataFrame, metric: str = "bbox_mAP50") -> pd.DataFrame:
+    """Mean ``metric`` per group of comparable runs, ``coordexp.loss`` kind and coordinate readout (columns),
+    with the number of runs: what reading coordinates from the distribution buys each loss, never averaged
+    across groups. Empty when no run logged per-readout metrics."""
+    cols = [c for c in runs.columns if c.startswith(READOUT_PREFIX) and c.endswith(f"/{metric}")]
+    if runs.empty or not cols or not runs[cols].notna().any().any():
+        return pd.DataFrame()
+    g = runs if "group" in runs else group_runs(runs)
+    names = {c: c[len(READOUT_PREFIX) : -len(metric) - 1] for c in cols}
+    out = g.groupby(["group", "loss_kind"], sort=False)[cols].mean().rename(columns=names)
+    out["n_runs"] = g.groupby(["group", "loss_kind"], sort=False)[cols[0]].count()
+    return out
+
+
+def plot_readouts_by_loss(runs: pd.DataFrame, metric: str = "bbox_mAP50") -> plt.Figure:
+    """Stage-1 against the CE baseline under each coordinate readout, one panel per group of comparable
+    runs: the figure that shows what distribution supervision buys at inference. Soft CE and W1 make the
+    coord distribution ordinal, so its expectation or median should gain over the arg-max for Stage-1 and
+    not for plain CE; the bars show whether they do (means over runs; every run is a dot)."""
+    table = readouts_by_loss(runs, metric)
+    if table.empty:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        note(ax, f"no run logged {metric} per readout yet\n(evaluate with this version of the workbench)")
+        return fig
+    g = runs if "group" in runs else group_runs(runs)
+    readouts = [c for c in table.columns if c != "n_runs"]
+    groups = list(dict.fromkeys(table.index.get_level_values("group")))
+    fig, axes = grid(len(groups), 2, size=(6.0, 3.6))
+    kinds = ["ce_baseline", "stage1_softce_w1"]
+    x = np.arange(len(readouts))
+    w = 0.38
+    for ax, name in zip(axes, groups):
+        dg = g[g["group"] == name]
+        for i, kind in enumerate(kinds):
+            s = dg[dg["loss_kind"] == kind]
+            if s.empty or (name, kind) not in table.index:
+                continue
+            off = (i - 0.5) * w
+            ax.bar(
+                x + off,
+                table.loc[(name, kind), readouts].to_numpy(dtype=float),
+                width=w,
+                alpha=0.8,
+                color=("C3", "C0")[i],
+                label=f"{kind} (n={int(table.loc[(name, kind), 'n_runs'])})",
+            )
+            for j, r in enumerate(readouts):
+                ax.scatter(np.full(len(s), x[j] + off), s[f"{READOUT_PREFIX}{r}/{metric}"], color="k", s=8, zorder=3)
+        ax.set_xticks(x, readouts)
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name}: {metric} by coordinate readout", fontsize=8)
+        ax.legend(fontsize=7)
+        missing = [
+            k
+            for k in kinds
+            if not ((dg["loss_kind"] == k) & dg[f"{READOUT_PREFIX}{readouts[0]}/{metric}"].notna()).any()
+        ]
+        if missing:
+            note(
+                ax,
+                f"no evaluated {' / '.join(missing)} run in {name}\n"
+                "(dvc exp run -S train.coord_soft_ce_w1.enabled=false for the baseline)",
+                fontsize=7,
+            )
+    fig.tight_layout()
+    return fig

@@ -1,8 +1,9 @@
-"""The eval-report notebook: the metrics of ``eval.json``, per-class AP, PR curves, predictions drawn
-over the ground truth, and coordinate errors of matched objects.
+"""The eval-report notebook: the metrics of ``eval.json``, mAP by coordinate readout and by object score,
+the reliability of the headline score, per-class AP, PR curves, predictions drawn over the ground truth,
+and coordinate errors of matched objects.
 
-GT objects carry coord-token strings and predictions carry bins as ints; both are compared in bins
-(``0..K-1``), so an error of 1 is one bin whatever the image size.
+GT objects carry coord-token strings and predictions carry bins as numbers (fractional when read from the
+distribution); both are compared in bins (``0..K-1``), so an error of 1 is one bin whatever the image size.
 """
 
 from __future__ import annotations
@@ -253,4 +254,83 @@ def plot_predictions_grid(
         ax.grid(False)
     fig.suptitle("black: ground truth; pink dashed: prediction (desc score)", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+READOUT_METRICS: tuple[str, ...] = ("bbox_mAP", "bbox_mAP50", "bbox_mAP75", "f1_at_0.5")
+"""What each coordinate readout is judged by in ``eval.json``'s ``readouts`` block."""
+
+
+def readouts_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per coordinate readout of ``eval.json`` (``readouts``): the same generation, each coordinate
+    read from the coord distribution another way, so the rows differ only by how coordinates are read.
+    The headline readout (``readout``) is marked. Empty when the evaluation predates readouts."""
+    block = metrics.get("readouts") or {}
+    rows = [{"readout": name, **{m: vals.get(m) for m in READOUT_METRICS}} for name, vals in block.items()]
+    df = pd.DataFrame(rows, columns=["readout", *READOUT_METRICS]).set_index("readout")
+    df.insert(0, "headline", [name == metrics.get("readout") for name in df.index])
+    return df
+
+
+def scores_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per object-score definition of ``eval.json`` (``scores``): AP depends on the ranking only,
+    so these rows tell which confidence orders detections best. The headline score (``score``) is marked."""
+    block = metrics.get("scores") or {}
+    cols = sorted({k for vals in block.values() for k in vals})
+    df = pd.DataFrame([{"score": n, **v} for n, v in block.items()], columns=["score", *cols]).set_index("score")
+    df.insert(0, "headline", [name == metrics.get("score") for name in df.index])
+    return df
+
+
+def plot_readouts(metrics: Mapping[str, Any]) -> plt.Figure:
+    """mAP, mAP50, mAP75 and F1@0.5 per readout, side by side: what reading coordinates from the distribution
+    (expectation, median, a local expectation) buys over the emitted arg-max token, on one generation."""
+    table = readouts_table(metrics)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    if table.empty:
+        note(ax, "eval.json has no per-readout metrics\n(evaluate again with this version of the workbench)")
+        return fig
+    x = np.arange(len(READOUT_METRICS))
+    w = 0.8 / len(table)
+    for i, (name, row) in enumerate(table.iterrows()):
+        vals = [np.nan if row[m] is None else float(row[m]) for m in READOUT_METRICS]
+        label = f"{name} (headline)" if row["headline"] else name
+        bars = ax.bar(x + (i - (len(table) - 1) / 2) * w, vals, width=w, label=label, color=f"C{i}")
+        if row["headline"]:
+            for b in bars:
+                b.set_edgecolor("k")
+                b.set_linewidth(1.2)
+    ax.set_xticks(x, READOUT_METRICS)
+    top = np.nanmax(table[list(READOUT_METRICS)].to_numpy(dtype=float)) if len(table) else 1.0
+    ax.set_ylim(0, min(1.0, 1.15 * top) if np.isfinite(top) and top > 0 else 1.0)
+    ax.set_title(f"coordinate readouts of one generation (decoding: {metrics.get('decoding', '?')})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_reliability(calibration: Mapping[str, Any] | None) -> plt.Figure:
+    """Reliability diagram of the headline object score: per score bin, the fraction of predictions matched
+    to a ground-truth object at IoU >= 0.5 against the mean score (the diagonal is perfect calibration), with
+    the share of predictions per bin below; the fitted curve, when a fit ran, is scored on the half it was
+    not fitted on."""
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(4.8, 5.2), height_ratios=(3, 1), sharex=True)
+    bins = list((calibration or {}).get("bins") or [])
+    if not bins:
+        note(ax, "no calibration in eval.json\n(evaluate again with this version of the workbench)")
+        return fig
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
+    for key, label, color in (("bins", "raw score", "C0"), ("bins_fitted", "fitted (held-out half)", "C1")):
+        rows = [b for b in (calibration.get(key) or []) if b.get("count")]
+        if not rows:
+            continue
+        ece = calibration.get("ece" if key == "bins" else "ece_fitted")
+        lab = f"{label}, ECE {ece:.3f}" if isinstance(ece, (int, float)) else label
+        ax.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows], "o-", color=color, label=lab)
+    total = sum(b.get("count", 0) for b in bins) or 1
+    centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    axn.bar(centers, [b.get("count", 0) / total for b in bins], width=[b["hi"] - b["lo"] for b in bins], color="C0")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="matched at IoU>=0.5")
+    ax.set_title(f"reliability of the object score {calibration.get('score', '')}".strip(), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    axn.set(xlabel="score", ylabel="share")
     return fig

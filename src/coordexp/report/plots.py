@@ -1,4 +1,4 @@
-"""Small data files for ``dvc plots``: training curves, the PR curve and per-class AP.
+"""Small data files for ``dvc plots``: training curves, the PR curve, per-class AP and mAP by coordinate readout.
 
 ``dvc plots show`` / ``dvc plots diff`` draw a CSV column against another and cannot filter rows, so
 the mixed train/eval rows of ``reports/train_history.csv`` are split into one file per split, and the
@@ -42,6 +42,7 @@ FILES: dict[str, str] = {
     "eval": "eval.csv",
     "pr_curve": "pr_curve.csv",
     "per_class_ap": "per_class_ap.csv",
+    "readouts": "readouts.csv",
 }
 """The files under ``<report.out_dir>/plots`` (``dvc.yaml``'s top-level ``plots`` name them)."""
 
@@ -95,12 +96,30 @@ def per_class_ap_frame(per_class: dict[str, float], per_class50: dict[str, float
     )
 
 
+READOUTS: tuple[str, ...] = ("argmax", "expectation", "median", "local_expectation")
+"""Rows of ``reports/plots/readouts.csv``, in this order whatever ``eval.json`` holds (a missing one is empty),
+so ``dvc plots diff`` lines the experiments up readout by readout."""
+
+
+def readouts_frame(metrics: dict) -> pd.DataFrame:
+    """One row per coordinate readout: ``readout``, ``bbox_mAP50``, ``bbox_mAP`` from ``eval.json``'s
+    ``readouts`` block: the same generation with coordinates read four ways, one bar each per experiment."""
+    block = metrics.get("readouts") or {}
+    return pd.DataFrame(
+        {
+            "readout": list(READOUTS),
+            "bbox_mAP50": [(block.get(r) or {}).get("bbox_mAP50", np.nan) for r in READOUTS],
+            "bbox_mAP": [(block.get(r) or {}).get("bbox_mAP", np.nan) for r in READOUTS],
+        }
+    ).astype({"bbox_mAP50": float, "bbox_mAP": float})
+
+
 def _csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
 
 
-def write_plot_data(history_csv: Path, eval_dir: Path, out_dir: Path) -> list[Path]:
-    """Write the four plot files from the train stage's history and the evaluate stage's COCO files.
+def write_plot_data(history_csv: Path, eval_dir: Path, out_dir: Path, eval_json: Path) -> list[Path]:
+    """Write the plot files from the train stage's history, the evaluate stage's COCO files and ``eval.json``.
 
     Reads ``coco_gt.json`` / ``coco_results.json`` of ``eval_dir`` and scores them again with
     pycocotools (a second of work on the val split), so the evaluate stage's outputs stay as they are.
@@ -119,6 +138,7 @@ def write_plot_data(history_csv: Path, eval_dir: Path, out_dir: Path) -> list[Pa
         "eval": ev,
         "pr_curve": pr_curve_frame(box.recall_thresholds, box.pr_curves_50),
         "per_class_ap": per_class_ap_frame(box.per_class_ap, box.per_class_ap50),
+        "readouts": readouts_frame(json.loads(eval_json.read_text())),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

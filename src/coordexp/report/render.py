@@ -41,13 +41,20 @@ KERNEL = "python3"
 EXPECTED_FIGURES: dict[str, tuple[str, ...]] = {
     "training_diagnostics": ("train_curves", "train_grad_norm"),
     "eval_report": (
+        "eval_readouts",
+        "eval_reliability",
         "eval_per_class_ap",
         "eval_pr_curves",
         "eval_predictions_grid",
         "eval_coord_errors",
         "eval_coord_distribution",
     ),
-    COMPARE_NOTEBOOK: ("compare_map_vs_weights", "compare_train_curves", "compare_loss_kinds"),
+    COMPARE_NOTEBOOK: (
+        "compare_map_vs_weights",
+        "compare_train_curves",
+        "compare_loss_kinds",
+        "compare_readouts_by_loss",
+    ),
 }
 """Figures each notebook always saves (stem names; each as .png and .pdf). ``training_diagnostics``
 also saves ``train_token_types`` when the run logged token-type metrics."""
@@ -248,7 +255,7 @@ def render_reports(params: Any, root: Path) -> dict[str, Any]:
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-    plots.write_plot_data(out / "train_history.csv", eval_dir, plot_dir)
+    plots.write_plot_data(out / "train_history.csv", eval_dir, plot_dir, paths.metrics_dir(root) / "eval.json")
     nb_params = notebook_parameters(params, root, fig_dir)
     figures: list[Path] = []
     for name in NOTEBOOKS:
