@@ -33,7 +33,9 @@ def _predict(args: argparse.Namespace) -> int:
     from coordexp.evaluate.predict import predict  # lazy: torch and transformers, only for predict
 
     try:
-        res = predict(args.checkpoint, args.images, args.out, max_new_tokens=args.max_new_tokens)
+        res = predict(
+            args.checkpoint, args.images, args.out, max_new_tokens=args.max_new_tokens, decoding=args.decoding
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -68,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. artifacts/train/final")
     p.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--decoding",
+        choices=("constrained", "free"),
+        default="constrained",
+        help="constrained: answers follow the contract grammar by construction (default); free: plain greedy",
+    )
     p.add_argument("images", nargs="+", type=Path)
     p.set_defaults(func=_predict)
 

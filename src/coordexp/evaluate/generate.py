@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
 from coordexp.core.checkpoint import CheckpointError, read_config
 from coordexp.core.template import build_messages, to_hf_messages
@@ -68,7 +68,14 @@ class Detector:
         return [build_messages(r, image_root, with_answer=False) for r in records]
 
     @torch.no_grad()
-    def generate(self, rows: list[dict[str, Any]], max_new_tokens: int) -> list[Generation]:
+    def generate(
+        self,
+        rows: list[dict[str, Any]],
+        max_new_tokens: int,
+        logits_processors: list[LogitsProcessor] | None = None,
+    ) -> list[Generation]:
+        """Greedy answers to ``rows``; ``logits_processors`` (e.g. the answer grammar's,
+        :meth:`coordexp.evaluate.grammar.Grammar.processor`) reshape each step's scores before the arg-max."""
         messages = [to_hf_messages(row) for row in rows]
         inputs = self.processor.apply_chat_template(
             messages,
@@ -88,6 +95,7 @@ class Detector:
             return_dict_in_generate=True,
             eos_token_id=self.eos_ids,
             pad_token_id=pad,
+            logits_processor=LogitsProcessorList(logits_processors or []),
         )
         start = inputs["input_ids"].shape[1]
         seqs = out.sequences[:, start:].cpu()

@@ -104,11 +104,23 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from coordexp.evaluate.generate import Detector
+        from coordexp.evaluate.grammar import Grammar, limits_of, model_vocab_size
 
         cfg = context.model_config or {}
         self.max_new_tokens = int(cfg.get("max_new_tokens", 256))
         self.batch_size = int(cfg.get("batch_size", 8))
         self.detector = Detector(checkpoint_from_artifacts(context.artifacts))
+        # decode as the evaluation that logged the model did (constrained unless it said free)
+        self.grammar = None
+        if cfg.get("decoding", "constrained") == "constrained":
+            det = self.detector
+            self.grammar = Grammar(
+                det.tokenizer,
+                det.eos_ids,
+                model_vocab_size(det.model),
+                descriptions=cfg.get("description_set"),
+                limits=limits_of(cfg),
+            )
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -128,7 +140,8 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
                 readable.append((i, im))
         for start in range(0, len(readable), self.batch_size):
             chunk = readable[start : start + self.batch_size]
-            for (i, _), found in zip(chunk, detect(self.detector, [im for _, im in chunk], max_new_tokens)):
+            found_all = detect(self.detector, [im for _, im in chunk], max_new_tokens, self.grammar)
+            for (i, _), found in zip(chunk, found_all):
                 for obj in found["objects"]:
                     obj["score"] = _finite(obj.get("score"))
                 rows[i] = {**found, "error": None}
@@ -338,6 +351,25 @@ def version_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+def model_config(params: Params, root: Path) -> dict[str, Any]:
+    """What the served model reads at load time: generation length, batch size and the evaluation's decoding
+    (with ``descriptions: train_set``, the description set itself, so serving needs no train split)."""
+    from coordexp.evaluate.grammar import train_descriptions
+
+    cfg = params.evaluate
+    out: dict[str, Any] = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
+        "decoding": cfg.decoding,
+        "max_objects": cfg.max_objects,
+        "max_poly_points": cfg.max_poly_points,
+        "max_line_points": cfg.max_line_points,
+    }
+    if cfg.decoding == "constrained" and cfg.descriptions == "train_set":
+        out["description_set"] = train_descriptions(paths.resolve(params.preprocess.out_dir, root) / "train.jsonl")
+    return out
+
+
 def log_checkpoint_model(params: Params, root: Path, checkpoint: Path, metrics: Mapping[str, Any]) -> Any:
     """Log ``checkpoint`` as the active run's pyfunc model ``model`` and register it; None when turned off.
 
@@ -364,7 +396,7 @@ def log_checkpoint_model(params: Params, root: Path, checkpoint: Path, metrics: 
             name=MODEL_NAME,
             python_model=str(CODE_FILE),
             artifacts=artifacts,
-            model_config={"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+            model_config=model_config(params, root),
             signature=signature(cfg.max_new_tokens),
             input_example=input_example(),
             pip_requirements=_requirements(),
