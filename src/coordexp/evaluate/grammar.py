@@ -69,6 +69,7 @@ START: State = (OPEN, 0, 0, 0, 0, -1, 0)
 _COORD, _EOS, _FILLER = 256, 257, 258  # symbols of a closing sequence besides bytes
 _QUOTE = ord('"')
 _INF = 1 << 30
+_MAX_CACHED_BIASES = 256
 
 Descriptions = Literal["free", "train_set"]
 
@@ -268,11 +269,10 @@ class Grammar:
         self.max_tok_len = max((len(b) for b in self.tokset), default=1)
         self.digit_reach = digit_tokens_reach
         """Some token could run from a key prefix into its digits: masks then depend on the next object number."""
-        self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._masks: dict[tuple[Any, ...], np.ndarray] = {}
+        self._bias: dict[tuple[Any, ...], torch.Tensor] = {}
         self._need: dict[tuple[Any, ...], int] = {}
-        self._forced: dict[tuple[State, int], torch.Tensor] = {}
         self._groups: dict[State, list[tuple[int, np.ndarray]]] = {}
-        self._device_masks: dict[tuple[Any, ...], torch.Tensor] = {}
         ad = self._need_of((AFTER_DESC, 0, 0, 1, 0, -1, 0), per_geometry=True)
         self.best_kind = int(np.argmin(ad))
         # a single token moves the closing cost up by at most one whole new object (key, description, the
@@ -433,18 +433,28 @@ class Grammar:
                 allowed[i] = True
         return allowed
 
-    def blocked(self, s: State, device: torch.device) -> torch.Tensor:
-        """Bool mask over the model vocabulary: True where ``s`` forbids the token."""
+    def allowed(self, s: State) -> np.ndarray:
+        """Bool mask over the model vocabulary: True where ``s`` allows the token."""
         key = self._mask_key(s)
-        dkey = (key, str(device))
-        t = self._device_masks.get(dkey)
+        m = self._masks.get(key)
+        if m is None:
+            m = self._masks[key] = self._compute_mask(s)
+        return m
+
+    def bias(self, s: State, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """0 where ``s`` allows the token, ``-inf`` where it does not: added to the scores.
+
+        Why an addition and not ``masked_fill``: a fill over a mask of scattered holes is branchy and runs ~20x
+        slower on a CPU than one vectorised add at V = 152k (bench/RESULTS.md, ``## constrained_decoding``).
+        """
+        key = (self._mask_key(s), str(device), dtype)
+        t = self._bias.get(key)
         if t is None:
-            cpu = self._masks.get(key)
-            if cpu is None:
-                cpu = torch.from_numpy(~self._compute_mask(s))
-                self._masks[key] = cpu
-            t = cpu.to(device)
-            self._device_masks[dkey] = t
+            if len(self._bias) >= _MAX_CACHED_BIASES:
+                self._bias.clear()  # a bound on memory (V floats each); states that recur come back at once
+            t = torch.zeros(self.vocab_size, dtype=dtype)
+            t[torch.from_numpy(~self.allowed(s))] = float("-inf")
+            t = self._bias[key] = t.to(device)
         return t
 
     # ------------------------------------------------------------------------------------------
@@ -564,10 +574,10 @@ class Grammar:
         elif node == SLOT:
             by_need[self.need((CLOSEQ, 0, 0, s[3], s[4] + 1, s[5], 0))] = [self.coord_ids]
         else:
-            ids = np.flatnonzero(~self.blocked(s, torch.device("cpu")).numpy())
+            ids = np.flatnonzero(self.allowed(s))
             if node == DESC and self.trie is None and s[6] < self.limits.max_desc_tokens:
                 # the pure tokens the mask allows lead to one of two states: with or without a solid byte
-                pure_ok = ~self.blocked(s, torch.device("cpu")).numpy()[: len(self.pure)] & self.pure
+                pure_ok = self.allowed(s)[: len(self.pure)] & self.pure
                 for has, sel in ((1, self.pure_solid), (s[4], pure_ok & ~self.pure_solid)):
                     sel = np.flatnonzero(pure_ok & sel)
                     if len(sel):
@@ -581,17 +591,15 @@ class Grammar:
         self._groups[s] = g
         return g
 
-    def forced_blocked(self, s: State, remaining: int, device: torch.device) -> torch.Tensor:
-        """Like :meth:`blocked`, keeping only tokens after which the answer still closes in ``remaining`` tokens
+    def forced_bias(self, s: State, remaining: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Like :meth:`bias`, keeping only tokens after which the answer still closes in ``remaining`` tokens
         (counting the one chosen now); if none does, the tokens that close it fastest."""
-        key = (s, remaining)
-        t = self._forced.get(key)
-        if t is None:
-            groups = self._need_groups(s)
-            keep = [ids for k, ids in groups if 1 + k <= remaining] or [groups[0][1]]
-            block = np.ones(self.vocab_size, dtype=bool)
-            block[np.concatenate(keep)] = False
-            t = self._forced[key] = torch.from_numpy(block)
+        groups = self._need_groups(s)
+        if 1 + groups[-1][0] <= remaining:
+            return self.bias(s, device, dtype)  # every allowed token still fits: the cached mask
+        keep = [ids for k, ids in groups if 1 + k <= remaining] or [groups[0][1]]
+        t = torch.full((self.vocab_size,), float("-inf"), dtype=dtype)
+        t[torch.from_numpy(np.concatenate(keep))] = 0.0
         return t.to(device)
 
     # ------------------------------------------------------------------------------------------
@@ -639,14 +647,15 @@ class GrammarProcessor(LogitsProcessor):
         assert self.prompt_len is not None
         remaining = self.max_new_tokens - (length - self.prompt_len)
         done = (DONE, 0, 0, 0, 0, -1, 0)
-        blocks = []
-        for st in self.states:
+        out = torch.empty_like(scores)
+        for b, st in enumerate(self.states):
             st = st or done
             if remaining < g.need(st) + g.margin:
-                blocks.append(g.forced_blocked(st, remaining, scores.device))
+                bias = g.forced_bias(st, remaining, scores.device, scores.dtype)
             else:
-                blocks.append(g.blocked(st, scores.device))
-        return scores.masked_fill(torch.stack(blocks), float("-inf"))
+                bias = g.bias(st, scores.device, scores.dtype)
+            torch.add(scores[b], bias, out=out[b])
+        return out
 
 
 def train_descriptions(train_jsonl: Path) -> list[str]:
