@@ -65,6 +65,51 @@ def step_overhead(tokenizer: Any, eos: list[int], *, batch: int, steps: int, see
     return out
 
 
+XGRAMMAR_EBNF = r"""
+root ::= "{" ("}" | obj (", " obj)* "}")
+obj ::= "\"object_" [1-9] [0-9]* "\": {\"desc\": \"" desc "\", " geom "]}"
+desc ::= [^"\\\x00-\x1f]+
+geom ::= "\"bbox_2d\": [" c ", " c ", " c ", " c | "\"poly\": [" c ", " c ", " c ", " c ", " c ", " c (", " c ", " c)* | "\"line\": [" c ", " c ", " c ", " c (", " c ", " c)*
+c ::= "\"<|coord_" [0-9]+ "|>\""
+"""
+"""The same answer grammar for xgrammar (object and point caps left out, which only makes its job easier)."""
+
+
+def xgrammar_overhead(tokenizer: Any, *, batch: int, steps: int, seed: int = 0) -> dict[str, float]:
+    """Per-step time of xgrammar (fill each row's bitmask, apply it, accept the chosen tokens), when installed."""
+    import xgrammar as xgr
+
+    t0 = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer))
+    compiled = xgr.GrammarCompiler(info).compile_grammar(XGRAMMAR_EBNF)
+    build_s = time.perf_counter() - t0
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch)]
+    bitmask = xgr.allocate_token_bitmask(batch, info.vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for _ in range(steps):
+        scores = torch.randn(batch, info.vocab_size, generator=gen)
+        t = time.perf_counter()
+        for i, m in enumerate(matchers):
+            if not m.is_terminated():
+                m.fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(scores, bitmask)
+        nxt = scores.argmax(-1).tolist()
+        for m, tok in zip(matchers, nxt):
+            if not m.is_terminated():
+                m.accept_token(tok)
+        times.append(time.perf_counter() - t)
+        if all(m.is_terminated() for m in matchers):
+            break
+    return {
+        "V": float(info.vocab_size),
+        "build_s": build_s,
+        "ms_median": 1e3 * statistics.median(times),
+        "ms_mean": 1e3 * statistics.fmean(times),
+        "steps": float(len(times)),
+    }
+
+
 def evaluate_side_by_side(
     checkpoint: Path, records_path: Path, *, images: int, batch_size: int, max_new_tokens: int
 ) -> dict[str, dict[str, float]]:
@@ -118,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--steps", type=int, default=256, help="(a): tokens per answer")
+    ap.add_argument("--xgrammar", action="store_true", help="(a) also for xgrammar (must be importable)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -138,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     q = qwen_bpe_tokenizer()
     results["qwen_bpe"] = step_overhead(q, [q.convert_tokens_to_ids("<|im_end|>")], batch=8, steps=args.steps)
     print("qwen_bpe", json.dumps(results["qwen_bpe"]), flush=True)
+    if args.xgrammar:
+        results["xgrammar_qwen_bpe"] = xgrammar_overhead(q, batch=8, steps=args.steps)
+        print("xgrammar_qwen_bpe", json.dumps(results["xgrammar_qwen_bpe"]), flush=True)
     if args.checkpoint:
         results["evaluate"] = evaluate_side_by_side(
             args.checkpoint,
