@@ -8,6 +8,7 @@ including tight ones.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -246,3 +247,32 @@ def test_untrained_detector_parses_every_answer_when_constrained(tiny_checkpoint
     det.model.generate = spy
     predict_records(det, records[:1], jsonl.parent, batch_size=1, max_new_tokens=8, grammar=None, desc="test")
     assert len(calls) == 1 and len(calls[0]) == 0
+
+
+def test_predict_cli_decoding_flag(tiny_checkpoint, tmp_path, monkeypatch):
+    """``coordexp predict --decoding free`` passes no processor; the default decodes under the grammar."""
+    from PIL import Image
+
+    from coordexp.cli import main
+    from coordexp.evaluate.generate import Detector
+    from coordexp.evaluate.grammar import GrammarProcessor
+
+    seen = []
+    real = Detector.generate
+
+    def generate(self, rows, max_new_tokens, logits_processors=None):
+        seen.append([type(p) for p in logits_processors or []])
+        return real(self, rows, max_new_tokens, logits_processors)
+
+    monkeypatch.setattr(Detector, "generate", generate)
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), (200, 0, 0)).save(img)
+    ckpt, _ = tiny_checkpoint
+    base = ["predict", "--checkpoint", str(ckpt), "--max-new-tokens", "24"]
+    assert main([*base, "--out", str(tmp_path / "c"), str(img)]) == 0
+    assert main([*base, "--out", str(tmp_path / "f"), "--decoding", "free", str(img)]) == 0
+    assert seen == [[GrammarProcessor], []]
+    out = json.loads((tmp_path / "c" / "predictions.json").read_text())
+    assert out["images"][0]["problems"] == []
+    with pytest.raises(SystemExit):
+        main([*base, "--decoding", "beam", str(img)])
