@@ -42,8 +42,8 @@ def known_answer(monkeypatch):
 
     real = Detector.generate
 
-    def generate(self, rows, max_new_tokens):
-        gens = real(self, rows, max_new_tokens)
+    def generate(self, rows, max_new_tokens, logits_processors=None):
+        gens = real(self, rows, max_new_tokens, logits_processors)
         toks = [codec.coord_token(k) for k in ANSWER_BINS]
         text = '{"object_1": {"desc": "red circle", "bbox_2d": [' + ", ".join(f'"{t}"' for t in toks) + "]}}"
         return [Generation(text=text, tokens=toks, probs=[0.5] * 4, n_tokens=4, hit_limit=False) for _ in gens]

@@ -28,7 +28,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _evaluate_defaults() -> EvaluateConfig:
-    """The project's ``evaluate`` settings (readout, score, window) when a valid ``params.yaml`` is found from
+    """The project's ``evaluate`` settings (decoding, readout, score, window) when a valid ``params.yaml`` is found from
     the working directory, else the schema's: ``predict`` answers as the evaluation measured."""
     try:
         return load_params().evaluate
@@ -48,6 +48,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.images,
             args.out,
             max_new_tokens=args.max_new_tokens,
+            decoding=args.decoding or cfg.decoding,
             readout=args.readout or cfg.readout,
             score=cfg.score,
             local_window=cfg.local_window,
@@ -92,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="how coordinates are read from the coord distribution (default: evaluate.readout of params.yaml, "
         "else median)",
+    )
+    p.add_argument(
+        "--decoding",
+        choices=("constrained", "free"),
+        default=None,
+        help="constrained: answers follow the contract grammar by construction; free: plain greedy (default: "
+        "evaluate.decoding of params.yaml, else constrained)",
     )
     p.add_argument("images", nargs="+", type=Path)
     p.set_defaults(func=_predict)

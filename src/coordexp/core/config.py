@@ -316,6 +316,20 @@ class EvaluateConfig(_Section):
     registered_model: str | None = "{experiment}"
     """Model-registry name the logged model is registered under, as a new version tagged with the evaluation
     metrics; ``{experiment}`` is replaced by ``tracking.experiment``. ``null``: logged, not registered."""
+    decoding: Literal["constrained", "free"] = "constrained"
+    """``constrained``: a logits processor (:mod:`coordexp.evaluate.grammar`) lets the model write only answers the
+    parser accepts (keys numbered from 1, one geometry per object, coord tokens exactly in coord slots, valid
+    coord counts, closed before ``max_new_tokens``), so a parse failure never costs a detection; ``free``: plain
+    greedy decoding, to measure what the model writes unaided. Also the MLflow model's decoding."""
+    descriptions: Literal["free", "train_set"] = "free"
+    """Descriptions under constrained decoding: ``free`` text (no quote, backslash or control character), or
+    only the descriptions seen in the train split (``train_set``: a closed vocabulary, as COCO/LVIS classes are)."""
+    max_objects: int = Field(default=100, ge=1)
+    """Constrained decoding: most objects in one answer (then the answer closes)."""
+    max_poly_points: int = Field(default=64, ge=3)
+    """Constrained decoding: most (x, y) points of a ``poly`` (a polygon needs at least 3)."""
+    max_line_points: int = Field(default=64, ge=2)
+    """Constrained decoding: most (x, y) points of a ``line`` (a line needs at least 2)."""
 
 
 class ReportConfig(_Section):

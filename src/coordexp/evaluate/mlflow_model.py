@@ -106,6 +106,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from coordexp.evaluate.generate import Detector
+        from coordexp.evaluate.grammar import Grammar, limits_of, model_vocab_size
 
         cfg = context.model_config or {}
         self.max_new_tokens = int(cfg.get("max_new_tokens", 256))
@@ -115,6 +116,17 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         self.detector = Detector(
             checkpoint_from_artifacts(context.artifacts), local_window=int(cfg.get("local_window", 8))
         )
+        # decode as the evaluation that logged the model did (constrained unless it said free)
+        self.grammar = None
+        if cfg.get("decoding", "constrained") == "constrained":
+            det = self.detector
+            self.grammar = Grammar(
+                det.tokenizer,
+                det.eos_ids,
+                model_vocab_size(det.model),
+                descriptions=cfg.get("description_set"),
+                limits=limits_of(cfg),
+            )
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -144,7 +156,12 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(readable), self.batch_size):
             chunk = readable[start : start + self.batch_size]
             found_all = detect(
-                self.detector, [im for _, im in chunk], max_new_tokens, readout=readout, score=self.score
+                self.detector,
+                [im for _, im in chunk],
+                max_new_tokens,
+                grammar=self.grammar,
+                readout=readout,
+                score=self.score,
             )
             for (i, _), found in zip(chunk, found_all):
                 for obj in found["objects"]:
@@ -359,6 +376,29 @@ def version_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+def model_config(params: Params, root: Path) -> dict[str, Any]:
+    """What the served model reads at load time: generation length, batch size, the evaluation's decoding (with
+    ``descriptions: train_set``, the description set itself, so serving needs no train split), and how it reads
+    and ranks coordinates (readout, score, window)."""
+    from coordexp.evaluate.grammar import train_descriptions
+
+    cfg = params.evaluate
+    out: dict[str, Any] = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "batch_size": cfg.batch_size,
+        "decoding": cfg.decoding,
+        "max_objects": cfg.max_objects,
+        "max_poly_points": cfg.max_poly_points,
+        "max_line_points": cfg.max_line_points,
+        "readout": cfg.readout,
+        "score": cfg.score,
+        "local_window": cfg.local_window,
+    }
+    if cfg.decoding == "constrained" and cfg.descriptions == "train_set":
+        out["description_set"] = train_descriptions(paths.resolve(params.preprocess.out_dir, root) / "train.jsonl")
+    return out
+
+
 def log_checkpoint_model(params: Params, root: Path, checkpoint: Path, metrics: Mapping[str, Any]) -> Any:
     """Log ``checkpoint`` as the active run's pyfunc model ``model`` and register it; None when turned off.
 
@@ -385,13 +425,7 @@ def log_checkpoint_model(params: Params, root: Path, checkpoint: Path, metrics: 
             name=MODEL_NAME,
             python_model=str(CODE_FILE),
             artifacts=artifacts,
-            model_config={
-                "max_new_tokens": cfg.max_new_tokens,
-                "batch_size": cfg.batch_size,
-                "readout": cfg.readout,
-                "score": cfg.score,
-                "local_window": cfg.local_window,
-            },
+            model_config=model_config(params, root),
             signature=signature(cfg.max_new_tokens, cfg.readout),
             input_example=input_example(),
             pip_requirements=_requirements(),

@@ -37,7 +37,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
@@ -46,6 +46,7 @@ from coordexp.core.contract import Record
 from coordexp.core.geometry import geometry_of
 from coordexp.core.io import write_json
 from coordexp.evaluate.generate import Detector
+from coordexp.evaluate.grammar import Grammar, GrammarLimits, model_vocab_size
 
 _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"]
 
@@ -126,11 +127,13 @@ def detect(
     images: list[Image.Image],
     max_new_tokens: int,
     *,
+    grammar: Grammar | None = None,
     readout: str = "median",
     score: str = "coord_geomean",
 ) -> list[dict[str, Any]]:
     """One generation batch over decoded images: per image its size, objects in pixels (coordinates by
-    ``readout``, ranked by ``score``), raw answer, whether it parsed cleanly (``ok``) and its problems.
+    ``readout``, ranked by ``score``), raw answer, whether it parsed cleanly (``ok``) and its problems. With a
+    ``grammar`` the answers are decoded under it (:mod:`coordexp.evaluate.grammar`).
 
     The one template wants contract records whose image paths are relative to a root, so the images are
     written (losslessly, whatever their source format) to a temporary folder for the batch.
@@ -143,7 +146,8 @@ def detect(
             name = f"image_{n}.png"
             im.save(Path(tmp) / name)
             recs.append(Record(id=n, images=[name], width=im.width, height=im.height, objects=[]))
-        gens = det.generate(det.rows(recs, Path(tmp)), max_new_tokens)
+        procs = [grammar.processor(max_new_tokens)] if grammar is not None else None
+        gens = det.generate(det.rows(recs, Path(tmp)), max_new_tokens, logits_processors=procs)
     out = []
     for rec, gen in zip(recs, gens):
         pred, parse = gen.prediction(rec.id, rec.width, rec.height, readout=readout, score=score)
@@ -170,6 +174,7 @@ def predict(
     out_dir: Path,
     *,
     max_new_tokens: int = 256,
+    decoding: Literal["constrained", "free"] = "constrained",
     readout: str = "median",
     score: str = "coord_geomean",
     local_window: int = 8,
@@ -177,11 +182,19 @@ def predict(
 ) -> dict[str, Any]:
     """Detect objects in ``images``; writes ``<out_dir>/predictions.json`` and ``<stem>.pred.png`` copies.
 
+    ``decoding: constrained`` (the default, as in ``evaluate``) keeps every answer inside the contract grammar
+    with free-text descriptions and the default bounds; ``free`` is plain greedy decoding.
+
     Returns what ``predictions.json`` holds (see the module docstring). A checkpoint that cannot be
     loaded raises :class:`coordexp.core.checkpoint.CheckpointError` before anything is written; an
     unreadable input is refused (one ``warn`` line naming it) and the others go on.
     """
     det = Detector(checkpoint, local_window=local_window)
+    grammar = (
+        Grammar(det.tokenizer, det.eos_ids, model_vocab_size(det.model), limits=GrammarLimits())
+        if decoding == "constrained"
+        else None
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     done: list[dict[str, Any]] = []
     refused: list[dict[str, str]] = []
@@ -192,7 +205,7 @@ def predict(
             warn(f"refused {path}: {im}")
             refused.append({"image": str(path), "reason": im})
             continue
-        (found,) = detect(det, [im], max_new_tokens, readout=readout, score=score)
+        (found,) = detect(det, [im], max_new_tokens, grammar=grammar, readout=readout, score=score)
         objects = found["objects"]
         name = f"{path.stem}.pred.png"
         i = 1

@@ -26,9 +26,11 @@ from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl, record_to_json
 from coordexp.core.errors import MissingInputError
 from coordexp.core.io import write_json, write_jsonl
+from coordexp.evaluate import grammar as grammar_mod
 from coordexp.evaluate import mlflow_model
 from coordexp.evaluate.calibration import calibration_report
 from coordexp.evaluate.generate import Detector
+from coordexp.evaluate.grammar import Grammar
 from coordexp.evaluate.metrics import (
     boxes_from_records,
     build_coco_results,
@@ -55,16 +57,19 @@ def predict_records(
     desc: str = "evaluate",
     readout: str = "argmax",
     score: str = "coord_geomean",
+    grammar: Grammar | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any], list[dict[str, Any]]]:
     """(prediction records, parse results, raw rows) for contract records, batch by batch.
 
     Objects carry the ``readout``'s coordinates and the ``score`` definition's score, and every readout's
-    coordinates and every score under ``readouts`` and ``scores`` (:meth:`Generation.prediction`)."""
+    coordinates and every score under ``readouts`` and ``scores`` (:meth:`Generation.prediction`). With a
+    ``grammar`` every answer is decoded under it (a fresh processor per batch)."""
     preds, parses, raw = [], [], []
     bar = tqdm(total=len(records), desc=desc, unit="img", disable=None)
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        gens = detector.generate(detector.rows(chunk, image_root), max_new_tokens)
+        procs = [grammar.processor(max_new_tokens)] if grammar is not None else None
+        gens = detector.generate(detector.rows(chunk, image_root), max_new_tokens, logits_processors=procs)
         for rec, gen in zip(chunk, gens):
             pred, parse = gen.prediction(rec.id, rec.width, rec.height, readout=readout, score=score)
             preds.append(pred)
@@ -227,6 +232,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     results = []
     for step, ckpt in checkpoints_to_evaluate(params, root):
         det = Detector(ckpt, local_window=cfg.local_window)
+        train_jsonl = paths.resolve(params.preprocess.out_dir, root) / "train.jsonl"
+        grammar = grammar_mod.for_detector(det, cfg, train_jsonl)
         t0 = time.time()
         preds, parses, raw = predict_records(
             det,
@@ -237,6 +244,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
             desc=f"evaluate {ckpt.name}",
             readout=cfg.readout,
             score=cfg.score,
+            grammar=grammar,
         )
         images_per_second = len(records) / max(time.time() - t0, 1e-9)
         metrics = compute_metrics(
@@ -245,7 +253,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
             parses,
             readout=cfg.readout,
             score=cfg.score,
-            decoding=getattr(cfg, "decoding", "free"),
+            decoding=cfg.decoding,
             calibration_bins=cfg.calibration_bins,
             calibration_fit=cfg.calibration_fit,
         )
@@ -253,7 +261,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         results.append((step, metrics, preds, raw, images_per_second))
         print(
             f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
-            f"parse_rate={metrics['parse_rate']:.3f} ({images_per_second:.1f} img/s)"
+            f"parse_rate={metrics['parse_rate']:.3f} ({images_per_second:.1f} img/s, {cfg.decoding} decoding)"
         )
     best = max(results, key=lambda r: (r[1]["bbox_mAP"] or 0.0, r[0] or 0))
     step, metrics, preds, raw, images_per_second = best
