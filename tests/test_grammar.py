@@ -236,7 +236,7 @@ def test_untrained_detector_parses_every_answer_when_constrained(tiny_checkpoint
         )
         assert summarize(parses, preds, [record_to_json(r) for r in records])["parse_rate"] == 1.0
         assert all(r["ok"] and not r["hit_limit"] for r in raw)
-    # free decoding: no processor at all (the untrained model's answers are whatever greedy gives)
+    # free decoding: no grammar processor, only the distribution capture (which never changes a token)
     calls = []
     real = det.model.generate
 
@@ -246,7 +246,9 @@ def test_untrained_detector_parses_every_answer_when_constrained(tiny_checkpoint
 
     det.model.generate = spy
     predict_records(det, records[:1], jsonl.parent, batch_size=1, max_new_tokens=8, grammar=None, desc="test")
-    assert len(calls) == 1 and len(calls[0]) == 0
+    from coordexp.evaluate.generate import CoordCapture
+
+    assert len(calls) == 1 and [type(p) for p in calls[0]] == [CoordCapture]
 
 
 def test_predict_cli_decoding_flag(tiny_checkpoint, tmp_path, monkeypatch):

@@ -219,6 +219,46 @@ def checkpoints_to_evaluate(params: Params, root: Path) -> list[tuple[int | None
     return [(checkpoint_step(p), p) for p in ckpts]
 
 
+def evaluate_checkpoint(
+    params: Params, root: Path, ckpt: Path, records: list[Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], float]:
+    """``(metrics, predictions, raw rows, images per second)`` of one checkpoint on contract ``records`` of the
+    evaluated split, decoded, read and scored as ``params.evaluate`` says: one generation, every readout and
+    score definition measured from it. The stage and the benches that compare checkpoints share it."""
+    cfg = params.evaluate
+    split_dir = paths.resolve(params.preprocess.out_dir, root)
+    det = Detector(ckpt, local_window=cfg.local_window)
+    grammar = grammar_mod.for_detector(det, cfg, split_dir / "train.jsonl")
+    t0 = time.time()
+    preds, parses, raw = predict_records(
+        det,
+        records,
+        split_dir,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        desc=f"evaluate {ckpt.name}",
+        readout=cfg.readout,
+        score=cfg.score,
+        grammar=grammar,
+    )
+    images_per_second = len(records) / max(time.time() - t0, 1e-9)
+    metrics = compute_metrics(
+        [record_to_json(r) for r in records],
+        preds,
+        parses,
+        readout=cfg.readout,
+        score=cfg.score,
+        decoding=cfg.decoding,
+        calibration_bins=cfg.calibration_bins,
+        calibration_fit=cfg.calibration_fit,
+    )
+    print(
+        f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
+        f"parse_rate={metrics['parse_rate']:.3f} ({images_per_second:.1f} img/s, {cfg.decoding} decoding)"
+    )
+    return metrics, preds, raw, images_per_second
+
+
 def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     root = root or paths.project_root()
     cfg = params.evaluate
@@ -231,38 +271,9 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     tracking.check_reachable(tracking.tracking_uri(params))
     results = []
     for step, ckpt in checkpoints_to_evaluate(params, root):
-        det = Detector(ckpt, local_window=cfg.local_window)
-        train_jsonl = paths.resolve(params.preprocess.out_dir, root) / "train.jsonl"
-        grammar = grammar_mod.for_detector(det, cfg, train_jsonl)
-        t0 = time.time()
-        preds, parses, raw = predict_records(
-            det,
-            records,
-            jsonl.parent,
-            batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            desc=f"evaluate {ckpt.name}",
-            readout=cfg.readout,
-            score=cfg.score,
-            grammar=grammar,
-        )
-        images_per_second = len(records) / max(time.time() - t0, 1e-9)
-        metrics = compute_metrics(
-            gt_records,
-            preds,
-            parses,
-            readout=cfg.readout,
-            score=cfg.score,
-            decoding=cfg.decoding,
-            calibration_bins=cfg.calibration_bins,
-            calibration_fit=cfg.calibration_fit,
-        )
+        metrics, preds, raw, images_per_second = evaluate_checkpoint(params, root, ckpt, records)
         metrics["checkpoint"] = str(ckpt.relative_to(root)) if ckpt.is_relative_to(root) else str(ckpt)
         results.append((step, metrics, preds, raw, images_per_second))
-        print(
-            f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
-            f"parse_rate={metrics['parse_rate']:.3f} ({images_per_second:.1f} img/s, {cfg.decoding} decoding)"
-        )
     best = max(results, key=lambda r: (r[1]["bbox_mAP"] or 0.0, r[0] or 0))
     step, metrics, preds, raw, images_per_second = best
     gt_box = to_coco_gt(gt_records, "bbox")
