@@ -50,7 +50,8 @@ workspace of 1/16 of the logits) is at least :data:`MIN_ROW_CHUNK` rows, vocab o
 
 Why the rows-mode gradient is exact for ANY upstream gradient: ``total`` depends on ``L`` linearly,
 ``d total / d L_r = k_r`` with ``k`` independent of the logits (text rows through the text-CE mean,
-coord rows through the gate; with ``normalizer=`` the divisors are global counts), except where
+coord rows through the gate and, at T = 1, the hard CE; the optional terms' own passes are separate
+inputs of ``total``; with ``normalizer=`` the divisors are global counts), except where
 the gate's clamp at 0 is active (a true gate of ~0 turned negative by round-off). ``k`` is taken by
 autograd from the same assembly code the result uses (:func:`_total_weights`), and the forward
 saves the gradients for upstream ``k``. The gradients are linear in the upstream ``g_l``: the
