@@ -19,6 +19,7 @@ def test_repo_params_are_valid_and_spec_defaults():
     spec = Params().train.coord_soft_ce_w1  # the schema's defaults are the spec's
     assert (spec.enabled, spec.soft_ce_weight, spec.w1_weight, spec.gate_weight) == (True, 1.0, 1.0, 1.0)
     assert (spec.temperature, spec.target_sigma, spec.target_truncate) == (1.0, 2.0, 16)
+    assert (spec.text_gate_weight, spec.coord_ce_weight) == (0.0, 0.0)  # the optional terms are off: the spec's loss
     # the embedded default departs from the spec's weights on purpose (params.yaml says why)
     c = p.train.coord_soft_ce_w1
     assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 0.2, 2.0, 1.0)
@@ -64,6 +65,22 @@ def test_every_field_is_documented():
         (
             lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("gate_weight", -0.5),
             "gate_weight: Input should be greater than or equal to 0",
+        ),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("text_gate_weight", -0.1),
+            "text_gate_weight: Input should be greater than or equal to 0",
+        ),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("coord_ce_weight", -1),
+            "coord_ce_weight: Input should be greater than or equal to 0",
+        ),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("text_gate_weigth", 0.5),
+            "did you mean 'text_gate_weight'",
+        ),
+        (
+            lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("hard_ce_weight", 0.5),
+            "hard_ce_weight: unknown key",
         ),
         (
             lambda r: r["train"]["coord_soft_ce_w1"].__setitem__("target_truncate", 1000),

@@ -184,11 +184,25 @@ def _check_all(res_f, g_f, res_m, g_m):
 # ------------------------------------------------------------------------------------------------
 
 
-def reference64(lab, h, w, b, *, temperature, target_sigma, target_truncate, soft_ce_weight, w1_weight, gate_weight):
+def reference64(
+    lab,
+    h,
+    w,
+    b,
+    *,
+    temperature,
+    target_sigma,
+    target_truncate,
+    soft_ce_weight,
+    w1_weight,
+    gate_weight,
+    text_gate_weight,
+    coord_ce_weight,
+):
     z = h.double() @ w.double().T + (0 if b is None else b.double())
     T = temperature
     i = torch.arange(K, dtype=torch.float64)
-    text, ce, w1s, gates = [], [], [], []
+    text, ce, w1s, gates, text_gates, hard = [], [], [], [], [], []
     for r in range(z.shape[0]):
         t = int(lab[r])
         if t == -100:
@@ -196,7 +210,10 @@ def reference64(lab, h, w, b, *, temperature, target_sigma, target_truncate, sof
         k = int(CMAP[t])
         if k < 0:
             text.append(torch.logsumexp(z[r], 0) - z[r, t])
+            # -log(1 - coord mass of softmax(z / T)) = lse(z / T) - lse(z_noncoord / T)
+            text_gates.append(torch.logsumexp(z[r] / T, 0) - torch.logsumexp(z[r, CMAP < 0] / T, 0))
             continue
+        hard.append(torch.logsumexp(z[r], 0) - z[r, t])
         s = z[r, COORD_IDS] / T
         log_p = s - torch.logsumexp(s, 0)
         q = torch.exp(-0.5 * ((i - k) / target_sigma) ** 2) * ((i - k).abs() <= target_truncate)
@@ -209,7 +226,15 @@ def reference64(lab, h, w, b, *, temperature, target_sigma, target_truncate, sof
         return torch.stack(xs).mean() if xs else z.sum() * 0.0
 
     out = {"text_ce": mean(text), "soft_ce": mean(ce), "w1": mean(w1s), "gate": mean(gates)}
-    out["total"] = out["text_ce"] + soft_ce_weight * out["soft_ce"] + w1_weight * out["w1"] + gate_weight * out["gate"]
+    out.update(text_gate=mean(text_gates), coord_ce=mean(hard))
+    out["total"] = (
+        out["text_ce"]
+        + text_gate_weight * out["text_gate"]
+        + soft_ce_weight * out["soft_ce"]
+        + w1_weight * out["w1"]
+        + gate_weight * out["gate"]
+        + coord_ce_weight * out["coord_ce"]
+    )
     return out
 
 
@@ -519,6 +544,9 @@ def test_validation_errors():
         fused_stage1_loss(h, w, lab, CMAP, bias=torch.zeros(V - 1), **WEIGHTS)
     with pytest.raises(ValueError, match="gate_weight"):
         fused_stage1_loss(h, w, lab, CMAP, **weights(gate_weight=-1.0))
+    for name in ("text_gate_weight", "coord_ce_weight"):
+        with pytest.raises(ValueError, match=name):
+            fused_stage1_loss(h, w, lab, CMAP, **weights(**{name: -1.0}))
 
 
 @pytest.mark.parametrize("missing", sorted(WEIGHTS))
@@ -544,3 +572,117 @@ def test_autocast_does_not_lower_precision(mode):
     for g, gr in zip(gs, g_ref):
         assert g.dtype == torch.float32
         _close_grad(g, gr, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# the optional terms: text gate and hard coord CE
+# ------------------------------------------------------------------------------------------------
+
+OPTIONAL_TERMS = TERMS + ("text_gate", "coord_ce", "text_gate_sum", "coord_ce_sum")
+ON = dict(text_gate_weight=0.8, coord_ce_weight=0.6)
+
+
+# vocab chunks of 1 column: some chunks are entirely coord columns, all -inf for the text gate's pass
+@pytest.mark.parametrize("mode,chunk", [("vocab", 1), ("vocab", 7), ("rows", 1), ("rows", 13)])
+@pytest.mark.parametrize("temperature", [1.0, 0.4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_optional_terms_match_materialised_fp32(mode, chunk, temperature, bias):
+    lab, h, w, b = make_case(61, 0.5, 0.2, seed=chunk * 3 + int(temperature * 10), bias=bias)
+    kw = dict(temperature=temperature, soft_ce_weight=0.7, w1_weight=1.3, gate_weight=0.9, **ON)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, chunk), **kw)
+    for name in OPTIONAL_TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+    assert res_f.mode == mode
+
+
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("which", ["text_gate", "coord_ce", "both"])
+def test_optional_terms_match_float64_reference(mode, temperature, which):
+    lab, h, w, b = make_case(23, 0.6, 0.15, seed=3, scale=2.0)
+    on = {"text_gate": dict(text_gate_weight=1.3), "coord_ce": dict(coord_ce_weight=0.9), "both": ON}[which]
+    kw = weights(temperature=temperature, soft_ce_weight=0.5, w1_weight=2.0, gate_weight=1.5, **on)
+    hf, wf, bf = _leaves(h, w, b)
+    res = fused_stage1_loss(hf, wf, lab, CMAP, bias=bf, **chunking(mode, 5), **kw)
+    h64, w64, b64 = _leaves(h.double(), w.double(), b.double())
+    ref = reference64(lab, h64, w64, b64, **kw)
+    names = [n for n in ("text_gate", "coord_ce") if kw[f"{n}_weight"] > 0]
+    for name in ("total", "text_ce", "soft_ce", "w1", "gate", *names):
+        _close_value(getattr(res, name), ref[name])
+    for name in ("text_gate", "coord_ce"):
+        if name not in names:
+            assert getattr(res, name) is None
+    for loss in ("total", *names):
+        got = torch.autograd.grad(getattr(res, loss), [hf, wf, bf], retain_graph=True)
+        want = torch.autograd.grad(ref[loss], [h64, w64, b64], retain_graph=True)
+        for g, gr in zip(got, want):
+            _close_grad(g, gr)
+
+
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+@pytest.mark.parametrize("coord_bias", [40.0, -40.0])
+def test_text_gate_near_extreme_coord_mass(mode, coord_bias):
+    """Coord columns biased by +/-40: at text rows the coord mass is within ~1e-14 of 1 (a large text
+    gate) or ~1e-14 (a tiny one); the fused and materialised paths agree on both terms and the gradient."""
+    lab, h, w, b = make_case(40, 0.4, 0.1, seed=30)
+    b = torch.zeros(V)
+    b[COORD_IDS] = coord_bias
+    kw = dict(temperature=0.7, **ON)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 6), **kw)
+    assert (float(res_m.text_gate) > 20) if coord_bias > 0 else (float(res_m.text_gate) < 1e-10)
+    for name in ("total", "text_gate", "coord_ce"):
+        _close_value(getattr(res_f, name), getattr(res_m, name), atol=1e-6 if coord_bias > 0 else 1e-12)
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+@pytest.mark.parametrize("which", ["text_gate", "coord_ce", "text_gate_plus_w1"])
+def test_optional_terms_any_upstream_gradient_is_exact(mode, which):
+    loss_of = {
+        "text_gate": lambda r: r.text_gate,
+        "coord_ce": lambda r: 2.0 * r.coord_ce,
+        "text_gate_plus_w1": lambda r: r.text_gate + r.w1 - 0.5 * r.coord_ce,
+    }[which]
+    lab, h, w, b = make_case(40, 0.5, 0.1, seed=31)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 9), temperature=0.6, loss_of=loss_of, **ON)
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_optional_terms_normalizer(mode, world):
+    lab, h, w, b = make_case(40, 0.5, 0.1, seed=32)
+    norm = GlobalCounts(text_tokens=97, coord_tokens=53, world_size=world)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 9), temperature=0.8, normalizer=norm, **ON)
+    for name in OPTIONAL_TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)
+
+
+@pytest.mark.parametrize("mode", ["vocab", "rows"])
+def test_optional_terms_bf16_inputs(mode):
+    lab, h, w, b = make_case(45, 0.5, 0.1, seed=33, dtype=torch.bfloat16)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking(mode, 8), temperature=0.4, **ON)
+    for name in OPTIONAL_TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    # each optional term's head pass returns its own bf16 gradient, which autograd adds to the main
+    # one: up to one bf16 rounding per pass (3 here: main, text gate, hard CE at T != 1) and the sums'
+    for g, gr in zip(g_f, g_m):
+        assert g.dtype == torch.bfloat16
+        _close_grad(g, gr, rtol=4 * 2**-8 + 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["no_text", "no_coord"])
+def test_optional_terms_without_their_rows(kind):
+    lab, h, w, b = make_case(30, 1.0 if kind == "no_text" else 0.0, 0.2, seed=34)
+    res_f, g_f, res_m, g_m = run_both(lab, h, w, b, chunks=chunking("vocab", 8), temperature=0.7, **ON)
+    for name in OPTIONAL_TERMS:
+        _close_value(getattr(res_f, name), getattr(res_m, name))
+    assert float(res_f.text_gate if kind == "no_text" else res_f.coord_ce) == 0.0
+    for g, gr in zip(g_f, g_m):
+        _close_grad(g, gr)

@@ -7,7 +7,8 @@ evaluation batch's loss repeated once per sample and averaged for ``eval_loss``)
 ``compute_custom_metrics`` turns the metrics into log values. Checked for every scenario:
 
 * ``coord_softce_w1/loss == loss`` and ``eval_coord_softce_w1/loss == eval_loss``;
-* ``loss == text_ce + soft_ce_weight soft_ce + w1_weight w1 + gate_weight gate`` for the logged values;
+* ``loss == text_ce + soft_ce_weight soft_ce + w1_weight w1 + gate_weight gate`` (``+ text_gate_weight text_gate
+  + coord_ce_weight coord_ce`` with the optional terms on) for the logged values;
 * each term is the global token mean of its step (``stage1_loss`` on the whole global batch at once),
   averaged over the logging window's steps.
 
@@ -35,9 +36,21 @@ N_TEXT = 40
 V = K + N_TEXT
 L = 7
 STEPS = 2  # optimizer steps in the logging window
-LOSS = dict(soft_ce_weight=0.2, w1_weight=2.0, gate_weight=1.0, temperature=0.8, target_sigma=2.0, target_truncate=8)
+LOSS = dict(
+    soft_ce_weight=0.2,
+    w1_weight=2.0,
+    gate_weight=1.0,
+    text_gate_weight=0.0,
+    coord_ce_weight=0.0,
+    temperature=0.8,
+    target_sigma=2.0,
+    target_truncate=8,
+)
+LOSS_OPTIONAL = {**LOSS, "text_gate_weight": 0.5, "coord_ce_weight": 0.3}
+"""The same with the optional terms on (logged as ``text_gate`` and ``coord_ce``)."""
 PREFIX = "coord_softce_w1/"
 TERMS = ("text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass")
+OPTIONAL = ("text_gate", "coord_ce")
 
 
 def _cmap() -> torch.Tensor:
@@ -70,14 +83,15 @@ def _data(world: int, ga: int, cmap: torch.Tensor):
     return train, evals
 
 
-def _reference(batches: list[tuple[torch.Tensor, torch.Tensor]], cmap: torch.Tensor) -> dict[str, float]:
+def _reference(batches: list[tuple[torch.Tensor, torch.Tensor]], cmap: torch.Tensor, loss: dict) -> dict[str, float]:
     """The Stage-1 loss of a whole global batch at once (plain per-term means) and the full-vocab CE."""
     from coordexp.train.loss import stage1_loss
 
     z = torch.cat([lg[:, :-1].reshape(-1, V) for lg, _ in batches])
     y = torch.cat([lab[:, 1:].reshape(-1) for _, lab in batches])
-    res = stage1_loss(z, y, cmap, **LOSS)
+    res = stage1_loss(z, y, cmap, **loss)
     out = {name: float(getattr(res, name)) for name in TERMS}
+    out.update({name: float(getattr(res, name)) for name in OPTIONAL if getattr(res, name) is not None})
     out["loss"] = float(res.total)
     out["ce"] = float(torch.nn.functional.cross_entropy(z, y, ignore_index=-100))
     return out
@@ -103,16 +117,18 @@ def _trainer(swift_scales: bool) -> _Trainer:
     )
 
 
-def _loss_fn(enabled: bool, cmap: torch.Tensor):
+def _loss_fn(enabled: bool, cmap: torch.Tensor, loss: dict):
     from coordexp.train.swift_loss import Stage1SwiftLoss
 
     fn = Stage1SwiftLoss.__new__(Stage1SwiftLoss)  # without the plugin config file
-    fn.cfg = {"loss": {"enabled": enabled, **LOSS}, "fused_loss": False, "token_type_metrics": False}
+    fn.cfg = {"loss": {"enabled": enabled, **loss}, "fused_loss": False, "token_type_metrics": False}
     fn.loss_cfg, fn.cmap, fn.trainer = fn.cfg["loss"], cmap, None
     return fn
 
 
-def _drive(world: int, rank: int, ga: int, enabled: bool, swift_scales: bool) -> dict[str, dict[str, float]]:
+def _drive(
+    world: int, rank: int, ga: int, enabled: bool, swift_scales: bool, optional: bool = False
+) -> dict[str, dict[str, float]]:
     """One rank's view of a logging window (STEPS optimizer steps) and an evaluation, as the HF
     trainer and ms-swift run them; returns the train and eval logs (rank 0's are what is logged)."""
     from swift.trainers.mixin import SwiftMixin
@@ -121,7 +137,7 @@ def _drive(world: int, rank: int, ga: int, enabled: bool, swift_scales: bool) ->
 
     cmap = _cmap()
     train, evals = _data(world, ga, cmap)
-    tr, fn = _trainer(swift_scales), _loss_fn(enabled, cmap)
+    tr, fn = _trainer(swift_scales), _loss_fn(enabled, cmap, LOSS_OPTIONAL if optional else LOSS)
 
     def swift_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = fn(SimpleNamespace(logits=logits), labels, num_items_in_batch=torch.tensor(1), trainer=tr)
@@ -154,11 +170,13 @@ def _drive(world: int, rank: int, ga: int, enabled: bool, swift_scales: bool) ->
     return {"train": train_logs, "eval": eval_logs}
 
 
-def _check(logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool) -> None:
+def _check(logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool, optional: bool = False) -> None:
     cmap = _cmap()
+    loss = LOSS_OPTIONAL if optional else LOSS
     train, evals = _data(world, ga, cmap)
-    ref_train = [_reference(step, cmap) for step in train]
-    ref_eval = [(_reference(step, cmap), sum(lab.shape[0] for _, lab in step)) for step in evals]
+    ref_train = [_reference(step, cmap, loss) for step in train]
+    ref_eval = [(_reference(step, cmap, loss), sum(lab.shape[0] for _, lab in step)) for step in evals]
+    terms = TERMS + (OPTIONAL if optional else ())
     n_eval = sum(n for _, n in ref_eval)
     for split, pre, refs in (
         ("train", "", [(r, 1) for r in ref_train]),
@@ -166,15 +184,20 @@ def _check(logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool
     ):
         got = logs[split]
         total = sum(n for _, n in refs)
-        want = {k: sum(r[k] * n for r, n in refs) / total for k in (*TERMS, "loss", "ce")}
-        for name in TERMS:  # the global token means of each step, averaged like the loss
+        want = {k: sum(r[k] * n for r, n in refs) / total for k in (*terms, "loss", "ce")}
+        for name in terms:  # the global token means of each step, averaged like the loss
             assert got[f"{pre}{PREFIX}{name}"] == pytest.approx(want[name], rel=1e-5), (split, name)
+        for name in OPTIONAL:  # logged only when on
+            assert (f"{pre}{PREFIX}{name}" in got) == optional, (split, name)
         weighted = (
             got[f"{pre}{PREFIX}text_ce"]
-            + LOSS["soft_ce_weight"] * got[f"{pre}{PREFIX}soft_ce"]
-            + LOSS["w1_weight"] * got[f"{pre}{PREFIX}w1"]
-            + LOSS["gate_weight"] * got[f"{pre}{PREFIX}gate"]
+            + loss["soft_ce_weight"] * got[f"{pre}{PREFIX}soft_ce"]
+            + loss["w1_weight"] * got[f"{pre}{PREFIX}w1"]
+            + loss["gate_weight"] * got[f"{pre}{PREFIX}gate"]
         )
+        if optional:
+            weighted += loss["text_gate_weight"] * got[f"{pre}{PREFIX}text_gate"]
+            weighted += loss["coord_ce_weight"] * got[f"{pre}{PREFIX}coord_ce"]
         if enabled:
             assert got[f"{pre}{PREFIX}loss"] == pytest.approx(got[f"{pre}loss"], rel=1e-6), split
             assert got[f"{pre}loss"] == pytest.approx(weighted, rel=1e-5), split
@@ -186,17 +209,19 @@ def _check(logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool
     assert n_eval == world * 3
 
 
-SCENARIOS_1 = [(1, True, True), (2, True, True), (2, True, False), (2, False, True)]
-"""(gradient accumulation, Stage-1 enabled, ms-swift scales the loss by the process count)"""
+SCENARIOS_1 = [(1, True, True, False), (2, True, True, False), (2, True, False, False), (2, False, True, False)]
+SCENARIOS_1 += [(2, True, True, True), (1, False, True, True)]
+"""(gradient accumulation, Stage-1 enabled, ms-swift scales the loss by the process count, optional terms on)"""
 
 
-@pytest.mark.parametrize(("ga", "enabled", "swift_scales"), SCENARIOS_1)
-def test_one_process_logs_the_trainers_numbers(ga, enabled, swift_scales):
-    logs = _drive(1, 0, ga, enabled, swift_scales)
-    _check(logs, 1, ga, enabled)
+@pytest.mark.parametrize(("ga", "enabled", "swift_scales", "optional"), SCENARIOS_1)
+def test_one_process_logs_the_trainers_numbers(ga, enabled, swift_scales, optional):
+    logs = _drive(1, 0, ga, enabled, swift_scales, optional)
+    _check(logs, 1, ga, enabled, optional)
 
 
-SCENARIOS_2 = [(1, True, True), (2, True, True), (2, True, False), (2, False, True)]
+SCENARIOS_2 = [(1, True, True, False), (2, True, True, False), (2, True, False, False), (2, False, True, False)]
+SCENARIOS_2 += [(2, True, True, True)]
 
 
 def _free_port() -> int:
@@ -220,8 +245,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_two_processes_log_the_trainers_numbers(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     results = json.loads((tmp_path / "logs.json").read_text())
-    for (ga, enabled, _), logs in zip(SCENARIOS_2, results):
-        _check(logs, 2, ga, enabled)
+    for (ga, enabled, _, optional), logs in zip(SCENARIOS_2, results):
+        _check(logs, 2, ga, enabled, optional)
 
 
 def test_learning_rate_per_part_of_the_model():

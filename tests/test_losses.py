@@ -50,6 +50,7 @@ EPS32 = torch.finfo(torch.float32).eps
 N_TEXT_IDS = 50
 V = K + N_TEXT_IDS
 TERMS = ("text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass", "total")
+OPTIONAL = ("text_gate", "coord_ce")
 WEIGHTS = CoordSoftCEW1Config().model_dump(exclude={"enabled"})
 """The loss keywords at the config's defaults; tests override the ones they are about."""
 
@@ -111,20 +112,26 @@ def reference(
     w_ce: float = WEIGHTS["soft_ce_weight"],
     w_w1: float = WEIGHTS["w1_weight"],
     w_gate: float = WEIGHTS["gate_weight"],
+    w_text_gate: float = WEIGHTS["text_gate_weight"],
+    w_coord_ce: float = WEIGHTS["coord_ce_weight"],
 ) -> dict[str, torch.Tensor]:
     """Means of each term over its own tokens, float64; 0 for a term without tokens."""
     z = z.reshape(-1, z.shape[-1]).double()
     y = labels.reshape(-1)
     text_terms, ce_terms, w1_terms, gate_terms, mass_terms = [], [], [], [], []
+    text_gate_terms, coord_ce_terms = [], []
+    noncoord = CMAP < 0
     i = torch.arange(K, dtype=torch.float64)
     for r in range(z.shape[0]):
         t = int(y[r])
         if t == -100:
             continue
         k = int(CMAP[t])
-        if k < 0:  # text: full-vocab CE with plain logits
+        if k < 0:  # text: full-vocab CE with plain logits; text gate = -log(1 - m) = lse(z/T) - lse(z_nc/T)
             text_terms.append(_lse(z[r]) - z[r, t])
+            text_gate_terms.append(_lse(z[r] / T) - _lse(z[r, noncoord] / T))
             continue
+        coord_ce_terms.append(_lse(z[r]) - z[r, t])  # hard full-vocab CE at T = 1
         s = z[r, COORD_IDS] / T
         log_p = s - _lse(s)
         p = log_p.exp()
@@ -145,8 +152,17 @@ def reference(
         "w1": mean(w1_terms),
         "gate": mean(gate_terms),
         "coord_vocab_mass": mean(mass_terms),
+        "text_gate": mean(text_gate_terms),
+        "coord_ce": mean(coord_ce_terms),
     }
-    out["total"] = out["text_ce"] + w_ce * out["soft_ce"] + w_w1 * out["w1"] + w_gate * out["gate"]
+    out["total"] = (
+        out["text_ce"]
+        + w_text_gate * out["text_gate"]
+        + w_ce * out["soft_ce"]
+        + w_w1 * out["w1"]
+        + w_gate * out["gate"]
+        + w_coord_ce * out["coord_ce"]
+    )
     return out
 
 
@@ -168,13 +184,23 @@ def check_against_reference(
     truncate: int,
     grad_rtol: float = 1e-5,
     value_extra: float = 0.0,
+    text_gate_weight: float = 0.0,
+    coord_ce_weight: float = 0.0,
 ) -> None:
     z_lib = z32.detach().clone().requires_grad_()
     z_ref = z32.detach().double().clone().requires_grad_()
-    res = stage1_loss(z_lib, labels, CMAP, **weights(temperature=T, target_sigma=sigma, target_truncate=truncate))
-    ref = reference(z_ref, labels, T=T, sigma=sigma, truncate=truncate)
+    kw = weights(temperature=T, target_sigma=sigma, target_truncate=truncate)
+    kw.update(text_gate_weight=text_gate_weight, coord_ce_weight=coord_ce_weight)
+    res = stage1_loss(z_lib, labels, CMAP, **kw)
+    ref = reference(
+        z_ref, labels, T=T, sigma=sigma, truncate=truncate, w_text_gate=text_gate_weight, w_coord_ce=coord_ce_weight
+    )
     zmax = float(z32.detach().abs().max()) if z32.numel() else 0.0
-    for name in TERMS:
+    names = TERMS + tuple(n for n, w in zip(OPTIONAL, (text_gate_weight, coord_ce_weight)) if w > 0)
+    for name in TERMS + OPTIONAL:
+        if name not in names:  # a term whose weight is 0 is not computed
+            assert getattr(res, name) is None and getattr(res, f"{name}_sum") is None, name
+    for name in names:
         got, want = getattr(res, name), ref[name]
         assert torch.isfinite(got), name
         tol = _value_tol(want, zmax, T) + value_extra
@@ -482,3 +508,142 @@ def test_loss_settings_have_no_defaults_here(missing):
     kw = {k: v for k, v in WEIGHTS.items() if k != missing}
     with pytest.raises(TypeError, match=missing):
         stage1_loss(torch.randn(3, V), make_labels(3, 1, 0, seed=17), CMAP, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# the optional terms: text gate and hard coord CE
+# ------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 10),
+    coord_frac=st.floats(0.0, 1.0),
+    n_ignored=st.integers(0, 3),
+    T=st.floats(0.05, 10.0),
+    scale=st.sampled_from([0.1, 1.0, 10.0, 100.0, 1e4]),
+    text_gate_weight=st.sampled_from([0.0, 0.3, 2.0]),
+    coord_ce_weight=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_optional_terms_match_float64_reference(
+    n, coord_frac, n_ignored, T, scale, text_gate_weight, coord_ce_weight, seed
+):
+    labels = make_labels(n, round(coord_frac * n), min(n_ignored, n - 1), seed=seed, bins=[0, 999])
+    z = (torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * scale).float()
+    check_against_reference(
+        z,
+        labels,
+        T=T,
+        sigma=2.0,
+        truncate=16,
+        text_gate_weight=text_gate_weight,
+        coord_ce_weight=coord_ce_weight,
+    )
+
+
+@pytest.mark.parametrize("T", [0.05, 0.5, 1.0, 3.0])
+@pytest.mark.parametrize("mass", ["near_one", "near_zero", "even", "huge"])
+def test_text_gate_extreme_coord_mass(T, mass):
+    """Text rows whose coord-vocabulary mass is within ~1e-30 of 1 (the gate is large and exactly its
+    log-odds), ~1e-30 (the gate is ~m, still to relative precision), about 1/2, and logits of +/-1e4
+    (mass exactly 0 or 1 in any float): values and gradients of both terms meet the reference."""
+    labels = make_labels(8, 3, 1, seed=21, bins=[0, 999])
+    z = torch.randn(8, V, generator=torch.Generator().manual_seed(22)) * 2 * T  # z / T: std 2 whatever T
+    shift = {"near_one": 70.0 * T, "near_zero": -70.0 * T, "even": 0.0}.get(mass)
+    if shift is None:
+        z = (torch.rand(8, V, generator=torch.Generator().manual_seed(23)) * 2 - 1) * 1e4
+        z[:4, COORD_IDS[7]] = 2e4  # mass 1 at four rows, whatever T
+        z[4:, TEXT_IDS[3]] = 2e4  # mass 0 at the others
+    else:
+        z[:, COORD_IDS] += shift
+    check_against_reference(z.float(), labels, T=T, sigma=2.0, truncate=16, text_gate_weight=1.5, coord_ce_weight=0.7)
+    res = stage1_loss(z, labels, CMAP, **weights(temperature=T, text_gate_weight=1.5, coord_ce_weight=0.7))
+    assert float(res.text_gate) >= 0.0 and torch.isfinite(res.text_gate)
+    if mass == "near_zero":  # -log(1 - m) ~ m ~ 1e-28: relative, not absolute, precision
+        z64, text = z.double(), (labels != -100) & (CMAP[labels.clamp_min(0)] < 0)
+        m = torch.exp(_lse(z64[text][:, COORD_IDS] / T) - _lse(z64[text] / T))  # float64 keeps m to 1e-16 relative
+        assert 0 < float(m.max()) < 1e-20
+        assert float(res.text_gate) == pytest.approx(float(-torch.log1p(-m).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("T", [0.3, 1.0, 2.5])
+def test_zero_weights_leave_every_other_number_unchanged(T):
+    """Weights of 0 compute nothing: the other terms, the total and the gradient are bitwise what they
+    are with the optional terms on, minus those terms; the result carries None for them."""
+    labels = make_labels(20, 8, 3, seed=24, bins=[0, 999])
+    z = torch.randn(20, V, generator=torch.Generator().manual_seed(25)) * 4
+    off_z, on_z = z.clone().requires_grad_(), z.clone().requires_grad_()
+    off = stage1_loss(off_z, labels, CMAP, **weights(temperature=T))
+    on = stage1_loss(on_z, labels, CMAP, **weights(temperature=T, text_gate_weight=0.4, coord_ce_weight=0.6))
+    for name in ("text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass"):
+        assert torch.equal(getattr(off, name), getattr(on, name)), name
+    for name in OPTIONAL:
+        assert getattr(off, name) is None and getattr(off, f"{name}_sum") is None
+        assert f"coord_softce_w1/{name}" not in off.log_dict()
+        assert on.log_dict()[f"coord_softce_w1/{name}"] == pytest.approx(float(getattr(on, name)))
+    want = off.text_ce + WEIGHTS["soft_ce_weight"] * off.soft_ce + WEIGHTS["w1_weight"] * off.w1
+    assert torch.equal(off.total, want + WEIGHTS["gate_weight"] * off.gate)
+    assert float(on.total) == pytest.approx(float(off.total + 0.4 * on.text_gate + 0.6 * on.coord_ce), rel=1e-6)
+    off.total.backward()
+    on.total.backward()
+    assert not torch.equal(off_z.grad, on_z.grad)
+
+
+def test_optional_terms_fields_sums_and_global_normalisation():
+    labels = make_labels(16, 6, 3, seed=26)
+    z = torch.randn(16, V, generator=torch.Generator().manual_seed(27)) * 3
+    kw = weights(temperature=0.6, text_gate_weight=0.8, coord_ce_weight=1.2)
+    res = stage1_loss(z, labels, CMAP, **kw)
+    assert float(res.text_gate_sum) == pytest.approx(float(res.text_gate) * res.text_tokens, rel=1e-6)
+    assert float(res.coord_ce_sum) == pytest.approx(float(res.coord_ce) * res.coord_tokens, rel=1e-6)
+    # 2 micro-batches with the step's counts == the whole batch (the 2-rank version is in test_losses_distributed)
+    whole, parts = z.clone().requires_grad_(), z.clone().requires_grad_()
+    stage1_loss(whole, labels, CMAP, **kw).total.backward()
+    counts = global_counts([labels[:7], labels[7:]], CMAP)
+    total = 0.0
+    for sl in (slice(0, 7), slice(7, 16)):
+        r = stage1_loss(parts[sl], labels[sl], CMAP, normalizer=counts, **kw)
+        r.total.backward()
+        total += float(r.total)
+    assert total == pytest.approx(float(res.total), rel=1e-6)
+    torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["no_coord", "no_text", "all_ignored"])
+def test_optional_terms_on_degenerate_batches(kind):
+    n = 6
+    labels = {
+        "no_coord": make_labels(n, 0, 1, seed=9),
+        "no_text": make_labels(n, n, 1, seed=9),
+        "all_ignored": torch.full((n,), -100),
+    }[kind]
+    z = torch.randn(n, V, requires_grad=True)
+    res = stage1_loss(z, labels, CMAP, **weights(temperature=0.7, text_gate_weight=1.0, coord_ce_weight=1.0))
+    assert torch.isfinite(res.text_gate) and torch.isfinite(res.coord_ce)
+    if res.text_tokens == 0:
+        assert float(res.text_gate) == 0.0
+    if res.coord_tokens == 0:
+        assert float(res.coord_ce) == 0.0
+    res.total.backward()
+    assert torch.isfinite(z.grad).all() and (z.grad[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0])
+def test_optional_terms_save_no_full_vocab_copy(T):
+    n = 64
+    z = torch.randn(n, V, dtype=torch.bfloat16, requires_grad=True)
+    labels = make_labels(n, 13, 5, seed=18)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t), t)[1], lambda t: t):
+        res = stage1_loss(z, labels, CMAP, **weights(temperature=T, text_gate_weight=1.0, coord_ce_weight=1.0))
+    big = [t for t in saved if t.numel() >= n * V]
+    assert big and all(t.data_ptr() == z.data_ptr() for t in big)
+    res.total.backward()
+    assert z.grad.dtype == torch.bfloat16 and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("name", ["text_gate_weight", "coord_ce_weight"])
+def test_optional_weights_must_be_nonnegative(name):
+    with pytest.raises(ValueError, match=name):
+        stage1_loss(torch.randn(3, V), make_labels(3, 1, 0, seed=17), CMAP, **weights(**{name: -0.1}))

@@ -30,8 +30,17 @@ B, L = 2, 6  # one micro-batch
 WORLD = 2
 MICRO = 2  # micro-batches per rank
 
-# (soft_ce_weight, w1_weight, gate_weight): text CE alone, then text CE + each coord term, then all
-WEIGHTS = [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.7, 2.0, 0.3)]
+# (soft_ce_weight, w1_weight, gate_weight, text_gate_weight, coord_ce_weight): text CE alone, then text
+# CE + each other term, then all (the text gate is a mean over the text tokens, the others over coord tokens)
+WEIGHTS = [
+    (0.0, 0.0, 0.0, 0.0, 0.0),
+    (1.0, 0.0, 0.0, 0.0, 0.0),
+    (0.0, 1.0, 0.0, 0.0, 0.0),
+    (0.0, 0.0, 1.0, 0.0, 0.0),
+    (0.0, 0.0, 0.0, 1.0, 0.0),
+    (0.0, 0.0, 0.0, 0.0, 1.0),
+    (0.7, 2.0, 0.3, 0.5, 0.4),
+]
 SCENARIOS = ["mixed", "rank1_no_coord", "no_coord_anywhere"]
 LOSS_KW = dict(temperature=0.7, target_sigma=2.0, target_truncate=16)
 
@@ -99,6 +108,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                         soft_ce_weight=w[0],
                         w1_weight=w[1],
                         gate_weight=w[2],
+                        text_gate_weight=w[3],
+                        coord_ce_weight=w[4],
                         normalizer=counts,
                         **LOSS_KW,
                     )
@@ -126,7 +137,7 @@ def two_rank_results(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _single_rank(scenario: str, w: tuple[float, float, float]) -> list[torch.Tensor]:
+def _single_rank(scenario: str, w: tuple[float, ...]) -> list[torch.Tensor]:
     cmap = _vocab()[0]
     hidden, labels = _global_batch(scenario)
     model = _model()
@@ -137,6 +148,8 @@ def _single_rank(scenario: str, w: tuple[float, float, float]) -> list[torch.Ten
         soft_ce_weight=w[0],
         w1_weight=w[1],
         gate_weight=w[2],
+        text_gate_weight=w[3],
+        coord_ce_weight=w[4],
         **LOSS_KW,
     )
     res.total.backward()
@@ -144,7 +157,7 @@ def _single_rank(scenario: str, w: tuple[float, float, float]) -> list[torch.Ten
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-@pytest.mark.parametrize("w", WEIGHTS, ids=["text", "soft_ce", "w1", "gate", "all"])
+@pytest.mark.parametrize("w", WEIGHTS, ids=["text", "soft_ce", "w1", "gate", "text_gate", "coord_ce", "all"])
 def test_two_ranks_two_micro_batches_equal_one_rank(two_rank_results, scenario, w):
     want = _single_rank(scenario, w)
     assert any(float(g.abs().max()) > 0 for g in want)

@@ -176,6 +176,14 @@ class CoordSoftCEW1Config(_Section):
     """lambda_w1: weight of the 1-D Wasserstein-1 distance (CDF form, divided by K - 1)."""
     gate_weight: float = Field(default=1.0, ge=0)
     """lambda_gate: weight of -log(coord-vocab mass) at coord positions."""
+    text_gate_weight: float = Field(default=0.0, ge=0)
+    """Weight of -log(1 - coord-vocab mass of softmax(z / T)) at text positions, a mean over the text
+    tokens (0: off, the spec's loss). The original CoordExp recipe penalises coord mass where text is
+    due, the mirror image of the gate; costs one more pass over the vocabulary per text row."""
+    coord_ce_weight: float = Field(default=0.0, ge=0)
+    """Weight of the hard full-vocabulary CE (T = 1) at coord positions, a mean over the coord tokens
+    (0: off, the spec's loss). Some recipes mix it back in beside the distribution losses; at T != 1
+    it costs one more pass over the vocabulary per coord row."""
     temperature: float = Field(default=1.0, gt=0)
     """T: coord distributions are softmax(s / T); the gate uses z / T too."""
     target_sigma: float = Field(default=2.0, gt=0)
@@ -373,8 +381,8 @@ class Params(_Section):
 _LEGACY_KEYS = {
     "coord_loss": (
         "the legacy v1 'coord_loss' block was removed; configure the Stage-1 loss in "
-        "train.coord_soft_ce_w1 {enabled, soft_ce_weight, w1_weight, gate_weight, temperature, "
-        "target_sigma, target_truncate}"
+        "train.coord_soft_ce_w1 {enabled, soft_ce_weight, w1_weight, gate_weight, text_gate_weight, "
+        "coord_ce_weight, temperature, target_sigma, target_truncate}"
     ),
 }
 

@@ -49,6 +49,9 @@ def check_finite(
     """Raise :class:`NonFiniteLossError` (and write ``coordexp_failure.txt``) if ``loss`` or any
     Stage-1 term of ``res`` is not finite."""
     terms = {"loss": loss, "text_ce": res.text_ce, "soft_ce": res.soft_ce, "w1": res.w1, "gate": res.gate}
+    for name in ("text_gate", "coord_ce"):  # the optional terms, when their weight is > 0
+        if getattr(res, name, None) is not None:
+            terms[name] = getattr(res, name)
     bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
     if bad:
         step = getattr(getattr(trainer, "state", None), "global_step", "?")

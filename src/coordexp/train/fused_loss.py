@@ -18,6 +18,15 @@ gradient; everything the loss needs from them is small (the formulas are in
 :class:`_FusedHead` computes these; everything downstream (softCE, W1, gate, the reductions) is
 ordinary autograd on those small tensors, written exactly like ``stage1_loss``.
 
+The optional terms (``text_gate_weight``, ``coord_ce_weight``; each only when its weight is > 0) run
+one more :class:`_FusedHead` pass each, in vocab mode, over the rows they need (:func:`_extra_passes`):
+the text gate the text rows' log-sum-exp over the non-coord columns at ``1/T`` (the coord columns
+masked to ``-inf`` chunk by chunk) and their coord slice; the hard CE at ``T != 1`` the coord rows'
+log-sum-exp at T = 1 (at T = 1 it is the main pass's ``L``). Their gradients are recomputed in the
+backward (no saved rows-mode gradient), into a hidden and weight gradient of their own that autograd
+adds to the main one: the price of an optional term is one more product forward and three backward
+for its rows, and one more ``[V, D]`` gradient buffer while it is added.
+
 Two ways to chunk the ``N x V x D`` work, because which one is faster depends on N (timings in
 bench/RESULTS.md, ``## fused_loss``):
 
@@ -41,7 +50,8 @@ workspace of 1/16 of the logits) is at least :data:`MIN_ROW_CHUNK` rows, vocab o
 
 Why the rows-mode gradient is exact for ANY upstream gradient: ``total`` depends on ``L`` linearly,
 ``d total / d L_r = k_r`` with ``k`` independent of the logits (text rows through the text-CE mean,
-coord rows through the gate; with ``normalizer=`` the divisors are global counts), except where
+coord rows through the gate and, at T = 1, the hard CE; the optional terms' own passes are separate
+inputs of ``total``; with ``normalizer=`` the divisors are global counts), except where
 the gate's clamp at 0 is active (a true gate of ~0 turned negative by round-off). ``k`` is taken by
 autograd from the same assembly code the result uses (:func:`_total_weights`), and the forward
 saves the gradients for upstream ``k``. The gradients are linear in the upstream ``g_l``: the
@@ -66,6 +76,7 @@ The result's ``mode`` field says which mode ran.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import math
@@ -134,10 +145,10 @@ class _FusedHead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k):
+    def forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k, mask):
         with _no_autocast(hidden.device):
             return _FusedHead._forward(
-                ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k
+                ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k, mask
             )
 
     @staticmethod
@@ -146,7 +157,7 @@ class _FusedHead(torch.autograd.Function):
             return _FusedHead._backward(ctx, g_l, g_s, g_zy)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k):
+    def _forward(ctx, hidden, weight, bias, rows, is_coord, text_tgt, coord_ids, inv_t, chunk, row_chunk, k, mask):
         dev = hidden.device
         v = weight.shape[0]
         n = rows.numel()
@@ -181,17 +192,17 @@ class _FusedHead(torch.autograd.Function):
 
         fast = None
         if row_chunk is None:
-            lse_x, pred = _vocab_chunk_pass(hx, wf, bf, shift, scale, has_coord, chunk or _default_chunk(v, n))
+            lse_x, pred = _vocab_chunk_pass(hx, wf, bf, shift, scale, has_coord, chunk or _default_chunk(v, n), mask)
         else:
             need = ctx.needs_input_grad
             want = (bool(need[0]), bool(need[1]), bias is not None and bool(need[2]))
             coef = None if k is None else k * scale
-            lse_x, pred, fast = _row_chunk_pass(h, hx, wf, bf, shift, scale, has_coord, row_chunk, coef, want)
+            lse_x, pred, fast = _row_chunk_pass(h, hx, wf, bf, shift, scale, has_coord, row_chunk, coef, want, mask)
         L = lse_x - off
 
         ctx.save_for_backward(hidden, weight, bias, rows, tgt, coord_ids)
         ctx.h, ctx.hx, ctx.crow, ctx.trow, ctx.shift, ctx.scale = h, hx, crow, trow, shift, scale
-        ctx.lse_x, ctx.chunk, ctx.k, ctx.fast = lse_x, chunk, k, fast
+        ctx.lse_x, ctx.chunk, ctx.k, ctx.fast, ctx.mask = lse_x, chunk, k, fast, mask
         ctx.mark_non_differentiable(pred)
         return L, s, zy, pred
 
@@ -240,6 +251,7 @@ class _FusedHead(torch.autograd.Function):
                 bf,
                 crow.numel() > 0,
                 ctx.chunk or _default_chunk(v, n),
+                ctx.mask,
             )
         elif redo.numel():
 
@@ -262,6 +274,7 @@ class _FusedHead(torch.autograd.Function):
                 bf,
                 crow.numel() > 0,
                 ctx.chunk or _default_chunk(v, redo.numel()),
+                ctx.mask,
             )
             if gh is not None:
                 gh.index_add_(0, redo, gh_r)
@@ -292,28 +305,32 @@ class _FusedHead(torch.autograd.Function):
             grad_weight = gw if weight.dtype == f32 else gw.to(weight.dtype)
         if need_b:
             grad_bias = gb.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
-def _vocab_chunk_pass(hx, wf, bf, shift, scale, has_coord, chunk):
+def _vocab_chunk_pass(hx, wf, bf, shift, scale, has_coord, chunk, mask=None):
     """Vocab mode's forward: ``(lse(x) [n], argmax [n])`` of all rows, ``chunk`` vocabulary columns
-    at a time, by the online log-sum-exp (a running max ``m`` and sum of ``exp(x - m)`` per row)."""
+    at a time, by the online log-sum-exp (a running max ``m`` and sum of ``exp(x - m)`` per row).
+    With a ``mask`` (:class:`_ColumnMask`) a chunk can be all ``-inf``, so the running max is read as
+    0 while it is still ``-inf`` (``exp(-inf - 0) = 0``, where ``-inf - (-inf)`` would be NaN)."""
     n, v = hx.shape[0], wf.shape[0]
     m = torch.full((n,), float("-inf"), dtype=torch.float32, device=hx.device)
     ssum = torch.zeros(n, dtype=torch.float32, device=hx.device)
     pred = torch.zeros(n, dtype=torch.long, device=hx.device)
     ws = torch.empty(n * min(chunk, v), dtype=torch.float32, device=hx.device)
     for c0 in range(0, v if n else 0, chunk):
-        x = _chunk_logits(ws, hx, wf, bf, c0, min(c0 + chunk, v), shift, scale, has_coord)
+        x = _chunk_logits(ws, hx, wf, bf, c0, min(c0 + chunk, v), shift, scale, has_coord, mask)
         cmax, carg = x.max(dim=1)  # x is a (z - c) or a z with a > 0: the argmax of z
         pred = torch.where(cmax > m, carg + c0, pred)  # strict: the first maximum wins, like argmax
         m_new = torch.maximum(m, cmax)
+        if mask is not None:
+            m_new = torch.where(torch.isinf(m_new), 0.0, m_new)
         ssum.mul_(torch.exp(m - m_new)).add_(x.sub_(m_new[:, None]).exp_().sum(dim=1))
         m = m_new
     return m + ssum.log(), pred
 
 
-def _row_chunk_pass(h, hx, wf, bf, shift, scale, has_coord, row_chunk, coef, want):
+def _row_chunk_pass(h, hx, wf, bf, shift, scale, has_coord, row_chunk, coef, want, mask=None):
     """Rows mode's forward: ``(lse(x) [n], argmax [n], grads)``, ``row_chunk`` rows at a time.
 
     With ``coef = k a`` (``a`` = 1 or 1/T per row) it also forms, while each chunk's logits are in
@@ -336,7 +353,7 @@ def _row_chunk_pass(h, hx, wf, bf, shift, scale, has_coord, row_chunk, coef, wan
     ws = torch.empty(min(row_chunk, n) * v, dtype=f32, device=dev)
     for r0 in range(0, n, row_chunk):
         r1 = min(r0 + row_chunk, n)
-        x = _chunk_logits(ws, hx[r0:r1], wf, bf, 0, v, shift[r0:r1], scale[r0:r1], has_coord)
+        x = _chunk_logits(ws, hx[r0:r1], wf, bf, 0, v, shift[r0:r1], scale[r0:r1], has_coord, mask)
         xmax, pred[r0:r1] = x.max(dim=1)  # the first maximum wins, like argmax
         e = x.sub_(xmax[:, None]).exp_()
         esum = e.sum(dim=1)  # >= 1: the maximum contributes exp(0)
@@ -354,7 +371,7 @@ def _row_chunk_pass(h, hx, wf, bf, shift, scale, has_coord, row_chunk, coef, wan
     return lse_x, pred, grads
 
 
-def _add_recomputed_grads(gh, gw, gb, h, hx, lse_x, shift, scale, coef, wf, bf, has_coord, chunk):
+def _add_recomputed_grads(gh, gw, gb, h, hx, lse_x, shift, scale, coef, wf, bf, has_coord, chunk, mask=None):
     """Adds ``g = coef softmax(x)`` of the given rows to ``gh`` (those rows), ``gW``, ``gb``, by
     recomputing their logits ``chunk`` vocabulary columns at a time; each weight-gradient block
     gets one update. ``coef`` folds into the exponent, ``coef exp(x - lse) = sign(coef)
@@ -366,7 +383,7 @@ def _add_recomputed_grads(gh, gw, gb, h, hx, lse_x, shift, scale, coef, wf, bf, 
     ws = torch.empty(n * min(chunk, v), dtype=torch.float32, device=h.device)
     for c0 in range(0, v, chunk):
         c1 = min(c0 + chunk, v)
-        x = _chunk_logits(ws, hx, wf, bf, c0, c1, shift, scale, has_coord)
+        x = _chunk_logits(ws, hx, wf, bf, c0, c1, shift, scale, has_coord, mask)
         g = x.sub_(base[:, None]).exp_()
         if sign is not None:
             g.mul_(sign)
@@ -398,20 +415,40 @@ def _split_upstream(g: torch.Tensor, k: torch.Tensor) -> tuple[float, torch.Tens
     return best
 
 
-def _chunk_logits(ws, hx, wf, bf, c0, c1, shift, scale, has_coord):
+def _chunk_logits(ws, hx, wf, bf, c0, c1, shift, scale, has_coord, mask=None):
     """The logits ``x`` of the rows of ``hx`` against vocabulary columns ``c0:c1``, into the front of
     the flat workspace ``ws`` (contiguous): ``hx W[c0:c1]^T`` without a bias (``hx`` = the
     pre-scaled rows ``a h``), ``a (h W[c0:c1]^T + b[c0:c1] - c)`` with one (``shift`` = ``c``,
-    ``scale`` = ``a``, per row of ``hx``)."""
+    ``scale`` = ``a``, per row of ``hx``). With a ``mask`` (:class:`_ColumnMask`) its columns are
+    ``-inf``: out of every log-sum-exp and softmax built from ``x``."""
     x = ws[: hx.shape[0] * (c1 - c0)].view(hx.shape[0], c1 - c0)
     if bf is None:
         torch.mm(hx, wf[c0:c1].T, out=x)
-        return x
-    torch.addmm(bf[c0:c1], hx, wf[c0:c1].T, out=x)
-    if has_coord:
-        # (z - c) / T: the difference first is exact near the max (see coordexp.train.loss._RowStats)
-        x.sub_(shift[:, None]).mul_(scale[:, None])
+    else:
+        torch.addmm(bf[c0:c1], hx, wf[c0:c1].T, out=x)
+        if has_coord:
+            # (z - c) / T: the difference first is exact near the max (see coordexp.train.loss._RowStats)
+            x.sub_(shift[:, None]).mul_(scale[:, None])
+    if mask is not None:
+        cols = mask.columns(c0, c1)
+        if cols.numel():
+            x.index_fill_(1, cols, float("-inf"))
     return x
+
+
+class _ColumnMask:
+    """Vocabulary columns left out of a head pass (the coord ids, for the text gate's log-sum-exp over
+    the non-coord vocabulary). The ids are sorted once, on the host too, so that a chunk finds its
+    own columns by bisection, without a device sync per chunk."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids.sort().values
+        self.host = self.ids.tolist()
+
+    def columns(self, c0: int, c1: int) -> torch.Tensor:
+        """The masked columns in ``c0:c1``, relative to ``c0``."""
+        lo, hi = bisect.bisect_left(self.host, c0), bisect.bisect_left(self.host, c1)
+        return self.ids[lo:hi] - c0
 
 
 def _no_autocast(device: torch.device):
@@ -436,6 +473,8 @@ def fused_stage1_loss(
     soft_ce_weight: float,
     w1_weight: float,
     gate_weight: float,
+    text_gate_weight: float,
+    coord_ce_weight: float,
     temperature: float,
     target_sigma: float,
     target_truncate: int,
@@ -467,7 +506,17 @@ def fused_stage1_loss(
         raise ValueError(f"hidden has D={hidden.shape[-1]} but weight is [V={v}, D={d}]")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != v or not bias.dtype.is_floating_point):
         raise ValueError(f"bias must be a float [V={v}] tensor or None")
-    check_labels_and_weights(labels, hidden, "hidden", temperature, soft_ce_weight, w1_weight, gate_weight)
+    check_labels_and_weights(
+        labels,
+        hidden,
+        "hidden",
+        temperature,
+        soft_ce_weight,
+        w1_weight,
+        gate_weight,
+        text_gate_weight,
+        coord_ce_weight,
+    )
     if mode not in ("auto", "rows", "vocab"):
         raise ValueError(f"mode must be 'auto', 'rows' or 'vocab', got {mode!r}")
     for name, val in (("chunk_size", chunk_size), ("row_chunk", row_chunk)):
@@ -491,7 +540,7 @@ def fused_stage1_loss(
     n_sup = int(rows.numel())
     n_coord = int(k_star.numel())
     n_text = n_sup - n_coord
-    weights = (soft_ce_weight, w1_weight, gate_weight)
+    weights = (soft_ce_weight, w1_weight, gate_weight, text_gate_weight, coord_ce_weight)
 
     default_rows = max(1, -(-n_sup // ROW_CHUNKS))
     if mode == "auto":
@@ -517,9 +566,12 @@ def fused_stage1_loss(
             None if chunk_size is None else int(chunk_size),
             head_rows,
             k,
+            None,
         )
+        chunk = None if chunk_size is None else int(chunk_size)
+        extras = _extra_passes(h2, weight, bias, rows, row_is_coord, coord_ids, inv_t, chunk, weights)
         result = _assemble(
-            (L, s, zy), row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+            (L, s, zy), extras, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
         )
     argmax = torch.full_like(flat, IGNORE_INDEX)
     argmax[rows] = pred
@@ -539,24 +591,87 @@ def _total_weights(
     L0 = torch.full((row_is_coord.numel(),), math.log(K) + 1.0, device=dev, requires_grad=True)
     s0 = torch.zeros(n_coord, K, device=dev)
     zy0 = torch.zeros(n_text, device=dev)
+    # the optional terms' own passes are constants here (they do not involve L)
+    tg0 = (torch.zeros(n_text, device=dev), torch.zeros(n_text, K, device=dev)) if weights[3] > 0 else None
+    hard0 = (torch.zeros(n_coord, device=dev), s0) if weights[4] > 0 and inv_t != 1.0 else None
     with torch.enable_grad():
         total = _assemble(
-            (L0, s0, zy0), row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+            (L0, s0, zy0),
+            (tg0, hard0),
+            row_is_coord,
+            k_star,
+            q_table,
+            cdf_table,
+            inv_t,
+            n_text,
+            n_coord,
+            weights,
+            normalizer,
         ).total
         (k,) = torch.autograd.grad(total, L0)
     return k
 
 
+def _extra_passes(h2, weight, bias, rows, row_is_coord, coord_ids, inv_t, chunk, weights):
+    """The head passes of the optional terms, each only when its weight is > 0 (vocab mode, so their
+    gradient is recomputed in the backward; each pass adds its own hidden and weight gradient):
+
+    * text gate: ``(L_t, s_t)``, ``L_t = lse_nc((z - s_max) / T)`` over the NON-coord columns (the coord
+      columns masked to ``-inf``) and ``s_t`` the coord slice, of the text rows;
+    * hard CE at ``T != 1``: ``(L_1, s_1)``, ``L_1 = lse(z - s_max)`` at T = 1 and the coord slice, of the
+      coord rows (at T = 1 the main pass's ``L`` is that already: None).
+    """
+    dev = rows.device
+    tg = hard = None
+    if weights[3] > 0:
+        trows = rows[~row_is_coord]
+        n = trows.numel()
+        if n:
+            L_t, s_t, _, _ = _FusedHead.apply(
+                *(h2, weight, bias, trows, torch.ones(n, dtype=torch.bool, device=dev)),
+                *(torch.zeros(n, dtype=torch.long, device=dev), coord_ids, inv_t, chunk, None, None),
+                _ColumnMask(coord_ids),
+            )
+        else:
+            L_t, s_t = torch.zeros(0, device=dev), torch.zeros(0, K, device=dev)
+        tg = (L_t, s_t)
+    if weights[4] > 0 and inv_t != 1.0:
+        crows = rows[row_is_coord]
+        n = crows.numel()
+        if n:
+            L_1, s_1, _, _ = _FusedHead.apply(
+                *(h2, weight, bias, crows, torch.ones(n, dtype=torch.bool, device=dev)),
+                *(torch.zeros(n, dtype=torch.long, device=dev), coord_ids, 1.0, chunk, None, None, None),
+            )
+        else:
+            L_1, s_1 = torch.zeros(0, device=dev), torch.zeros(0, K, device=dev)
+        hard = (L_1, s_1)
+    return tg, hard
+
+
 def _assemble(
-    outs, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+    outs, extras, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
 ) -> Stage1LossResult:
-    """``stage1_loss``'s formulas on the small outputs ``(L, s, zy)`` of :class:`_FusedHead`;
-    ``weights`` = ``(soft_ce_weight, w1_weight, gate_weight)``."""
+    """``stage1_loss``'s formulas on the small outputs ``(L, s, zy)`` of :class:`_FusedHead` and the
+    optional terms' ``extras`` (:func:`_extra_passes`); ``weights`` = ``(soft_ce_weight, w1_weight,
+    gate_weight, text_gate_weight, coord_ce_weight)``."""
     L, s, zy = outs
+    tg, hard = extras
     text_ce_sum = (L[~row_is_coord] - zy).sum()  # lse(z) - z[y]
     rel_crd = L[row_is_coord]  # lse(z/T) - s_max/T
-    d = (s - s.detach().max(dim=1, keepdim=True).values) * inv_t  # anchored at s_max
-    soft_ce_weight, w1_weight, gate_weight = weights
+    s_rel = s - s.detach().max(dim=1, keepdim=True).values  # anchored at s_max
+    d = s_rel * inv_t
+    soft_ce_weight, w1_weight, gate_weight, text_gate_weight, coord_ce_weight = weights
+    text_gate_rows = coord_ce_rows = None
+    if text_gate_weight > 0:
+        # -log(1 - m) = softplus(lse_coord(z/T) - lse_noncoord(z/T)), both anchored at s_max
+        L_t, s_t = tg
+        lse_coord = torch.logsumexp((s_t - s_t.detach().max(dim=1, keepdim=True).values) * inv_t, dim=1)
+        text_gate_rows = torch.nn.functional.softplus(lse_coord - L_t)
+    if coord_ce_weight > 0:
+        # lse(z) - z[y] = lse(z - s_max) - (s[k*] - s_max), from the main pass at T = 1
+        L_1, s_rel_1 = (rel_crd, s_rel) if hard is None else (hard[0], hard[1] - hard[1].detach().max(1, True).values)
+        coord_ce_rows = L_1 - s_rel_1.gather(1, k_star[:, None]).squeeze(1)
     return assemble_result(
         text_ce_sum,
         rel_crd,
@@ -565,8 +680,12 @@ def _assemble(
         q_table,
         cdf_table,
         n_text,
+        text_gate_rows=text_gate_rows,
+        coord_ce_rows=coord_ce_rows,
         soft_ce_weight=soft_ce_weight,
         w1_weight=w1_weight,
         gate_weight=gate_weight,
+        text_gate_weight=text_gate_weight,
+        coord_ce_weight=coord_ce_weight,
         normalizer=normalizer,
     )

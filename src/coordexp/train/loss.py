@@ -1,4 +1,4 @@
-"""Stage-1 loss: text CE + coord softCE + W1 + coord-vocab gate, from one set of logits.
+"""Stage-1 loss: text CE + coord softCE + W1 + coord-vocab gate (+ two optional terms), from one set of logits.
 
 ``z`` is a row of full-vocab logits (upcast to fp32), ``K = 1000`` coord bins (``<|coord_0|>`` ..
 ``<|coord_999|>``), ``s = z[coord ids in bin order]`` the coord slice of the row, ``T`` the
@@ -13,9 +13,17 @@ soft target, ``lse`` the log-sum-exp.
     W1     = sum_i |CDF_p(i) - CDF_q(i)| / (K - 1),  CDF_p(i) = sum_{j <= i} p_j
     gate   = lse(z/T) - lse(s/T)  >= 0     (= -log coord-vocab mass; round-off clamped at 0)
     coord_vocab_mass = exp(-gate)          (the share of softmax(z / T) on the coord tokens)
-* each term is a mean over the tokens of its kind (text CE over text rows, the others over
-  coord rows; a kind with no tokens gives 0), and
-  total = CE_text + soft_ce_weight softCE + w1_weight W1 + gate_weight gate
+* optional, each computed only when its weight is > 0 (0 by default: the spec's loss):
+    text rows:  text_gate = -log(1 - m),  m = coord-vocab mass of softmax(z / T)
+                          = softplus(lse(s/T) - lse(z_nc/T))   (z_nc: the non-coord columns)
+      the original CoordExp recipe's penalty on coord mass where text is due. Why softplus of
+      that difference: both log-sum-exps are direct, so it is exact as m -> 0 (softplus(x) ~ e^x)
+      and as m -> 1 (~ x), where -log1p(-exp(-gate)) would take the log of a round-off difference.
+    coord rows: coord_ce = lse(z) - z[y]   (the hard full-vocab CE at T = 1, mixed back in)
+* each term is a mean over the tokens of its kind (text CE and text gate over text rows, the
+  others over coord rows; a kind with no tokens gives 0), and
+  total = CE_text + text_gate_weight text_gate
+          + soft_ce_weight softCE + w1_weight W1 + gate_weight gate + coord_ce_weight coord_ce
 
 Why a custom autograd Function: the only ``[N, V]`` work is one logsumexp per supervised row
 (``lse(z)`` for text rows, ``lse(z/T)`` for coord rows, shared by CE and gate), plus gathering
@@ -25,15 +33,21 @@ by row-chunk so that no ``[N, V]`` fp32 temporary is ever allocated, and saves o
 writes the gradient straight into a single ``[N, V]`` buffer (fused softmax kernels both ways).
 Everything downstream of the row statistics (softCE, W1, gate on ``[n_coord, K]``) is ordinary
 autograd on small tensors, so gradients stay exact. Plain ``F.cross_entropy`` by contrast
-materialises the ``[N, V]`` log-softmax and a dense ``[N, V]`` NLL gradient.
+materialises the ``[N, V]`` log-softmax and a dense ``[N, V]`` NLL gradient. The optional terms
+add, only for the rows that need it, a second log-softmax in the same chunk pass (text gate: the
+text rows at ``1/T`` with the coord columns masked; hard CE at ``T != 1``: the coord rows at T = 1;
+at T = 1 the hard CE reuses the coord rows' own pass) and, for the text gate, the ``[n_text, K]``
+coord slice of the text rows; the backward adds the second softmax into the same ``[N, V]``
+gradient buffer.
 
 Global reduction (gradient accumulation x data parallel), see :func:`global_counts`: each term is
 a mean over the tokens of its kind in the *global* batch. The trainer counts tokens over all its
 micro-batches, all-reduces the counts (unconditionally, on every rank), and passes the result as
 ``normalizer=``; then ``total`` of a micro-batch is
 
-    world_size * (text_ce_sum / n_text + (soft_ce_weight softCE_sum + w1_weight W1_sum
-                                          + gate_weight gate_sum) / n_coord)
+    world_size * ((text_ce_sum + text_gate_weight text_gate_sum) / n_text
+                  + (soft_ce_weight softCE_sum + w1_weight W1_sum + gate_weight gate_sum
+                     + coord_ce_weight coord_ce_sum) / n_coord)
 
 with ``n_text`` / ``n_coord`` the global counts clamped at >= 1 and the ``*_sum`` over this
 micro-batch's own rows, whose gradients, summed over micro-batches and averaged over ranks (as
@@ -49,11 +63,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from coordexp.core.codec import K
 
 __all__ = [
     "IGNORE_INDEX",
+    "OPTIONAL_TERMS",
     "GlobalCounts",
     "Stage1LossResult",
     "coord_ids_in_bin_order",
@@ -65,6 +81,9 @@ __all__ = [
 
 IGNORE_INDEX: int = -100
 """Label value of unsupervised positions (the HF / ms-swift convention)."""
+
+OPTIONAL_TERMS: tuple[str, ...] = ("text_gate", "coord_ce")
+"""The terms computed (and logged) only when their weight is > 0: ``text_gate_weight``, ``coord_ce_weight``."""
 
 _CHUNK_ELEMS = 1 << 23
 """Elements per row chunk (~32 MB of fp32, ~55 rows at V = 152k): big enough to amortise per-op
@@ -113,6 +132,10 @@ class Stage1LossResult:
     logging. ``total`` is the loss to backpropagate: the batch-local weighted sum of means, or,
     with ``normalizer=``, this micro-batch's share of the globally normalised loss. The ``*_sum``
     fields are the raw sums over this call's tokens, for callers that reduce themselves.
+
+    The optional terms ``text_gate`` (over the text tokens) and ``coord_ce`` (over the coord tokens)
+    and their sums are None when their weight is 0: they are then not computed at all (each costs
+    an extra pass over the vocabulary for its rows), and not logged.
     """
 
     total: torch.Tensor
@@ -128,6 +151,12 @@ class Stage1LossResult:
     w1_sum: torch.Tensor
     gate_sum: torch.Tensor
     mass_sum: torch.Tensor
+    text_gate: torch.Tensor | None = None
+    """Mean of ``-log(1 - coord-vocab mass)`` over the text tokens; None when ``text_gate_weight`` is 0."""
+    coord_ce: torch.Tensor | None = None
+    """Mean hard full-vocabulary CE over the coord tokens; None when ``coord_ce_weight`` is 0."""
+    text_gate_sum: torch.Tensor | None = None
+    coord_ce_sum: torch.Tensor | None = None
     argmax: torch.Tensor | None = None
     """Predicted token id per position of the flattened labels (-100 where not supervised). Only the
     fused loss sets it: its caller has no logits to take the argmax of (token accuracy)."""
@@ -136,8 +165,9 @@ class Stage1LossResult:
     None from :func:`stage1_loss`, which has no LM head to chunk."""
 
     def log_dict(self, prefix: str = "coord_softce_w1/") -> dict[str, float]:
-        """Detached floats under the metric names the trainer logs (``coord_softce_w1/...``)."""
-        return {
+        """Detached floats under the metric names the trainer logs (``coord_softce_w1/...``); the
+        optional terms only when their weight is > 0."""
+        out = {
             f"{prefix}loss": float(self.total.detach()),
             f"{prefix}text_ce": float(self.text_ce.detach()),
             f"{prefix}soft_ce": float(self.soft_ce.detach()),
@@ -146,6 +176,11 @@ class Stage1LossResult:
             f"{prefix}coord_vocab_mass": float(self.coord_vocab_mass.detach()),
             f"{prefix}coord_tokens": float(self.coord_tokens),
         }
+        for name in OPTIONAL_TERMS:
+            value = getattr(self, name)
+            if value is not None:
+                out[f"{prefix}{name}"] = float(value.detach())
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,35 +317,51 @@ def _load(z2: torch.Tensor, rows: torch.Tensor, a: int, b: int, r0: int | None, 
 
 
 class _RowStats(torch.autograd.Function):
-    """The only ``[N, V]`` work: one log-softmax per supervised row, read at one "anchor" column.
+    """The only ``[N, V]`` work: one log-softmax per supervised row, read at one "anchor" column,
+    plus, only for the rows an optional term needs, a second one.
 
     Inputs: flat logits ``z2 [N, V]`` (any float dtype), the sorted supervised rows, which of
-    them are coord rows, the text targets. With ``a = 1`` for text rows and ``1/T`` for coord
-    rows, returns fp32
+    them are coord rows, the text targets, the coord ids in bin order, ``inv_t = 1/T``, and two
+    switches: ``text_gate`` (the text rows need their coord-vocab mass) and ``coord_ce`` (the coord
+    rows need the hard CE at T = 1). With ``a = 1`` for text rows and ``1/T`` for coord rows,
+    returns fp32
 
     * ``rel [n_sup]`` = lse(a z_r) - a z_r[c_r] = -log_softmax(a z_r)[c_r], with anchor column
       ``c_r = y_r`` for text rows (so ``rel`` IS the text CE) and ``c_r = coord id of argmax s_r``
       for coord rows (so ``gate = rel - lse((s - s[t]) / T)``, a difference of small numbers)
-    * ``s [n_coord, K]`` = z_r[coord ids in bin order] (raw, not divided by T)
+    * ``s [n_slice, K]`` = z_r[coord ids in bin order] (raw, not divided by T) of the coord rows,
+      and of the text rows too with ``text_gate`` (then ``n_slice = n_sup``, in row order)
     * ``anchor [n_coord]`` = argmax bin of ``s_r`` (not differentiable)
+    * ``rel2 [n_sup]``, the second log-softmax, 0 on rows that need none: with ``text_gate``, on
+      text rows ``lse_nc((z_r - n_r) / T)``, the log-sum-exp over the NON-coord columns only, with
+      ``n_r`` the row's largest non-coord logit (``text_gate = softplus(lse((s - n) / T) - rel2)``);
+      with ``coord_ce`` and ``T != 1``, on
+      coord rows ``lse(z_r - s_max) = lse(z_r) - z_r[c_r]`` at T = 1 (at T = 1 that is ``rel``
+      itself and no second pass runs)
+    * ``shift2 [n_sup]`` = the constant ``rel2`` is anchored at (``n_r`` on text rows, ``s_max``
+      on coord rows; not differentiable)
 
     Why log-softmax read at an anchor: it is torch's fused row kernel (max, sum-exp, write in one
     pass over a cache-resident row), and ``(a z_c - max) - log sum`` keeps a relative error of a
     few ulp even when ``|z| / T`` is 2e5, where a plain fp32 ``lse(z / T)`` is already off by
     ``ulp(2e5) ~ 0.016``. Rows go through in chunks of ~``_CHUNK_ELEMS`` elements, as views of
-    the logits where the rows are consecutive, with two reused workspaces: nothing ``[N, V]`` is
-    allocated or saved in the forward (the logits are saved by reference).
+    the logits where the rows are consecutive, with two reused workspaces (a third for the
+    second pass): nothing ``[N, V]`` is allocated or saved in the forward (the logits are saved
+    by reference).
 
     Backward, exact: for text rows d rel / d z = softmax(z) - e_y. For coord rows the anchor is a
     constant: d rel / d z = softmax(z / T) / T; the caller subtracts the same constant from
     ``lse(s / T)`` (and log_softmax is shift-invariant), so it cancels in every term, and not
     differentiating it on either side avoids an ``eps * sum|grad|`` round-off spike at the argmax.
+    ``rel2``'s anchors are constants in the same way: d rel2 / d z = a2 softmax(y2) of its own
+    (masked, scaled) row ``y2``, rebuilt in place as ``exp(y2 - rel2)`` (``y2`` is 0 at its anchor
+    column, so ``rel2`` is its log-sum-exp) and added to the row's gradient before it is stored.
     Each chunk's softmax is written straight into the ``[N, V]`` gradient (a fused kernel again);
     the gathered slice ``s`` scatters back; rows not supervised get exactly zero gradient.
     """
 
     @staticmethod
-    def forward(ctx, z2, rows, is_coord, text_tgt, coord_ids, inv_t: float):
+    def forward(ctx, z2, rows, is_coord, text_tgt, coord_ids, inv_t: float, text_gate: bool, coord_ce: bool):
         n_rows, v = z2.shape
         dev = z2.device
         n = rows.numel()
@@ -322,22 +373,41 @@ class _RowStats(torch.autograd.Function):
         tcol = text_tgt.clone()  # anchor column per supervised row; coord rows filled below
         shift = torch.zeros(n, 1, dtype=torch.float32, device=dev)  # s_max on coord rows
         rel = torch.empty(n, dtype=torch.float32, device=dev)
-        s = torch.empty(n_c, K, dtype=torch.float32, device=dev)
+        s = torch.empty(n if text_gate else n_c, K, dtype=torch.float32, device=dev)
         anchor = torch.empty(n_c, dtype=torch.long, device=dev)
+        # the second log-softmax: text rows at 1/T without the coord columns, coord rows at T = 1
+        extra = (~is_coord & text_gate) | (is_coord & (coord_ce and inv_t != 1.0))
+        scale2 = torch.where(is_coord, 1.0, inv_t).to(torch.float32)[:, None]
+        shift2 = torch.zeros(n, 1, dtype=torch.float32, device=dev)
+        tcol2 = torch.zeros(n, dtype=torch.long, device=dev)  # the second pass's anchor column
+        rel2 = torch.zeros(n, dtype=torch.float32, device=dev)
         rows_per = max((b - a for a, b, _ in plan), default=0)
         ws_in = torch.empty(rows_per, v, dtype=torch.float32, device=dev)
         ws_out = torch.empty_like(ws_in)
+        ws_x = torch.empty_like(ws_in) if bool(extra.any()) else None
         for a, b, r0 in plan:
             x = _load(z2, rows, a, b, r0, ws_in)
             ca, cb = cum[a], cum[b]
+            sc_all = x.index_select(1, coord_ids) if (cb > ca or text_gate) else None
+            if text_gate:
+                s[a:b] = sc_all
             if cb > ca:
                 local = torch.nonzero(is_coord[a:b]).flatten()
-                sc = x.index_select(1, coord_ids)[local]
+                sc = sc_all[local]
                 s_max, t = sc.max(dim=1)
                 shift[a + local, 0] = s_max
-                s[ca:cb] = sc
+                shift2[a + local, 0] = s_max
+                if not text_gate:
+                    s[ca:cb] = sc
                 anchor[ca:cb] = t
                 tcol[a + local] = coord_ids[t]
+                tcol2[a + local] = coord_ids[t]
+            if ws_x is not None:
+                sel = torch.nonzero(extra[a:b]).flatten()
+                if sel.numel():
+                    y2 = _second_rows(x, sel, a, shift2, scale2, is_coord, coord_ids, ws_x, tcol2)
+                    lsm2 = torch.log_softmax(y2, 1, out=ws_out[: sel.numel()])
+                    rel2[a + sel] = lsm2.gather(1, tcol2[a + sel, None]).squeeze(1).neg_()
             if scaled:
                 # (z - s_max) / T, not z / T - s_max / T: the difference first is exact near the
                 # maximum, so the exponent's error is eps * (its own size), not eps * |z| / T
@@ -346,31 +416,45 @@ class _RowStats(torch.autograd.Function):
             else:
                 lsm = torch.log_softmax(x, 1, out=ws_out[: b - a])
             rel[a:b] = lsm.gather(1, tcol[a:b, None]).squeeze(1).neg_()
-        ctx.save_for_backward(z2, rows, is_coord, tcol, coord_ids, scale, shift)
-        ctx.plan, ctx.cum, ctx.scaled = plan, cum, scaled
-        ctx.mark_non_differentiable(anchor)
-        return rel, s, anchor
+        ctx.save_for_backward(z2, rows, is_coord, tcol, coord_ids, scale, shift, extra, scale2, shift2, rel2)
+        ctx.plan, ctx.cum, ctx.scaled, ctx.text_gate = plan, cum, scaled, text_gate
+        ctx.mark_non_differentiable(anchor, shift2)
+        return rel, s, anchor, rel2, shift2.squeeze(1)
 
     @staticmethod
-    def backward(ctx, g_rel, g_s, _g_anchor):
-        z2, rows, is_coord, tcol, coord_ids, scale, shift = ctx.saved_tensors
-        plan, cum, scaled = ctx.plan, ctx.cum, ctx.scaled
+    def backward(ctx, g_rel, g_s, _g_anchor, g_rel2, _g_shift2):
+        z2, rows, is_coord, tcol, coord_ids, scale, shift, extra, scale2, shift2, rel2 = ctx.saved_tensors
+        plan, cum, scaled, text_gate = ctx.plan, ctx.cum, ctx.scaled, ctx.text_gate
         n_rows, v = z2.shape
         grad = torch.empty((n_rows, v), dtype=z2.dtype, device=z2.device)
+        nones = (None,) * 7
         if rows.numel() < n_rows:
             unsup = torch.ones(n_rows, dtype=torch.bool, device=z2.device)
             unsup[rows] = False
             grad.index_fill_(0, torch.nonzero(unsup).flatten(), 0)
         if rows.numel() == 0:
-            return grad, None, None, None, None, None
+            return (grad, *nones)
+        if g_rel is None:
+            g_rel = torch.zeros_like(rel2)
         coef = (g_rel[:, None] * scale).contiguous()  # g for text rows, g / T for coord rows
         minus_g_text = torch.where(is_coord, 0.0, -g_rel)[:, None]
+        if g_rel2 is not None and bool(extra.any()):
+            extra = extra & (g_rel2 != 0)
+            coef2 = g_rel2[:, None] * scale2
+        else:
+            extra = torch.zeros_like(extra)
         rows_per = max(b - a for a, b, _ in plan)
         ws_in = torch.empty(rows_per, v, dtype=torch.float32, device=z2.device)
         ws_out = torch.empty_like(ws_in)
+        ws_x = torch.empty_like(ws_in) if bool(extra.any()) else None
         for a, b, r0 in plan:
             n = b - a
             x = _load(z2, rows, a, b, r0, ws_in)
+            sel = torch.nonzero(extra[a:b]).flatten() if ws_x is not None else None
+            if sel is not None and sel.numel():
+                # a2 softmax(y2) = a2 exp(y2 - rel2), built in place while x is still loaded
+                y2 = _second_rows(x, sel, a, shift2, scale2, is_coord, coord_ids, ws_x)
+                y2.sub_(rel2[a + sel, None]).exp_().mul_(coef2[a + sel])
             if scaled:
                 x = torch.sub(x, shift[a:b], out=ws_out[:n]).mul_(scale[a:b])
             direct = r0 is not None and grad.dtype == torch.float32
@@ -378,16 +462,55 @@ class _RowStats(torch.autograd.Function):
             torch._softmax(x, 1, False, out=dest)  # fused softmax, written in place of the grad
             dest.mul_(coef[a:b])
             dest.scatter_add_(1, tcol[a:b, None], minus_g_text[a:b])
-            ca, cb = cum[a], cum[b]
-            if cb > ca:
-                local = torch.nonzero(is_coord[a:b]).flatten()
-                dest.index_put_((local[:, None], coord_ids[None, :]), g_s[ca:cb], accumulate=True)
+            if g_s is not None:
+                if text_gate:
+                    dest.index_add_(1, coord_ids, g_s[a:b])
+                else:
+                    ca, cb = cum[a], cum[b]
+                    if cb > ca:
+                        local = torch.nonzero(is_coord[a:b]).flatten()
+                        dest.index_put_((local[:, None], coord_ids[None, :]), g_s[ca:cb], accumulate=True)
+            if sel is not None and sel.numel():
+                dest.index_add_(0, sel, y2)
             if not direct:
                 if r0 is not None:
                     grad[r0 : r0 + n].copy_(dest)
                 else:
                     grad.index_copy_(0, rows[a:b], dest.to(grad.dtype))
-        return grad, None, None, None, None, None
+        return (grad, *nones)
+
+
+def _second_rows(
+    x: torch.Tensor,
+    sel: torch.Tensor,
+    a: int,
+    shift2: torch.Tensor,
+    scale2: torch.Tensor,
+    is_coord: torch.Tensor,
+    coord_ids: torch.Tensor,
+    ws: torch.Tensor,
+    tcol2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y2 = a2 (z - shift2)`` of the chunk rows ``sel`` (offset ``a`` in the supervised rows) into
+    the workspace ``ws``, with the coord columns of text rows at ``-inf`` (their log-sum-exp is over
+    the non-coord vocabulary): the row the second log-softmax of :class:`_RowStats` runs on.
+
+    With ``tcol2`` (the forward) the text rows' ``shift2`` and anchor column ``tcol2`` are set here to
+    their largest non-coord logit and its column. Why that anchor: ``rel2`` is then an O(log V)
+    number read where ``y2 = 0``, and the text gate's ``lse((s - shift2) / T)`` is large only when the
+    gate is; anchored at ``z[y]`` both would carry ``eps |z[y] - max| / T`` of round-off whatever
+    the gate's size."""
+    m = sel.numel()
+    y2 = ws[:m].copy_(x) if m == x.shape[0] else torch.index_select(x, 0, sel, out=ws[:m])
+    txt = torch.nonzero(~is_coord[a + sel]).flatten()
+    if txt.numel():
+        y2.index_put_((txt[:, None], coord_ids[None, :]), torch.tensor(float("-inf"), device=y2.device))
+        if tcol2 is not None:
+            top, col = y2.max(dim=1)  # coord rows' maxima are not used
+            shift2[a + sel[txt], 0] = top[txt]
+            tcol2[a + sel[txt]] = col[txt]
+    y2.sub_(shift2[a + sel]).mul_(scale2[a + sel])
+    return y2
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +526,8 @@ def check_labels_and_weights(
     soft_ce_weight: float,
     w1_weight: float,
     gate_weight: float,
+    text_gate_weight: float,
+    coord_ce_weight: float,
 ) -> None:
     """Argument checks shared by :func:`stage1_loss` and ``coordexp.train.fused_loss``: aligned integer
     labels of ``ref``'s leading shape, ``T > 0`` and non-negative weights."""
@@ -415,7 +540,13 @@ def check_labels_and_weights(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    for name, w in (("soft_ce_weight", soft_ce_weight), ("w1_weight", w1_weight), ("gate_weight", gate_weight)):
+    for name, w in (
+        ("soft_ce_weight", soft_ce_weight),
+        ("w1_weight", w1_weight),
+        ("gate_weight", gate_weight),
+        ("text_gate_weight", text_gate_weight),
+        ("coord_ce_weight", coord_ce_weight),
+    ):
         if not w >= 0:
             raise ValueError(f"{name} must be >= 0, got {w}")
 
@@ -428,6 +559,8 @@ def stage1_loss(
     soft_ce_weight: float,
     w1_weight: float,
     gate_weight: float,
+    text_gate_weight: float,
+    coord_ce_weight: float,
     temperature: float,
     target_sigma: float,
     target_truncate: int,
@@ -438,15 +571,26 @@ def stage1_loss(
     "Aligned" means the logit at a position predicts the label at the same position: the caller
     shifts (``logits[:, :-1]`` against ``labels[:, 1:]``). ``-100`` labels are ignored.
     All arithmetic is fp32 whatever the logits' dtype; the gradient has the logits' dtype.
-    See the module docstring for the formulas and for ``normalizer``. The weights, ``temperature``
-    and the soft target's ``target_sigma`` / ``target_truncate`` have no defaults here: the
-    config schema (``coordexp.core.config.CoordSoftCEW1Config``) is their one source.
+    See the module docstring for the formulas and for ``normalizer``. The weights (the optional
+    ``text_gate_weight`` / ``coord_ce_weight`` too: 0 turns a term off), ``temperature`` and the
+    soft target's ``target_sigma`` / ``target_truncate`` have no defaults here: the config schema
+    (``coordexp.core.config.CoordSoftCEW1Config``) is their one source.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {tuple(getattr(logits, 'shape', ()))}")
     if not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    check_labels_and_weights(labels, logits, "logits", temperature, soft_ce_weight, w1_weight, gate_weight)
+    check_labels_and_weights(
+        labels,
+        logits,
+        "logits",
+        temperature,
+        soft_ce_weight,
+        w1_weight,
+        gate_weight,
+        text_gate_weight,
+        coord_ce_weight,
+    )
     v = logits.shape[-1]
     coord_ids = coord_ids_in_bin_order(coord_id_map.to(logits.device), v)
     q_table, cdf_table = soft_target_table(target_sigma, target_truncate, logits.device)
@@ -463,14 +607,30 @@ def stage1_loss(
     k_star = bins[rows[row_is_coord]]
     inv_t = 1.0 / float(temperature)
 
-    rel, s, anchor = _RowStats.apply(z2, rows, row_is_coord, text_tgt, coord_ids, inv_t)
+    want_gate, want_ce = text_gate_weight > 0, coord_ce_weight > 0
+    rel, s, anchor, rel2, shift2 = _RowStats.apply(
+        z2, rows, row_is_coord, text_tgt, coord_ids, inv_t, want_gate, want_ce
+    )
     rel_text, rel_crd = rel[~row_is_coord], rel[row_is_coord]
 
     # text rows: CE = lse(z) - z[y], which is exactly the anchored rel_text
     text_ce_sum = rel_text.sum()
-    # coord rows, all on [n_coord, K]; d = (s - s[t]) / T <= 0 keeps every value small
-    # the anchor s[t] is a constant here exactly as inside _RowStats (it cancels in every term)
-    d = (s - s.gather(1, anchor[:, None]).detach()) * inv_t
+    s_crd = s[row_is_coord] if want_gate else s  # with the text gate s covers every supervised row
+    # coord rows, all on [n_coord, K]; the anchor s[t] is a constant here exactly as inside _RowStats
+    # (it cancels in every term); d = (s - s[t]) / T <= 0 keeps every value small
+    s_rel = s_crd - s_crd.gather(1, anchor[:, None]).detach()
+    d = s_rel * inv_t
+    text_gate_rows = coord_ce_rows = None
+    if want_gate:
+        # softplus(lse_coord(z/T) - lse_noncoord(z/T)) = -log(1 - m), both anchored at the constant
+        # largest non-coord logit (see _second_rows)
+        text = ~row_is_coord
+        lse_coord = torch.logsumexp((s[text] - shift2[text, None]) * inv_t, dim=1)
+        text_gate_rows = F.softplus(lse_coord - rel2[text])
+    if want_ce:
+        # lse(z) - z[y] = (lse(z) - s[t]) - (s[k*] - s[t]); the first is rel at T = 1, else rel2
+        lse_hard = rel_crd if inv_t == 1.0 else rel2[row_is_coord]
+        coord_ce_rows = lse_hard - s_rel.gather(1, k_star[:, None]).squeeze(1)
     n_text = int(rows.numel()) - int(k_star.numel())
     return assemble_result(
         text_ce_sum,
@@ -480,9 +640,13 @@ def stage1_loss(
         q_table,
         cdf_table,
         n_text,
+        text_gate_rows=text_gate_rows,
+        coord_ce_rows=coord_ce_rows,
         soft_ce_weight=soft_ce_weight,
         w1_weight=w1_weight,
         gate_weight=gate_weight,
+        text_gate_weight=text_gate_weight,
+        coord_ce_weight=coord_ce_weight,
         normalizer=normalizer,
     )
 
@@ -496,15 +660,21 @@ def assemble_result(
     cdf_table: torch.Tensor,
     n_text: int,
     *,
+    text_gate_rows: torch.Tensor | None,
+    coord_ce_rows: torch.Tensor | None,
     soft_ce_weight: float,
     w1_weight: float,
     gate_weight: float,
+    text_gate_weight: float,
+    coord_ce_weight: float,
     normalizer: GlobalCounts | None,
 ) -> Stage1LossResult:
     """softCE, W1, gate and the totals from the per-row statistics (shared with ``coordexp.train.fused_loss``).
 
     ``d = (s - a) / T`` are the coord logits shifted by a per-row constant ``a`` (an anchor that keeps
     every value small; it cancels in every term) and ``rel_crd = lse(z/T) - a/T`` for the same rows.
+    ``text_gate_rows [n_text]`` / ``coord_ce_rows [n_coord]`` are the optional terms per row, None
+    when their weight is 0 (then they are neither computed nor in the result).
     """
     lse_d = torch.logsumexp(d, dim=1)  # = lse(s/T) - a/T
     log_p = d - lse_d[:, None]  # log_softmax(s/T)
@@ -519,12 +689,26 @@ def assemble_result(
     dt, dc = float(max(n_text, 1)), float(max(n_coord, 1))
     text_ce, soft_ce, w1, gate, mass = text_ce_sum / dt, soft_ce_sum / dc, w1_sum / dc, gate_sum / dc, mass_sum / dc
 
+    coord_sum = soft_ce_weight * soft_ce_sum + w1_weight * w1_sum + gate_weight * gate_sum
+    text_sum = text_ce_sum
+    text_gate = text_gate_sum = coord_ce = coord_ce_sum = None
+    if text_gate_rows is not None:
+        text_gate_sum = text_gate_rows.sum()
+        text_gate = text_gate_sum / dt
+        text_sum = text_sum + text_gate_weight * text_gate_sum
+    if coord_ce_rows is not None:
+        coord_ce_sum = coord_ce_rows.sum()
+        coord_ce = coord_ce_sum / dc
+        coord_sum = coord_sum + coord_ce_weight * coord_ce_sum
     if normalizer is None:
         total = text_ce + soft_ce_weight * soft_ce + w1_weight * w1 + gate_weight * gate
+        if text_gate is not None:
+            total = total + text_gate_weight * text_gate
+        if coord_ce is not None:
+            total = total + coord_ce_weight * coord_ce
     else:
-        coord_sum = soft_ce_weight * soft_ce_sum + w1_weight * w1_sum + gate_weight * gate_sum
         total = normalizer.world_size * (
-            text_ce_sum / normalizer.text_denominator + coord_sum / normalizer.coord_denominator
+            text_sum / normalizer.text_denominator + coord_sum / normalizer.coord_denominator
         )
     return Stage1LossResult(
         total=total,
@@ -540,4 +724,8 @@ def assemble_result(
         w1_sum=w1_sum,
         gate_sum=gate_sum,
         mass_sum=mass_sum,
+        text_gate=text_gate,
+        coord_ce=coord_ce,
+        text_gate_sum=text_gate_sum,
+        coord_ce_sum=coord_ce_sum,
     )

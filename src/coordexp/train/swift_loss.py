@@ -27,8 +27,10 @@ at any ``nproc_per_node`` and gradient accumulation:
   global_count``; :class:`StepMean` sums exactly those shares and divides by the number of steps.
 * ``text_ce``, ``soft_ce``, ``w1``, ``gate``, ``coord_vocab_mass`` are the same kind of mean of each
   step's global token means (text CE over the step's text tokens, the others over its coord tokens),
-  so ``loss == text_ce + soft_ce_weight soft_ce + w1_weight w1 + gate_weight gate`` for the logged
-  values, train and eval.
+  and so are the optional ``text_gate`` (over text tokens) and ``coord_ce`` (over coord tokens), logged
+  only when their weight is > 0; so ``loss == text_ce + soft_ce_weight soft_ce + w1_weight w1 +
+  gate_weight gate (+ text_gate_weight text_gate + coord_ce_weight coord_ce)`` for the logged values,
+  train and eval.
 * ``coord_tokens``: coord tokens per micro-batch and rank (a plain mean).
 * The CE baseline (``coord_soft_ce_w1.enabled: false``) logs the Stage-1 terms as diagnostics but no
   ``coord_softce_w1/loss``: its training loss is the full-vocabulary CE, logged as ``loss``.
@@ -50,13 +52,22 @@ from swift.metrics.utils import Metric
 
 from coordexp.train.diagnostics import check_finite
 from coordexp.train.fused_loss import fused_stage1_loss
-from coordexp.train.loss import GlobalCounts, stage1_loss
+from coordexp.train.loss import OPTIONAL_TERMS, GlobalCounts, stage1_loss
 from coordexp.train.swift_config import coord_id_map, plugin_config
 from coordexp.train.token_types import token_type_metrics
 
 METRIC_PREFIX = "coord_softce_w1/"
 
-LOSS_KEYS = ("soft_ce_weight", "w1_weight", "gate_weight", "temperature", "target_sigma", "target_truncate")
+LOSS_KEYS = (
+    "soft_ce_weight",
+    "w1_weight",
+    "gate_weight",
+    "text_gate_weight",
+    "coord_ce_weight",
+    "temperature",
+    "target_sigma",
+    "target_truncate",
+)
 """The loss-function keywords taken from the config's ``loss`` section (``CoordSoftCEW1Config``)."""
 
 
@@ -227,7 +238,8 @@ def _loss_counts(trainer: Any, counts: GlobalCounts | None) -> GlobalCounts | No
 
 
 TERMS = ("text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass")
-"""The per-term metrics under :data:`METRIC_PREFIX`, besides ``loss`` and ``coord_tokens``."""
+"""The per-term metrics under :data:`METRIC_PREFIX`, besides ``loss`` and ``coord_tokens`` (and the
+:data:`coordexp.train.loss.OPTIONAL_TERMS` when their weight is > 0)."""
 
 
 def _log(
@@ -256,8 +268,11 @@ def _log(
     """
     metrics = trainer.custom_metrics[mode]
     device = getattr(trainer.args, "device", None)
+    names = ["loss", *TERMS]
+    optional = [name for name in OPTIONAL_TERMS if getattr(res, name) is not None]
     if step is None:
         values = [res.total, res.text_ce, res.soft_ce, res.w1, res.gate, res.coord_vocab_mass]
+        values += [getattr(res, name) for name in optional]
         scale = weight = 1.0 if mode == "train" else float(batch_size)
     else:
         dt, dc = step.text_denominator, step.coord_denominator
@@ -270,11 +285,13 @@ def _log(
             res.gate_sum / dc,
             res.mass_sum / dc,
         ]
+        denominators = {"text_gate": dt, "coord_ce": dc}
+        values += [getattr(res, f"{name}_sum") / denominators[name] for name in optional]
         if mode == "train":
             scale, weight = 1.0, 1.0 / (step.world_size * step.micro_batches)
         else:
             scale, weight = float(step.world_size * batch_size), float(batch_size)
-    names = ("loss", *TERMS)
+    names += optional
     if not with_loss:
         names, values = names[1:], values[1:]
     floats = torch.stack([v.detach().float().reshape(()) for v in values]).tolist()  # one device sync
