@@ -22,7 +22,7 @@ def test_repo_params_are_valid_and_spec_defaults():
     assert (spec.text_gate_weight, spec.coord_ce_weight) == (0.0, 0.0)  # the optional terms are off: the spec's loss
     # the embedded default departs from the spec's weights on purpose (params.yaml says why)
     c = p.train.coord_soft_ce_w1
-    assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 0.2, 2.0, 1.0)
+    assert (c.enabled, c.soft_ce_weight, c.w1_weight, c.gate_weight) == (True, 0.2, 2.0, 0.5)
     # and trains on two CPU processes of batch 4 (a global batch of 8), where the schema's default is one
     # process of 8, which runs anywhere
     assert (p.train.nproc_per_node, p.train.per_device_train_batch_size) == (2, 4)

@@ -304,9 +304,14 @@ class EvaluateConfig(_Section):
     local_window: int = Field(default=8, ge=0, le=999)
     """Half-width in bins of the ``local_expectation`` readout: wide enough for the Stage-1 target's mass
     (sigma 2 bins), narrow enough to ignore a second mode."""
-    score: Literal["coord_geomean", "coord_mass", "coord_peak", "neg_spread", "desc_coord_geomean"] = "coord_geomean"
+    score: Literal["coord_geomean", "coord_mass", "coord_peak", "neg_spread", "desc_coord_geomean"] = (
+        "desc_coord_geomean"
+    )
     """The object score that ranks detections for the headline AP and that ``predict`` reports
-    (:data:`coordexp.evaluate.scoring.SCORES`); every definition's AP is in ``eval.json`` ``scores``."""
+    (:data:`coordexp.evaluate.scoring.SCORES`); every definition's AP is in ``eval.json`` ``scores``. The default
+    also counts the description tokens' probabilities, the model's confidence in the class, beside the coords':
+    on the embedded default it ranked best of the five for Stage-1 and for the CE baseline alike (bench/RESULTS.md,
+    ``## readouts_vs_loss``)."""
     calibration_bins: int = Field(default=10, ge=2, le=100)
     """Equal-width score bins of the reliability diagram and the expected calibration error of the headline
     score (:mod:`coordexp.evaluate.calibration`)."""

@@ -112,7 +112,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(cfg.get("max_new_tokens", 256))
         self.batch_size = int(cfg.get("batch_size", 8))
         self.readout = str(cfg.get("readout", "median"))
-        self.score = str(cfg.get("score", "coord_geomean"))
+        self.score = str(cfg.get("score", "desc_coord_geomean"))
         self.detector = Detector(
             checkpoint_from_artifacts(context.artifacts), local_window=int(cfg.get("local_window", 8))
         )

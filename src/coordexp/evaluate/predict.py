@@ -5,7 +5,7 @@
     {
       "units": "pixels",
       "coordinates": "<how pixels and bins relate>",
-      "checkpoint": "artifacts/train/final", "readout": "median", "score": "coord_geomean",
+      "checkpoint": "artifacts/train/final", "readout": "median", "score": "desc_coord_geomean",
       "images": [
         {"image": "my_image.jpg", "width": 640, "height": 480, "drawn": "predictions/my_image.pred.png",
          "objects": [{"desc": "red circle", "bbox_2d": [x1, y1, x2, y2],
@@ -129,7 +129,7 @@ def detect(
     *,
     grammar: Grammar | None = None,
     readout: str = "median",
-    score: str = "coord_geomean",
+    score: str = "desc_coord_geomean",
 ) -> list[dict[str, Any]]:
     """One generation batch over decoded images: per image its size, objects in pixels (coordinates by
     ``readout``, ranked by ``score``), raw answer, whether it parsed cleanly (``ok``) and its problems. With a
@@ -176,7 +176,7 @@ def predict(
     max_new_tokens: int = 256,
     decoding: Literal["constrained", "free"] = "constrained",
     readout: str = "median",
-    score: str = "coord_geomean",
+    score: str = "desc_coord_geomean",
     local_window: int = 8,
     warn: Callable[[str], None] = _warn,
 ) -> dict[str, Any]:
