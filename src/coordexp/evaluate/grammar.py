@@ -75,8 +75,9 @@ _MAX_CACHED_BIASES = 256
 Descriptions = Literal["free", "train_set"]
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte -> the byte."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet (Qwen's too): each byte -> the printable character that stands for it in the
+    vocabulary's token strings (printable ASCII and Latin-1 stand for themselves, the rest map above U+0100)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -85,7 +86,12 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _byte_decoder() -> dict[str, int]:
+    """:func:`byte_alphabet` inverted: the character in a token string -> the byte it stands for."""
+    return {c: b for b, c in byte_alphabet().items()}
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
