@@ -10,7 +10,8 @@ evaluation batch's loss repeated once per sample and averaged for ``eval_loss``)
 * ``loss == text_ce + soft_ce_weight soft_ce + w1_weight w1 + gate_weight gate`` (``+ text_gate_weight text_gate
   + coord_ce_weight coord_ce`` with the optional terms on) for the logged values;
 * each term is the global token mean of its step (``stage1_loss`` on the whole global batch at once),
-  averaged over the logging window's steps.
+  averaged over the logging window's steps; so is each ``coord_diag/*`` diagnostic (with ``train.coord_diag``;
+  no ``coord_diag/`` key without it), the CE baseline's too.
 
 One and two processes (gloo, CPU), with and without accumulation. The slow end-to-end version of the
 same identities, on the MLflow store of real ``swift sft`` runs, is ``tests/test_logged_numbers_e2e.py``.
@@ -31,6 +32,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from coordexp.core.codec import K
+from coordexp.train.loss import COORD_DIAG
 
 N_TEXT = 40
 V = K + N_TEXT
@@ -51,6 +53,7 @@ LOSS_OPTIONAL = {**LOSS, "text_gate_weight": 0.5, "coord_ce_weight": 0.3}
 PREFIX = "coord_softce_w1/"
 TERMS = ("text_ce", "soft_ce", "w1", "gate", "coord_vocab_mass")
 OPTIONAL = ("text_gate", "coord_ce")
+DIAG_PREFIX = "coord_diag/"
 
 
 def _cmap() -> torch.Tensor:
@@ -89,8 +92,9 @@ def _reference(batches: list[tuple[torch.Tensor, torch.Tensor]], cmap: torch.Ten
 
     z = torch.cat([lg[:, :-1].reshape(-1, V) for lg, _ in batches])
     y = torch.cat([lab[:, 1:].reshape(-1) for _, lab in batches])
-    res = stage1_loss(z, y, cmap, **loss)
+    res = stage1_loss(z, y, cmap, **loss, coord_diag=True)
     out = {name: float(getattr(res, name)) for name in TERMS}
+    out.update({f"{DIAG_PREFIX}{name}": float(v) for name, v in zip(COORD_DIAG, res.coord_diag)})
     out.update({name: float(getattr(res, name)) for name in OPTIONAL if getattr(res, name) is not None})
     out["loss"] = float(res.total)
     out["ce"] = float(torch.nn.functional.cross_entropy(z, y, ignore_index=-100))
@@ -117,17 +121,18 @@ def _trainer(swift_scales: bool) -> _Trainer:
     )
 
 
-def _loss_fn(enabled: bool, cmap: torch.Tensor, loss: dict):
+def _loss_fn(enabled: bool, cmap: torch.Tensor, loss: dict, diag: bool = False):
     from coordexp.train.swift_loss import Stage1SwiftLoss
 
     fn = Stage1SwiftLoss.__new__(Stage1SwiftLoss)  # without the plugin config file
     fn.cfg = {"loss": {"enabled": enabled, **loss}, "fused_loss": False, "token_type_metrics": False}
+    fn.cfg["coord_diag"] = diag
     fn.loss_cfg, fn.cmap, fn.trainer = fn.cfg["loss"], cmap, None
     return fn
 
 
 def _drive(
-    world: int, rank: int, ga: int, enabled: bool, swift_scales: bool, optional: bool = False
+    world: int, rank: int, ga: int, enabled: bool, swift_scales: bool, optional: bool = False, diag: bool = False
 ) -> dict[str, dict[str, float]]:
     """One rank's view of a logging window (STEPS optimizer steps) and an evaluation, as the HF
     trainer and ms-swift run them; returns the train and eval logs (rank 0's are what is logged)."""
@@ -137,7 +142,7 @@ def _drive(
 
     cmap = _cmap()
     train, evals = _data(world, ga, cmap)
-    tr, fn = _trainer(swift_scales), _loss_fn(enabled, cmap, LOSS_OPTIONAL if optional else LOSS)
+    tr, fn = _trainer(swift_scales), _loss_fn(enabled, cmap, LOSS_OPTIONAL if optional else LOSS, diag)
 
     def swift_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = fn(SimpleNamespace(logits=logits), labels, num_items_in_batch=torch.tensor(1), trainer=tr)
@@ -170,7 +175,9 @@ def _drive(
     return {"train": train_logs, "eval": eval_logs}
 
 
-def _check(logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool, optional: bool = False) -> None:
+def _check(
+    logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool, optional: bool = False, diag: bool = False
+) -> None:
     cmap = _cmap()
     loss = LOSS_OPTIONAL if optional else LOSS
     train, evals = _data(world, ga, cmap)
@@ -184,7 +191,12 @@ def _check(logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool
     ):
         got = logs[split]
         total = sum(n for _, n in refs)
-        want = {k: sum(r[k] * n for r, n in refs) / total for k in (*terms, "loss", "ce")}
+        diags = [f"{DIAG_PREFIX}{name}" for name in COORD_DIAG]
+        want = {k: sum(r[k] * n for r, n in refs) / total for k in (*terms, *diags, "loss", "ce")}
+        for name in diags:  # the global coord-token means of each step, averaged like the terms; only when on
+            assert (f"{pre}{name}" in got) == diag, (split, name)
+            if diag:
+                assert got[f"{pre}{name}"] == pytest.approx(want[name], rel=1e-5, abs=1e-6), (split, name)
         for name in terms:  # the global token means of each step, averaged like the loss
             assert got[f"{pre}{PREFIX}{name}"] == pytest.approx(want[name], rel=1e-5), (split, name)
         for name in OPTIONAL:  # logged only when on
@@ -209,19 +221,20 @@ def _check(logs: dict[str, dict[str, float]], world: int, ga: int, enabled: bool
     assert n_eval == world * 3
 
 
-SCENARIOS_1 = [(1, True, True, False), (2, True, True, False), (2, True, False, False), (2, False, True, False)]
-SCENARIOS_1 += [(2, True, True, True), (1, False, True, True)]
-"""(gradient accumulation, Stage-1 enabled, ms-swift scales the loss by the process count, optional terms on)"""
+SCENARIOS_1 = [(1, True, True, False, False), (2, True, True, False, True), (2, True, False, False, False)]
+SCENARIOS_1 += [(2, False, True, False, True), (2, True, True, True, False), (1, False, True, True, False)]
+"""(gradient accumulation, Stage-1 enabled, ms-swift scales the loss by the process count, optional terms on,
+coord diagnostics on)"""
 
 
-@pytest.mark.parametrize(("ga", "enabled", "swift_scales", "optional"), SCENARIOS_1)
-def test_one_process_logs_the_trainers_numbers(ga, enabled, swift_scales, optional):
-    logs = _drive(1, 0, ga, enabled, swift_scales, optional)
-    _check(logs, 1, ga, enabled, optional)
+@pytest.mark.parametrize(("ga", "enabled", "swift_scales", "optional", "diag"), SCENARIOS_1)
+def test_one_process_logs_the_trainers_numbers(ga, enabled, swift_scales, optional, diag):
+    logs = _drive(1, 0, ga, enabled, swift_scales, optional, diag)
+    _check(logs, 1, ga, enabled, optional, diag)
 
 
-SCENARIOS_2 = [(1, True, True, False), (2, True, True, False), (2, True, False, False), (2, False, True, False)]
-SCENARIOS_2 += [(2, True, True, True)]
+SCENARIOS_2 = [(1, True, True, False, False), (2, True, True, False, True), (2, True, False, False, False)]
+SCENARIOS_2 += [(2, False, True, False, True), (2, True, True, True, True)]
 
 
 def _free_port() -> int:
@@ -245,8 +258,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_two_processes_log_the_trainers_numbers(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     results = json.loads((tmp_path / "logs.json").read_text())
-    for (ga, enabled, _, optional), logs in zip(SCENARIOS_2, results):
-        _check(logs, 2, ga, enabled, optional)
+    for (ga, enabled, _, optional, diag), logs in zip(SCENARIOS_2, results):
+        _check(logs, 2, ga, enabled, optional, diag)
 
 
 def test_learning_rate_per_part_of_the_model():

@@ -250,6 +250,13 @@ class TrainConfig(_Section):
     logits never exist. Same loss and gradients as ``false`` (tested). Turn it on when the logits
     dominate memory (a real checkpoint with V ~ 152k); its cost on the CPU is in bench/RESULTS.md
     (``## fused_loss``)."""
+    coord_diag: bool = True
+    """Log coord-distribution diagnostics at coord positions, train and eval, under ``coord_diag/``: top-1 and
+    top-5 bin accuracy, accuracy within +-2 bins, mean probability of the target bin, mean absolute error of the
+    expected bin, mean spread (std in bins) of softmax(s / T) (:func:`coordexp.train.loss.coord_diagnostics`).
+    They show whether the coord heads learn where the loss terms cannot (a soft CE can fall while the arg-max
+    stays put); computed from the coord slice the loss already has, no gradient, the loss unchanged; under 2%
+    of the loss's own time, ~0.3% of a step (bench/RESULTS.md, ``## coord_diag_overhead``). ``false`` skips them."""
     dataloader_num_workers: int = Field(default=0, ge=0)
     """Background data-loading processes."""
     coord_soft_ce_w1: CoordSoftCEW1Config = Field(default_factory=CoordSoftCEW1Config)

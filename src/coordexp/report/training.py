@@ -26,8 +26,16 @@ LOSS_COMPONENTS: tuple[tuple[str, str], ...] = (
     ("coord_softce_w1/coord_vocab_mass", "coord-vocab mass at coord positions"),
     ("token_acc", "token accuracy"),
     ("learning_rate", "learning rate"),
+    ("coord_diag/top1_acc", "coord top-1 bin accuracy"),
+    ("coord_diag/top5_acc", "coord top-5 bin accuracy"),
+    ("coord_diag/within2_acc", "coord arg-max within +-2 bins"),
+    ("coord_diag/p_target", "coord p(target bin)"),
+    ("coord_diag/expected_mae", "coord |expected bin - target|"),
+    ("coord_diag/spread", "coord spread (std, bins)"),
 )
-"""Curves of the training diagnostics, in display order: (history column, title)."""
+"""Curves of the training diagnostics, in display order: (history column, title). The ``coord_diag/`` ones
+are logged with ``train.coord_diag`` (:data:`coordexp.train.loss.COORD_DIAG`); a run without them shows a
+"not logged" panel."""
 
 TOKEN_TYPE_PREFIX = "token_type/"
 

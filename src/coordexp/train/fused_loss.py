@@ -16,7 +16,9 @@ gradient; everything the loss needs from them is small (the formulas are in
 * the arg-max of every row (for token accuracy: the trainer has no logits to take it from).
 
 :class:`_FusedHead` computes these; everything downstream (softCE, W1, gate, the reductions) is
-ordinary autograd on those small tensors, written exactly like ``stage1_loss``.
+ordinary autograd on those small tensors, written exactly like ``stage1_loss``, and so are the
+coord-distribution diagnostics (``coord_diag=True``), from the same coord slice (its arg-max is the
+``s_max`` it is anchored at).
 
 The optional terms (``text_gate_weight``, ``coord_ce_weight``; each only when its weight is > 0) run
 one more :class:`_FusedHead` pass each, in vocab mode, over the rows they need (:func:`_extra_passes`):
@@ -479,6 +481,7 @@ def fused_stage1_loss(
     target_sigma: float,
     target_truncate: int,
     normalizer: GlobalCounts | None = None,
+    coord_diag: bool = False,
 ) -> Stage1LossResult:
     """Stage-1 loss of ``hidden [N, D] | [B, L, D]`` through the LM head ``weight [V, D]``
     (``+ bias [V]``), equal to ``stage1_loss(hidden @ weight.T + bias, labels, ...)``.
@@ -493,7 +496,8 @@ def fused_stage1_loss(
     rows are touched; all arithmetic is fp32; gradients come back in the inputs' dtypes, exact for
     any scalar built from the result. ``argmax`` holds each supervised position's predicted token
     id, ``mode`` the mode that ran. The loss weights, ``temperature``, ``target_sigma`` and
-    ``target_truncate`` are required, as in :func:`coordexp.train.loss.stage1_loss`.
+    ``target_truncate`` are required, as in :func:`coordexp.train.loss.stage1_loss`; ``coord_diag=True``
+    adds the coord-distribution diagnostics of the coord slice, as there.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3) or not hidden.dtype.is_floating_point:
         raise ValueError(
@@ -571,7 +575,18 @@ def fused_stage1_loss(
         chunk = None if chunk_size is None else int(chunk_size)
         extras = _extra_passes(h2, weight, bias, rows, row_is_coord, coord_ids, inv_t, chunk, weights)
         result = _assemble(
-            (L, s, zy), extras, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+            (L, s, zy),
+            extras,
+            row_is_coord,
+            k_star,
+            q_table,
+            cdf_table,
+            inv_t,
+            n_text,
+            n_coord,
+            weights,
+            normalizer,
+            coord_diag=coord_diag,
         )
     argmax = torch.full_like(flat, IGNORE_INDEX)
     argmax[rows] = pred
@@ -650,16 +665,29 @@ def _extra_passes(h2, weight, bias, rows, row_is_coord, coord_ids, inv_t, chunk,
 
 
 def _assemble(
-    outs, extras, row_is_coord, k_star, q_table, cdf_table, inv_t, n_text, n_coord, weights, normalizer
+    outs,
+    extras,
+    row_is_coord,
+    k_star,
+    q_table,
+    cdf_table,
+    inv_t,
+    n_text,
+    n_coord,
+    weights,
+    normalizer,
+    coord_diag: bool = False,
 ) -> Stage1LossResult:
     """``stage1_loss``'s formulas on the small outputs ``(L, s, zy)`` of :class:`_FusedHead` and the
     optional terms' ``extras`` (:func:`_extra_passes`); ``weights`` = ``(soft_ce_weight, w1_weight,
-    gate_weight, text_gate_weight, coord_ce_weight)``."""
+    gate_weight, text_gate_weight, coord_ce_weight)``; ``coord_diag`` adds the diagnostics of the coord
+    slice (``coordexp.train.loss.coord_diagnostics``)."""
     L, s, zy = outs
     tg, hard = extras
     text_ce_sum = (L[~row_is_coord] - zy).sum()  # lse(z) - z[y]
     rel_crd = L[row_is_coord]  # lse(z/T) - s_max/T
-    s_rel = s - s.detach().max(dim=1, keepdim=True).values  # anchored at s_max
+    s_max, s_arg = s.detach().max(dim=1, keepdim=True)  # the first maximum, as torch.argmax
+    s_rel = s - s_max  # anchored at s_max
     d = s_rel * inv_t
     soft_ce_weight, w1_weight, gate_weight, text_gate_weight, coord_ce_weight = weights
     text_gate_rows = coord_ce_rows = None
@@ -688,4 +716,6 @@ def _assemble(
         text_gate_weight=text_gate_weight,
         coord_ce_weight=coord_ce_weight,
         normalizer=normalizer,
+        coord_diag=coord_diag,
+        argmax=s_arg.squeeze(1),
     )

@@ -25,6 +25,12 @@ soft target, ``lse`` the log-sum-exp.
   total = CE_text + text_gate_weight text_gate
           + soft_ce_weight softCE + w1_weight W1 + gate_weight gate + coord_ce_weight coord_ce
 
+Coord-distribution diagnostics (``coord_diag=True``; :func:`coord_diagnostics`), no gradient, from the
+same ``p = softmax(s / T)`` of the coord rows, per row and then a mean over the coord tokens like the terms:
+``top1_acc`` (arg-max bin == k*), ``top5_acc``, ``within2_acc`` (|arg-max bin - k*| <= 2), ``p_target``
+(p[k*]), ``expected_mae`` (|sum_i i p_i - k*|) and ``spread`` (the std of p, in bins). They tell whether
+the coord heads learn where the loss terms cannot: a soft CE can fall while the arg-max stays put.
+
 Why a custom autograd Function: the only ``[N, V]`` work is one logsumexp per supervised row
 (``lse(z)`` for text rows, ``lse(z/T)`` for coord rows, shared by CE and gate), plus gathering
 the target logit and the 1000-column coord slice. :class:`_RowStats` does exactly that, row-chunk
@@ -68,10 +74,13 @@ import torch.nn.functional as F
 from coordexp.core.codec import K
 
 __all__ = [
+    "COORD_DIAG",
+    "COORD_DIAG_PREFIX",
     "IGNORE_INDEX",
     "OPTIONAL_TERMS",
     "GlobalCounts",
     "Stage1LossResult",
+    "coord_diagnostics",
     "coord_ids_in_bin_order",
     "count_tokens",
     "global_counts",
@@ -84,6 +93,12 @@ IGNORE_INDEX: int = -100
 
 OPTIONAL_TERMS: tuple[str, ...] = ("text_gate", "coord_ce")
 """The terms computed (and logged) only when their weight is > 0: ``text_gate_weight``, ``coord_ce_weight``."""
+
+COORD_DIAG: tuple[str, ...] = ("top1_acc", "top5_acc", "within2_acc", "p_target", "expected_mae", "spread")
+"""The coord-distribution diagnostics, in the column order of :func:`coord_diagnostics`."""
+
+COORD_DIAG_PREFIX = "coord_diag/"
+"""Metric prefix of the diagnostics (``coord_diag/top1_acc``, ...; ``eval_coord_diag/...`` in evaluation)."""
 
 _CHUNK_ELEMS = 1 << 23
 """Elements per row chunk (~32 MB of fp32, ~55 rows at V = 152k): big enough to amortise per-op
@@ -163,6 +178,11 @@ class Stage1LossResult:
     mode: str | None = None
     """Which chunking the fused loss ran, ``"vocab"`` or ``"rows"`` (what ``mode="auto"`` picked);
     None from :func:`stage1_loss`, which has no LM head to chunk."""
+    coord_diag: torch.Tensor | None = None
+    """``[len(COORD_DIAG)]`` means of the coord-distribution diagnostics over this call's coord tokens
+    (0 without any), detached; None unless asked for (``coord_diag=True``)."""
+    coord_diag_sum: torch.Tensor | None = None
+    """The same as sums over this call's coord tokens, for callers that reduce themselves."""
 
     def log_dict(self, prefix: str = "coord_softce_w1/") -> dict[str, float]:
         """Detached floats under the metric names the trainer logs (``coord_softce_w1/...``); the
@@ -180,6 +200,8 @@ class Stage1LossResult:
             value = getattr(self, name)
             if value is not None:
                 out[f"{prefix}{name}"] = float(value.detach())
+        if self.coord_diag is not None:
+            out.update(zip((f"{COORD_DIAG_PREFIX}{n}" for n in COORD_DIAG), self.coord_diag.tolist()))
         return out
 
 
@@ -235,6 +257,57 @@ def soft_target_table(
     if int(truncate) != truncate or truncate < 0:
         raise ValueError(f"target_truncate must be an integer >= 0, got {truncate}")
     return _soft_target_table_cached(float(sigma), int(truncate), str(torch.device(device)))
+
+
+@torch.no_grad()
+def coord_diagnostics(
+    log_p: torch.Tensor, k_star: torch.Tensor, p: torch.Tensor | None = None, argmax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[n, len(COORD_DIAG)]``: the diagnostics of each coord row, from its predicted bin distribution
+    ``log_p = log_softmax(s / T)`` (``[n, K]``) and its target bin ``k_star`` (``[n]``); no gradient.
+    ``p = log_p.exp()`` and ``argmax`` (the arg-max bin per row) where the caller has them already (the W1
+    term has ``p``; the loss's anchor is the arg-max), else computed here: on the CPU an ``argmax`` over
+    ``[n, K]`` costs as much as all the rest.
+
+    The arg-max is the first maximum (``torch.argmax``'s rule), so a tie counts for the lower bin, and
+    the top-5 rank follows the same order (a bin ranks above the target if it is more probable, or as
+    probable and lower). Ranks are read in log space, where a far tail stays distinct instead of
+    underflowing to tied zeros; the rank is counted exactly only on the rare rows where a tie with the
+    target straddles 5th place (elsewhere ``#(log_p > log_p[k*]) >= 5`` or ``#(log_p >= log_p[k*]) <= 5``
+    decides). The expected bin is ``p @ bins``, the spread ``sqrt(sum_i p_i (i - E)^2)`` (two passes:
+    ``E[i^2] - E^2`` would cancel to noise for a point mass far from bin 0). Cost: a few elementwise
+    passes over ``[n, K]`` (bench/RESULTS.md, ``## coord_diag_overhead``), nothing over ``[n, V]``. The
+    comparisons are written as 0/1 floats into one workspace and summed: a sum over a bool tensor would
+    first copy it to int64.
+    """
+    log_p = log_p.detach()
+    n, k = log_p.shape
+    tgt = k_star[:, None]
+    lp_t = log_p.gather(1, tgt)
+    ws = torch.empty_like(log_p)
+    above = torch.gt(log_p, lp_t, out=ws).sum(1)  # strictly more probable bins
+    top5 = (above < 5) & (torch.ge(log_p, lp_t, out=ws).sum(1) <= 5)
+    straddle = torch.nonzero((above < 5) & ~top5).flatten()
+    if straddle.numel():  # ties with the target across 5th place: count the lower tied bins too
+        lower = torch.arange(k, device=log_p.device) < tgt[straddle]
+        ties = ((log_p[straddle] == lp_t[straddle]) & lower).sum(1)
+        top5[straddle] = above[straddle] + ties < 5
+    argmax = log_p.argmax(1) if argmax is None else argmax
+    p = log_p.exp() if p is None else p.detach()
+    bins = torch.arange(k, device=p.device, dtype=p.dtype)
+    expected = p @ bins
+    spread = torch.sub(bins, expected[:, None], out=ws).square_().mul_(p).sum(1).sqrt_()
+    return torch.stack(
+        [
+            (argmax == k_star).to(p.dtype),
+            top5.to(p.dtype),
+            ((argmax - k_star).abs() <= 2).to(p.dtype),
+            lp_t.squeeze(1).exp(),
+            (expected - k_star.to(p.dtype)).abs(),
+            spread,
+        ],
+        dim=1,
+    )
 
 
 def _masks(labels: torch.Tensor, cmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -565,6 +638,7 @@ def stage1_loss(
     target_sigma: float,
     target_truncate: int,
     normalizer: GlobalCounts | None = None,
+    coord_diag: bool = False,
 ) -> Stage1LossResult:
     """Stage-1 loss of ALIGNED ``logits [N, V] | [B, L, V]`` and ``labels [N] | [B, L]``.
 
@@ -574,7 +648,8 @@ def stage1_loss(
     See the module docstring for the formulas and for ``normalizer``. The weights (the optional
     ``text_gate_weight`` / ``coord_ce_weight`` too: 0 turns a term off), ``temperature`` and the
     soft target's ``target_sigma`` / ``target_truncate`` have no defaults here: the config schema
-    (``coordexp.core.config.CoordSoftCEW1Config``) is their one source.
+    (``coordexp.core.config.CoordSoftCEW1Config``) is their one source. ``coord_diag=True`` adds the
+    coord-distribution diagnostics (:func:`coord_diagnostics`) to the result; the loss is the same.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [N, V] or [B, L, V], got shape {tuple(getattr(logits, 'shape', ()))}")
@@ -648,6 +723,8 @@ def stage1_loss(
         text_gate_weight=text_gate_weight,
         coord_ce_weight=coord_ce_weight,
         normalizer=normalizer,
+        coord_diag=coord_diag,
+        argmax=anchor,
     )
 
 
@@ -668,19 +745,24 @@ def assemble_result(
     text_gate_weight: float,
     coord_ce_weight: float,
     normalizer: GlobalCounts | None,
+    coord_diag: bool = False,
+    argmax: torch.Tensor | None = None,
 ) -> Stage1LossResult:
     """softCE, W1, gate and the totals from the per-row statistics (shared with ``coordexp.train.fused_loss``).
 
     ``d = (s - a) / T`` are the coord logits shifted by a per-row constant ``a`` (an anchor that keeps
     every value small; it cancels in every term) and ``rel_crd = lse(z/T) - a/T`` for the same rows.
     ``text_gate_rows [n_text]`` / ``coord_ce_rows [n_coord]`` are the optional terms per row, None
-    when their weight is 0 (then they are neither computed nor in the result).
+    when their weight is 0 (then they are neither computed nor in the result). ``coord_diag`` adds the
+    diagnostics of ``softmax(d)``, detached (the loss and its graph are the same either way); ``argmax`` is
+    the arg-max bin of each coord row (the first maximum) where the caller has it.
     """
     lse_d = torch.logsumexp(d, dim=1)  # = lse(s/T) - a/T
     log_p = d - lse_d[:, None]  # log_softmax(s/T)
     q = q_table[k_star]
     soft_ce_rows = -(q * log_p).sum(dim=1)
-    w1_rows = (torch.cumsum(log_p.exp(), dim=1) - cdf_table[k_star]).abs().sum(dim=1) / (K - 1)
+    p = log_p.exp()
+    w1_rows = (torch.cumsum(p, dim=1) - cdf_table[k_star]).abs().sum(dim=1) / (K - 1)
     gate_rows = (rel_crd - lse_d).clamp_min(0.0)  # lse(z/T) - lse(s/T), round-off clamped
     mass_rows = torch.exp(-gate_rows)
 
@@ -710,6 +792,10 @@ def assemble_result(
         total = normalizer.world_size * (
             text_sum / normalizer.text_denominator + coord_sum / normalizer.coord_denominator
         )
+    diag = diag_sum = None
+    if coord_diag:
+        diag_sum = coord_diagnostics(log_p, k_star, p, argmax).sum(0)
+        diag = diag_sum / dc
     return Stage1LossResult(
         total=total,
         text_ce=text_ce,
@@ -728,4 +814,6 @@ def assemble_result(
         coord_ce=coord_ce,
         text_gate_sum=text_gate_sum,
         coord_ce_sum=coord_ce_sum,
+        coord_diag=diag,
+        coord_diag_sum=diag_sum,
     )

@@ -358,6 +358,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         "loss": params.train.coord_soft_ce_w1.model_dump(),
         "token_type_metrics": params.train.token_type_metrics.enabled,
         "fused_loss": params.train.fused_loss,
+        "coord_diag": params.train.coord_diag,
         "train_rows": str(data_dir / "train.jsonl"),
     }
     write_json(out / "coordexp_plugin.json", plugin_cfg)

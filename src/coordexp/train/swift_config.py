@@ -2,7 +2,7 @@
 
 ``swift sft`` runs in a subprocess of the ``train`` stage, so the loss and the trainer cannot take
 the validated config as an argument: the stage writes what they need (loss weights, the coord
-vocabulary file, ``fused_loss``, ``token_type_metrics``, the training rows) to a JSON file and names
+vocabulary file, ``fused_loss``, ``token_type_metrics``, ``coord_diag``, the training rows) to a JSON file and names
 it in the environment variable :data:`CONFIG_ENV`. The loss and the trainer each read it once, when
 ms-swift builds them.
 """

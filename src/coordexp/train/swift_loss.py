@@ -31,6 +31,9 @@ at any ``nproc_per_node`` and gradient accumulation:
   only when their weight is > 0; so ``loss == text_ce + soft_ce_weight soft_ce + w1_weight w1 +
   gate_weight gate (+ text_gate_weight text_gate + coord_ce_weight coord_ce)`` for the logged values,
   train and eval.
+* ``coord_diag/{top1_acc,top5_acc,within2_acc,p_target,expected_mae,spread}`` (with ``train.coord_diag``;
+  :func:`coordexp.train.loss.coord_diagnostics`): each step's global means over its coord tokens, reduced
+  exactly like the coord terms (a call's sum over the step's global coord count), the CE baseline's too.
 * ``coord_tokens``: coord tokens per micro-batch and rank (a plain mean).
 * The CE baseline (``coord_soft_ce_w1.enabled: false``) logs the Stage-1 terms as diagnostics but no
   ``coord_softce_w1/loss``: its training loss is the full-vocabulary CE, logged as ``loss``.
@@ -52,7 +55,7 @@ from swift.metrics.utils import Metric
 
 from coordexp.train.diagnostics import check_finite
 from coordexp.train.fused_loss import fused_stage1_loss
-from coordexp.train.loss import OPTIONAL_TERMS, GlobalCounts, stage1_loss
+from coordexp.train.loss import COORD_DIAG, COORD_DIAG_PREFIX, OPTIONAL_TERMS, GlobalCounts, stage1_loss
 from coordexp.train.swift_config import coord_id_map, plugin_config
 from coordexp.train.token_types import token_type_metrics
 
@@ -154,6 +157,7 @@ class Stage1SwiftLoss(BaseLoss):
         step = _step_counts(trainer, num_items_in_batch)
         counts = _loss_counts(trainer, step)
         weights = {k: self.loss_cfg[k] for k in LOSS_KEYS}
+        weights["coord_diag"] = bool(self.cfg.get("coord_diag"))
         log = functools.partial(_log, trainer, mode, step, counts, labels.shape[0])
         if self.cfg.get("fused_loss"):
             return self._fused(outputs, labels, trainer, counts, weights, log)
@@ -252,7 +256,8 @@ def _log(
     *,
     with_loss: bool,
 ) -> None:
-    """Add this call's share of the step's numbers to the ``coord_softce_w1/`` metrics (see the module docstring).
+    """Add this call's share of the step's numbers to the ``coord_softce_w1/`` (and ``coord_diag/``) metrics
+    (see the module docstring).
 
     With the step's global counts (``step``; ``counts`` is the same as the loss used it), a call's share
     of a term is its own sum over the step's global count, and its share of the loss is the loss it
@@ -268,11 +273,15 @@ def _log(
     """
     metrics = trainer.custom_metrics[mode]
     device = getattr(trainer.args, "device", None)
-    names = ["loss", *TERMS]
     optional = [name for name in OPTIONAL_TERMS if getattr(res, name) is not None]
+    names = [f"{METRIC_PREFIX}{name}" for name in ("loss", *TERMS, *optional)]
+    diag = res.coord_diag is not None
+    if diag:
+        names += [f"{COORD_DIAG_PREFIX}{name}" for name in COORD_DIAG]
     if step is None:
         values = [res.total, res.text_ce, res.soft_ce, res.w1, res.gate, res.coord_vocab_mass]
         values += [getattr(res, name) for name in optional]
+        values += list(res.coord_diag.unbind()) if diag else []
         scale = weight = 1.0 if mode == "train" else float(batch_size)
     else:
         dt, dc = step.text_denominator, step.coord_denominator
@@ -287,14 +296,14 @@ def _log(
         ]
         denominators = {"text_gate": dt, "coord_ce": dc}
         values += [getattr(res, f"{name}_sum") / denominators[name] for name in optional]
+        values += list((res.coord_diag_sum / dc).unbind()) if diag else []
         if mode == "train":
             scale, weight = 1.0, 1.0 / (step.world_size * step.micro_batches)
         else:
             scale, weight = float(step.world_size * batch_size), float(batch_size)
-    names += optional
     if not with_loss:
         names, values = names[1:], values[1:]
     floats = torch.stack([v.detach().float().reshape(()) for v in values]).tolist()  # one device sync
     for name, value in zip(names, floats):
-        _step_mean(metrics, f"{METRIC_PREFIX}{name}", device).update(value * scale, weight)
+        _step_mean(metrics, name, device).update(value * scale, weight)
     _update(metrics, f"{METRIC_PREFIX}coord_tokens", float(res.coord_tokens))
