@@ -5,7 +5,8 @@ float64 and shares no code with the library: the predicted distribution ``p = so
 slice, its arg-max (the first maximum), the target's rank in the order (more probable first, the lower bin
 first among equals), ``p[k*]``, ``|E - k*|`` and ``sqrt(sum p (i - E)^2)``. Checked: hand-built slices
 (point masses, ties, bins 0 and 999, a target 2 and 3 bins off), the values a loss call reports on random
-logits, the fused path against the materialised one, and that turning them off changes nothing else. The
+logits, the fused path against the materialised one (in the library and as ``Stage1SwiftLoss`` logs them), and
+that turning them off logs no ``coord_diag/`` key and leaves the loss and its gradients bit-identical. The
 2-rank x 2-micro-batch reduction of the logged values is in ``tests/test_logged_numbers.py``.
 """
 
@@ -132,10 +133,13 @@ def _case(n: int, coord_frac: float, *, seed: int, scale: float = 3.0) -> tuple[
     return z, labels
 
 
-@pytest.mark.parametrize("T", [1.0, 0.7])
-def test_loss_call_logs_the_reference_means(T):
+@pytest.mark.parametrize(("T", "text_gate_weight"), [(1.0, 0.0), (0.7, 0.0), (0.7, 0.3)])
+def test_loss_call_logs_the_reference_means(T, text_gate_weight):
+    """With the text gate on, the loss's coord slice also covers the text rows: the diagnostics still see
+    the coord rows alone."""
     z, labels = _case(300, 0.4, seed=1)
-    res = stage1_loss(z, labels, CMAP, **{**WEIGHTS, "temperature": T}, coord_diag=True)
+    kw = {**WEIGHTS, "temperature": T, "text_gate_weight": text_gate_weight}
+    res = stage1_loss(z, labels, CMAP, **kw, coord_diag=True)
     crd = CMAP[labels.clamp(min=0)] >= 0
     crd &= labels != -100
     ref = reference(z[crd][:, COORD_IDS], CMAP[labels[crd]], T)
@@ -158,13 +162,14 @@ def test_no_coord_tokens_gives_zeros():
 
 
 @pytest.mark.parametrize("mode", ["vocab", "rows"])
-def test_fused_and_materialised_paths_agree(mode):
+@pytest.mark.parametrize("text_gate_weight", [0.0, 0.3])
+def test_fused_and_materialised_paths_agree(mode, text_gate_weight):
     g = torch.Generator().manual_seed(5)
     n, d = 200, 32
     hidden = torch.randn(n, d, generator=g)
     weight = torch.randn(V, d, generator=g) * 0.5
     _, labels = _case(n, 0.4, seed=5)
-    kw = {**WEIGHTS, "temperature": 0.8}
+    kw = {**WEIGHTS, "temperature": 0.8, "text_gate_weight": text_gate_weight}
     fused = fused_stage1_loss(hidden, weight, labels, CMAP, mode=mode, row_chunk=32, coord_diag=True, **kw)
     plain = stage1_loss(hidden @ weight.T, labels, CMAP, coord_diag=True, **kw)
     assert fused.mode == mode
@@ -198,3 +203,47 @@ def test_off_logs_nothing_and_the_loss_is_bit_identical(fused):
     assert torch.equal(gh0, gh1) and torch.equal(gw0, gw1)
     off_logs = off.log_dict()
     assert {k: v for k, v in on.log_dict().items() if not k.startswith("coord_diag/")} == off_logs
+
+
+def test_swift_loss_logs_the_same_diagnostics_fused_and_unfused():
+    """Through ``Stage1SwiftLoss`` as the trainer drives it (step counts first, ms-swift's metric reduction):
+    the fused path (hidden states through the LM head) logs the materialised path's ``coord_diag/*``."""
+    import collections
+    from types import SimpleNamespace
+
+    from swift.metrics.utils import MeanMetric
+    from swift.trainers.mixin import SwiftMixin
+
+    from coordexp.train.loss import global_counts
+    from coordexp.train.swift_loss import Stage1SwiftLoss
+
+    g = torch.Generator().manual_seed(13)
+    b, length, d = 2, 60, 32
+    head = torch.nn.Linear(d, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, d, generator=g) * 0.5)
+    hidden = torch.randn(b, length, d, generator=g)
+    _, flat = _case(b * length, 0.4, seed=13)
+    labels = flat.view(b, length)
+    logs = {}
+    for fused in (False, True):
+        model = SimpleNamespace(training=True, get_output_embeddings=lambda: head)
+        tr = SimpleNamespace(
+            model=model,
+            args=SimpleNamespace(average_tokens_across_devices=False, device=torch.device("cpu"), output_dir=None),
+            model_accepts_loss_kwargs=True,
+            custom_metrics={"train": collections.defaultdict(lambda: MeanMetric(nan_value=None))},
+            coordexp_counts=global_counts([labels[:, 1:]], CMAP),
+            token_typer=None,
+            accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        )
+        fn = Stage1SwiftLoss.__new__(Stage1SwiftLoss)  # without the plugin config file
+        fn.cfg = {"loss": {"enabled": True, **WEIGHTS}, "fused_loss": fused, "coord_diag": True}
+        fn.loss_cfg, fn.cmap, fn.trainer = fn.cfg["loss"], CMAP, None
+        out = SimpleNamespace(hidden_states=(hidden,)) if fused else SimpleNamespace(logits=head(hidden).detach())
+        fn(out, labels, num_items_in_batch=torch.tensor(1), trainer=tr)
+        logs[fused] = SwiftMixin.compute_custom_metrics(tr.custom_metrics["train"])
+    diag = {k for k in logs[False] if k.startswith("coord_diag/")}
+    assert diag == {f"coord_diag/{n}" for n in COORD_DIAG}
+    for key in diag:
+        assert logs[True][key] == pytest.approx(logs[False][key], rel=1e-5, abs=1e-6), key
