@@ -44,9 +44,19 @@ def known_answer(monkeypatch):
 
     def generate(self, rows, max_new_tokens, logits_processors=None):
         gens = real(self, rows, max_new_tokens, logits_processors)
-        toks = [codec.coord_token(k) for k in ANSWER_BINS]
-        text = '{"object_1": {"desc": "red circle", "bbox_2d": [' + ", ".join(f'"{t}"' for t in toks) + "]}}"
-        return [Generation(text=text, tokens=toks, probs=[0.5] * 4, n_tokens=4, hit_limit=False) for _ in gens]
+        coords = [codec.coord_token(k) for k in ANSWER_BINS]
+        # the answer as the steps a tokenizer would give, each with probability 0.5, so every score definition
+        # (the default one counts the description's tokens too) is 0.5
+        toks = ['{"object_1": {"desc": "', "red", " circle", '", "bbox_2d": ["']
+        for i, c in enumerate(coords):
+            toks += [c, '", "' if i < 3 else '"]}}']
+        text = "".join(toks)
+        ends = [sum(len(t) for t in toks[: i + 1]) for i in range(len(toks))]
+        spans = [(e - len(t), e) for t, e in zip(toks, ends)]
+        n = len(toks)
+        return [
+            Generation(text=text, tokens=toks, probs=[0.5] * n, n_tokens=n, hit_limit=False, spans=spans) for _ in gens
+        ]
 
     monkeypatch.setattr(Detector, "generate", generate)
 
