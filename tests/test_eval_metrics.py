@@ -106,6 +106,24 @@ def random_dataset(seed: int, n_img: int = 12) -> tuple[list[dict], list[dict]]:
     return records, preds
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_coco_map_all_range_only_gives_the_same_numbers(tmp_path: Path, seed: int, iou_type: str) -> None:
+    """``all_areas=False`` (what the evaluate stage runs) against pycocotools' full evaluation from files: the
+    same mAP / mAP50 / mAP75, per-class AP and curves to the bit, and nothing claimed by area."""
+    records, preds = random_dataset(seed)
+    gt = to_coco_gt(records, iou_type)
+    results = build_coco_results(preds, gt, iou_type).results
+    m = coco_map(gt, results, iou_type, all_areas=False)
+    ref = reference_eval(tmp_path, gt, results, iou_type)
+    assert m.stats[:3] == tuple(float(s) for s in ref.stats[:3]) and 0 < m.mAP < 1
+    assert (m.mAP, m.mAP50, m.mAP75) == tuple(float(s) for s in ref.stats[:3])
+    np.testing.assert_array_equal(m.precision[:, :, :, 0], ref.eval["precision"][:, :, :, 0])
+    full = coco_map(gt, results, iou_type)
+    assert m.per_class_ap == full.per_class_ap and m.pr_curves_50 == full.pr_curves_50
+    assert all(math.isnan(m.named[k]) for k in ("mAP_small", "mAP_medium", "mAP_large", "AR_small"))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_coco_map_equals_pycocotools_on_files(tmp_path: Path, seed: int, iou_type: str) -> None:

@@ -150,11 +150,19 @@ def _brute_force(det, logits: list[torch.Tensor], seqs: torch.Tensor):
 
 
 def _compare(det, gens, chosen, stats, seqs):
+    """Same tokens and probabilities at every step; the reference statistics at the steps that emitted a coord
+    token and NaN at the others (the capture computes them only where a coordinate was written)."""
+    coord = set(det.coord_ids.tolist())
+    n_coord = 0
     for b, g in enumerate(gens):
         n = g.n_tokens
         assert g.tokens == det.tokenizer.convert_ids_to_tokens(seqs[b, :n].tolist())
         np.testing.assert_allclose(g.probs, chosen[b, :n].numpy(), rtol=0, atol=1e-6)
-        np.testing.assert_allclose(g.stats, stats[b, :n], rtol=0, atol=1e-5)
+        at = np.array([int(t) in coord for t in seqs[b, :n]], dtype=bool)
+        n_coord += int(at.sum())
+        np.testing.assert_allclose(g.stats[at], stats[b, :n][at], rtol=0, atol=1e-5)
+        assert np.isnan(g.stats[~at]).all()
+    return n_coord
 
 
 def test_capture_equals_brute_force_and_leaves_tokens_unchanged(detector):
@@ -196,7 +204,7 @@ def test_capture_sees_raw_scores_before_later_processors(detector):
     gens = det.generate(rows, 6, logits_processors=[Force()])
     assert all(g.tokens == [coord_token(321)] * 6 for g in gens)
     chosen, stats = _brute_force(det, list(ref.logits), seqs)
-    _compare(det, gens, chosen, stats, seqs)
+    assert _compare(det, gens, chosen, stats, seqs) == 6 * len(gens)  # every step is a coord step
     assert all(max(g.probs) < 0.5 for g in gens)  # the raw probability, not the forced 1.0
 
 

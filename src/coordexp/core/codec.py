@@ -95,7 +95,9 @@ def max_roundtrip_error(size: float) -> float:
 
 def xy_sizes(n: int, width: float, height: float) -> np.ndarray:
     """Sizes for a flat ``[x0, y0, x1, y1, ...]`` list: width for even slots, height for odd."""
-    return np.array([width if i % 2 == 0 else height for i in range(n)], dtype=np.float64)
+    sizes = np.empty(n, dtype=np.float64)
+    sizes[0::2], sizes[1::2] = width, height
+    return sizes
 
 
 def encode_xy(values: Iterable[float], width: float, height: float) -> list[str]:

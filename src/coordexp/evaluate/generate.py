@@ -47,8 +47,8 @@ class Generation:
     hit_limit: bool
     stats: np.ndarray | None = None
     """``[n_tokens, len(STAT_COLUMNS)]`` float64, row t for generated step t (see
-    :data:`coordexp.evaluate.readout.STAT_COLUMNS`); ``None`` when nothing was captured (then every readout is the
-    emitted bin and only the geometric-mean score is defined)."""
+    :data:`coordexp.evaluate.readout.STAT_COLUMNS`), NaN at the steps that emitted no coord token; ``None`` when
+    nothing was captured (then every readout is the emitted bin and only the geometric-mean score is defined)."""
     spans: list[tuple[int, int]] | None = None
     """``(start, end)`` of each generated token's text in ``text``: what ties description characters to the
     steps that wrote them (the ``desc_coord_geomean`` score); ``None`` when unknown."""
@@ -93,18 +93,20 @@ class CoordCapture(LogitsProcessor):
 
     It must be the first processor of the list: the statistics are the model's distribution, before any mask
     (a grammar constraint) or penalty changes it. At each call it forms the batch's full-vocab log-normaliser
-    (max plus a float64-accumulated sum of exponentials, one transient ``[B, V]`` float32 buffer), keeps
-    ``[B, len(STAT_COLUMNS)]`` numbers of the coord slice's log-probabilities
-    (:func:`coordexp.evaluate.readout.coord_stats`), and holds a copy of the raw scores until the next call,
-    where the token this step chose (``input_ids[:, -1]``) is known and its log-probability is gathered (a copy,
-    because later processors may edit the scores in place); :meth:`finalize` gathers the last step's from the
-    returned sequences. Peak memory is O(B x V) whatever the length; what accumulates is O(B x steps x 8).
-    One instance serves one ``generate`` call.
+    (max plus a float64-accumulated sum of exponentials, one transient ``[B, V]`` float32 buffer) and holds a copy
+    of the raw scores until the next call, where the token this step chose (``input_ids[:, -1]``) is known: its
+    log-probability is gathered and, on the rows where it is a coord token, the ``len(STAT_COLUMNS)`` numbers of
+    the coord slice's log-probabilities (:func:`coordexp.evaluate.readout.coord_stats`) are kept (NaN on the other
+    rows: no readout or score reads a step that wrote no coordinate, and a coord step is about a third of an
+    answer's). A copy, because later processors may edit the scores in place; :meth:`finalize` does the last
+    step from the returned sequences. Peak memory is O(B x V) whatever the length; what accumulates is
+    O(B x steps x 8). One instance serves one ``generate`` call.
     """
 
     def __init__(self, coord_ids: torch.Tensor | None, local_window: int) -> None:
         self.coord_ids = coord_ids
         self.local_window = int(local_window)
+        self._is_coord: torch.Tensor | None = None  # [V] bool, built at the first call
         self._stats: list[torch.Tensor] = []
         self._chosen: list[torch.Tensor] = []
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -119,21 +121,29 @@ class CoordCapture(LogitsProcessor):
         total = torch.exp(scores - m).sum(dim=-1, dtype=torch.float64)
         return m[:, 0].to(torch.float64) + torch.log(total)
 
-    def _gather(self, ids: torch.Tensor) -> torch.Tensor:
+    def _close_step(self, ids: torch.Tensor) -> None:
+        """The previous step's chosen-token log-probability and, where ``ids`` (what it chose) are coord tokens,
+        its coord statistics."""
         assert self._prev is not None
         raw, lse = self._prev
-        return raw.gather(1, ids.to(raw.device)).squeeze(1).to(torch.float64) - lse
+        ids = ids.to(raw.device)
+        self._chosen.append(raw.gather(1, ids[:, None]).squeeze(1).to(torch.float64) - lse)
+        if self.coord_ids is None:
+            return
+        if self._is_coord is None or self._is_coord.numel() != raw.shape[1]:
+            self._is_coord = torch.zeros(raw.shape[1], dtype=torch.bool, device=raw.device)
+            self._is_coord[self.coord_ids.to(raw.device)] = True
+        rows = torch.nonzero(self._is_coord[ids]).flatten()
+        out = torch.full((raw.shape[0], len(STAT_COLUMNS)), float("nan"), dtype=torch.float64, device=raw.device)
+        if rows.numel():
+            sl = raw.index_select(0, rows).index_select(1, self.coord_ids.to(raw.device))
+            out[rows] = coord_stats(sl.to(torch.float64) - lse[rows, None], self.local_window)
+        self._stats.append(out)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._prev is not None:
-            self._chosen.append(self._gather(input_ids[:, -1:]))
-        lse = self._log_normaliser(scores)
-        if self.coord_ids is not None:
-            if self.coord_ids.device != scores.device:
-                self.coord_ids = self.coord_ids.to(scores.device)
-            coord_logp = scores.index_select(1, self.coord_ids).to(torch.float64) - lse[:, None]
-            self._stats.append(coord_stats(coord_logp, self.local_window))
-        self._prev = (scores.clone(), lse)
+            self._close_step(input_ids[:, -1])
+        self._prev = (scores.clone(), self._log_normaliser(scores))
         self._steps += 1
         return scores
 
@@ -142,7 +152,7 @@ class CoordCapture(LogitsProcessor):
         CPU for the ``T`` steps of ``generated`` (the new tokens only, ``[B, T]``)."""
         n, b = self._steps, generated.shape[0]
         if self._prev is not None:
-            self._chosen.append(self._gather(generated[:, n - 1 : n]))
+            self._close_step(generated[:, n - 1])
             self._prev = None
         chosen = torch.stack(self._chosen, dim=1).cpu() if n else torch.zeros(b, 0, dtype=torch.float64)
         if self.coord_ids is None:

@@ -124,7 +124,8 @@ def coord_stats(coord_logp: torch.Tensor, window: int) -> torch.Tensor:
 
     ``coord_logp`` ``[B, K]`` holds the full-vocab log-probabilities of the K coord tokens in bin order (so
     their log-sum-exp is the log coord-vocab mass); float64 keeps the renormalised slice exact to ~1e-15.
-    Memory is O(B x K).
+    Memory is O(B x K). Every reduction runs along a row on its own (no matrix product, whose BLAS blocking
+    depends on the number of rows), so a row's numbers do not depend on which other rows share the call.
     """
     import torch
 
@@ -133,12 +134,12 @@ def coord_stats(coord_logp: torch.Tensor, window: int) -> torch.Tensor:
     p = torch.exp(c - lse)  # the coord slice renormalised
     k = torch.arange(c.shape[1], dtype=torch.float64, device=c.device)
     pk, am = p.max(dim=1)
-    mu = p @ k
+    mu = (p * k).sum(dim=1)
     var = (p * (k[None, :] - mu[:, None]) ** 2).sum(dim=1).clamp_min(0.0)
     cdf = torch.cumsum(p, dim=1)
     med = (cdf < _HALF).sum(dim=1).clamp_max(c.shape[1] - 1).to(torch.float64)
     near = ((k[None, :] - am[:, None].to(torch.float64)).abs() <= window).to(torch.float64) * p
-    loc = (near @ k) / near.sum(dim=1)
+    loc = (near * k).sum(dim=1) / near.sum(dim=1)
     return torch.stack([lse[:, 0].exp(), am.to(torch.float64), mu, med, loc, pk, var.sqrt()], dim=1)
 
 

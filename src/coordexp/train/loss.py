@@ -697,10 +697,14 @@ def stage1_loss(
     d = s_rel * inv_t
     text_gate_rows = coord_ce_rows = None
     if want_gate:
-        # softplus(lse_coord(z/T) - lse_noncoord(z/T)) = -log(1 - m), both anchored at the constant
-        # largest non-coord logit (see _second_rows)
+        # softplus(lse_coord(z/T) - lse_noncoord(z/T)) = -log(1 - m), both relative to the constant
+        # largest non-coord logit n (see _second_rows). lse_coord's own log-sum-exp runs at the row's
+        # coord maximum c, and (c - n) / T is added as a constant: the softmax its backward rebuilds is
+        # then exact to a few ulp, where a log-sum-exp of size |c - n| / T would carry ulp(|c - n| / T)
         text = ~row_is_coord
-        lse_coord = torch.logsumexp((s[text] - shift2[text, None]) * inv_t, dim=1)
+        s_t = s[text]
+        c = s_t.detach().max(dim=1, keepdim=True).values
+        lse_coord = torch.logsumexp((s_t - c) * inv_t, dim=1) + (c.squeeze(1) - shift2[text]) * inv_t
         text_gate_rows = F.softplus(lse_coord - rel2[text])
     if want_ce:
         # lse(z) - z[y] = (lse(z) - s[t]) - (s[k*] - s[t]); the first is rel at T = 1, else rel2
