@@ -107,7 +107,7 @@ class CoordCapture(LogitsProcessor):
         self.coord_ids = coord_ids
         self.local_window = int(local_window)
         self._is_coord: torch.Tensor | None = None  # [V] bool, built at the first call
-        self._stats: list[torch.Tensor] = []
+        self._stats: list[np.ndarray] = []
         self._chosen: list[torch.Tensor] = []
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
         self._steps = 0
@@ -134,10 +134,11 @@ class CoordCapture(LogitsProcessor):
             self._is_coord = torch.zeros(raw.shape[1], dtype=torch.bool, device=raw.device)
             self._is_coord[self.coord_ids.to(raw.device)] = True
         rows = torch.nonzero(self._is_coord[ids]).flatten()
-        out = torch.full((raw.shape[0], len(STAT_COLUMNS)), float("nan"), dtype=torch.float64, device=raw.device)
+        out = np.full((raw.shape[0], len(STAT_COLUMNS)), np.nan)
         if rows.numel():
             sl = raw.index_select(0, rows).index_select(1, self.coord_ids.to(raw.device))
-            out[rows] = coord_stats(sl.to(torch.float64) - lse[rows, None], self.local_window)
+            logp = sl.float().cpu().numpy().astype(np.float64) - lse[rows].cpu().numpy()[:, None]
+            out[rows.cpu().numpy()] = coord_stats(logp, self.local_window)
         self._stats.append(out)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -157,8 +158,8 @@ class CoordCapture(LogitsProcessor):
         chosen = torch.stack(self._chosen, dim=1).cpu() if n else torch.zeros(b, 0, dtype=torch.float64)
         if self.coord_ids is None:
             return chosen, None
-        stats = torch.stack(self._stats, dim=1).cpu() if n else torch.zeros(b, 0, len(STAT_COLUMNS))
-        return chosen, stats.to(torch.float64)
+        stats = np.stack(self._stats, axis=1) if n else np.zeros((b, 0, len(STAT_COLUMNS)))
+        return chosen, torch.from_numpy(stats)
 
 
 def token_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]]:

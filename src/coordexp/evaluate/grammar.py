@@ -654,15 +654,14 @@ class GrammarProcessor(LogitsProcessor):
         assert self.prompt_len is not None
         remaining = self.max_new_tokens - (length - self.prompt_len)
         done = (DONE, 0, 0, 0, 0, -1, 0)
-        out = torch.empty_like(scores)
-        for b, st in enumerate(self.states):
+        biases = []
+        for st in self.states:
             st = st or done
             if remaining < g.need(st) + g.margin:
-                bias = g.forced_bias(st, remaining, scores.device, scores.dtype)
+                biases.append(g.forced_bias(st, remaining, scores.device, scores.dtype))
             else:
-                bias = g.bias(st, scores.device, scores.dtype)
-            torch.add(scores[b], bias, out=out[b])
-        return out
+                biases.append(g.bias(st, scores.device, scores.dtype))
+        return scores + torch.stack(biases)
 
 
 def train_descriptions(train_jsonl: Path) -> list[str]:

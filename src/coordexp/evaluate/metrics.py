@@ -30,7 +30,6 @@ Choices (each one a reasonable convention, written down so numbers are comparabl
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 from collections import Counter
@@ -251,8 +250,11 @@ class CocoMetrics:
 
 
 def _quiet_coco(dataset: Mapping[str, Any]) -> COCO:
+    """A pycocotools ``COCO`` over ``dataset`` that leaves the caller's dicts alone: pycocotools sets keys on the
+    annotation dicts it holds (``ignore``; a segmentation becomes its RLE), so each annotation is a shallow copy
+    (nothing nested is changed in place), which is what a deep copy would protect at a tenth of its cost."""
     c = COCO()
-    c.dataset = copy.deepcopy(dict(dataset))
+    c.dataset = {**dataset, "annotations": [dict(a) for a in dataset.get("annotations", [])]}
     with contextlib.redirect_stdout(io.StringIO()):
         c.createIndex()
     return c
@@ -269,7 +271,7 @@ def _cocoeval(
     coco_gt = _quiet_coco(gt)
     with contextlib.redirect_stdout(io.StringIO()):
         if results:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes sets keys on each result dict
         else:
             coco_dt = _quiet_coco({"images": gt["images"], "categories": gt["categories"], "annotations": []})
         ev = COCOeval(coco_gt, coco_dt, iou_type)

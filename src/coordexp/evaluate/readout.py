@@ -13,8 +13,8 @@ that summary; the emitted token never changes, so every readout is scored from t
 * ``local_expectation``: the expectation within ``+-w`` bins of the arg-max, renormalised there; sub-bin
   precision without the far tails.
 
-This module holds plain reference functions over one probability vector (numpy; what tests compare
-against) and the vectorised torch version, :func:`coord_stats`, that the generation-time capture
+This module holds plain reference functions over one probability vector (what tests compare against) and
+the vectorised version, :func:`coord_stats`, that the generation-time capture
 (:class:`coordexp.evaluate.generate.CoordCapture`) runs on a batch's log-probabilities at every step. The
 capture keeps, per row and step, only the numbers in :data:`STAT_COLUMNS`, never the distribution itself.
 """
@@ -22,12 +22,9 @@ capture keeps, per row and step, only the numbers in :data:`STAT_COLUMNS`, never
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
-
-if TYPE_CHECKING:  # torch is imported where the capture runs: parsing and scoring stay light
-    import torch
 
 Readout = Literal["argmax", "expectation", "median", "local_expectation"]
 READOUTS: tuple[str, ...] = ("argmax", "expectation", "median", "local_expectation")
@@ -119,28 +116,30 @@ def read(p: Sequence[float] | np.ndarray, readout: str, window: int = 8) -> floa
 # vectorised: what the capture runs at every generation step
 
 
-def coord_stats(coord_logp: torch.Tensor, window: int) -> torch.Tensor:
+def coord_stats(coord_logp: np.ndarray, window: int) -> np.ndarray:
     """``[B, len(STAT_COLUMNS)]`` float64 statistics of each row's coord distribution.
 
     ``coord_logp`` ``[B, K]`` holds the full-vocab log-probabilities of the K coord tokens in bin order (so
     their log-sum-exp is the log coord-vocab mass); float64 keeps the renormalised slice exact to ~1e-15.
-    Memory is O(B x K). Every reduction runs along a row on its own (no matrix product, whose BLAS blocking
-    depends on the number of rows), so a row's numbers do not depend on which other rows share the call.
+    Memory is O(B x K). numpy, not torch: the capture calls it once per generation step on a few rows, where
+    a torch kernel's launch (and its wake-up of the intra-op threads) costs more than the arithmetic; every
+    reduction runs along a row on its own, so a row's numbers do not depend on which rows share the call.
     """
-    import torch
-
-    c = coord_logp.to(torch.float64)
-    lse = torch.logsumexp(c, dim=1, keepdim=True)
-    p = torch.exp(c - lse)  # the coord slice renormalised
-    k = torch.arange(c.shape[1], dtype=torch.float64, device=c.device)
-    pk, am = p.max(dim=1)
-    mu = (p * k).sum(dim=1)
-    var = (p * (k[None, :] - mu[:, None]) ** 2).sum(dim=1).clamp_min(0.0)
-    cdf = torch.cumsum(p, dim=1)
-    med = (cdf < _HALF).sum(dim=1).clamp_max(c.shape[1] - 1).to(torch.float64)
-    near = ((k[None, :] - am[:, None].to(torch.float64)).abs() <= window).to(torch.float64) * p
-    loc = (near * k).sum(dim=1) / near.sum(dim=1)
-    return torch.stack([lse[:, 0].exp(), am.to(torch.float64), mu, med, loc, pk, var.sqrt()], dim=1)
+    c = np.asarray(coord_logp, dtype=np.float64)
+    top = c.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    lse = top + np.log(np.exp(c - top).sum(axis=1, keepdims=True))
+    p = np.exp(c - lse)  # the coord slice renormalised
+    k = np.arange(c.shape[1], dtype=np.float64)
+    am = p.argmax(axis=1)
+    pk = np.take_along_axis(p, am[:, None], axis=1)[:, 0]
+    mu = (p * k).sum(axis=1)
+    var = np.maximum((p * (k[None, :] - mu[:, None]) ** 2).sum(axis=1), 0.0)
+    cdf = np.cumsum(p, axis=1)
+    med = np.minimum((cdf < _HALF).sum(axis=1), c.shape[1] - 1).astype(np.float64)
+    near = (np.abs(k[None, :] - am[:, None]) <= window) * p
+    loc = (near * k).sum(axis=1) / near.sum(axis=1)
+    return np.stack([np.exp(lse[:, 0]), am.astype(np.float64), mu, med, loc, pk, np.sqrt(var)], axis=1)
 
 
 def column(readout: str) -> int:
