@@ -7,6 +7,8 @@ import mlflow
 import pytest
 from conftest import stage_env
 
+from coordexp.preprocess.coco import TOTAL_METRICS
+
 
 def _run(cmd, cwd, **env):
     res = subprocess.run(cmd, cwd=cwd, env=stage_env(**env), capture_output=True, text=True, timeout=600)
@@ -20,10 +22,11 @@ def test_dvc_pull_and_repro_preprocess(repo_copy):
     assert (repo_copy / "data" / "shapes" / "annotations" / "instances_train.json").is_file()
     _run(["dvc", "repro", "preprocess"], repo_copy)
     metrics = json.loads((repo_copy / "reports" / "metrics" / "preprocess.json").read_text())
-    # the DVC metrics are the five totals (a readable `dvc exp show`); every count is in preprocess_counts.json
-    assert sorted(metrics) == sorted(["records_in", "records_out", "objects_in", "objects_out", "rejects"])
+    # the DVC metrics are the totals (a readable `dvc exp show`); every count is in preprocess_counts.json
+    assert sorted(metrics) == sorted(TOTAL_METRICS)
     assert metrics["records_out"] > 0 and metrics["rejects"] == 0
     assert metrics["records_in"] == metrics["records_out"]
+    assert metrics["border_clamped"] == metrics["multi_part_polygons"] == 0  # the shapes are drawn inside, in one part
     counts = json.loads((repo_copy / "reports" / "preprocess_counts.json").read_text())
     assert counts["total"] == metrics and set(counts["splits"]) == {"train", "val"}
     status = _run(["dvc", "status", "preprocess"], repo_copy).stdout

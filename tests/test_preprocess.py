@@ -8,7 +8,7 @@ from coordexp.core import codec
 from coordexp.core.config import Params
 from coordexp.core.contract import read_jsonl
 from coordexp.core.errors import UserError
-from coordexp.preprocess.coco import CocoFormatError, run
+from coordexp.preprocess.coco import TOTAL_METRICS, CocoFormatError, run
 
 
 def _png(path: Path, w=100, h=80):
@@ -114,8 +114,95 @@ def test_conversion_counts_every_reject(dataset):
     # every count in the counts file; the DVC metrics file keeps the five totals (a readable `dvc exp show`)
     assert json.loads((dataset / "reports" / "preprocess_counts.json").read_text()) == m
     written = json.loads((dataset / "reports" / "metrics" / "preprocess.json").read_text())
-    assert written == {k: m["total"][k] for k in ("records_in", "records_out", "objects_in", "objects_out", "rejects")}
+    assert written == {k: m["total"][k] for k in TOTAL_METRICS}
     assert written["rejects"] == sum(expected.values())
+    assert written["negative_images"] == 1  # image 7, kept with an empty answer
+    assert (written["border_clamped"], written["multi_part_polygons"]) == (0, 0)
+
+
+def _one_image(tmp: Path, anns, cats=None, w=100, h=80) -> Path:
+    """A train and a val split of one image each (the val split a plain valid box), with ``anns`` on the train
+    image and ``cats`` as the categories."""
+    _png(tmp / "img" / "a.png", w, h)
+    cats = cats or [{"id": 1, "name": "thing"}]
+    for split, a in (
+        ("train", anns),
+        ("val", [{"id": 1, "image_id": 1, "category_id": cats[0]["id"], "bbox": [1, 1, 9, 9]}]),
+    ):
+        (tmp / f"{split}.json").write_text(
+            json.dumps(
+                {
+                    "images": [{"id": 1, "file_name": "a.png", "width": w, "height": h}],
+                    "annotations": a,
+                    "categories": cats,
+                }
+            )
+        )
+    return tmp
+
+
+def test_edges_a_little_past_the_border_are_clamped_and_counted(tmp_path):
+    """Real exports put an edge 0.5 px past the border by float rounding: kept, clamped, counted. 1.5 px past
+    is beyond the default 1 px tolerance: rejected as now, and kept again with a wider tolerance."""
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [60, 10, 40.5, 20]},  # right edge 100.5 of 100
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [-0.4, 30, 20, 20]},  # left edge -0.4
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [10, 50, 20, 31.5]},  # bottom 81.5 of 80
+    ]
+    root = _one_image(tmp_path, anns)
+    m = run(_params(root), root=root)
+    tr = m["splits"]["train"]
+    assert tr["objects_out"] == 2 and tr["border_clamped"] == 2 and tr["rejects"] == {"outside_image": 1}
+    boxes = sorted(codec.decode_xy(o.bbox_2d, 100, 80) for o in read_jsonl(root / "out" / "train.jsonl")[0].objects)
+    assert boxes[0][0] == 0.0 and boxes[1][2] == 99.0  # onto the border (the last bin is the last pixel)
+    m = run(_params(root, border_tolerance=2.0), root=root)
+    assert m["splits"]["train"]["objects_out"] == 3 and m["splits"]["train"]["border_clamped"] == 3
+
+
+@pytest.mark.parametrize("mode", ["box", "largest", "reject"])
+def test_multi_part_polygons_follow_polygon_parts_and_are_counted(tmp_path, mode):
+    """Two parts, the larger at the left: ``box`` keeps the annotation's whole extent as a box, ``largest`` keeps
+    the larger part (and counts the shrunk extent), ``reject`` rejects it; each counts the multi-part polygon."""
+    seg = [[10, 10, 40, 10, 40, 40, 10, 40], [70, 60, 80, 60, 80, 70]]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 70, 60], "segmentation": seg},
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [50, 5, 10, 10], "segmentation": [[50, 5, 60, 5, 55, 15]]},
+    ]
+    root = _one_image(tmp_path, anns)
+    m = run(_params(root, polygon_parts=mode), root=root)
+    tr = m["splits"]["train"]
+    assert tr["multi_part_polygons"] == 1 and m["total"]["multi_part_polygons"] == 1
+    objs = read_jsonl(root / "out" / "train.jsonl")[0].objects
+    kinds = sorted(o.kind for o in objs)
+    if mode == "box":
+        assert kinds == ["bbox_2d", "poly"] and tr["polygon_parts_shrunk"] == 0
+        box = next(o for o in objs if o.kind == "bbox_2d")
+        assert box.bbox_2d == codec.encode_xy([10, 10, 80, 70], 100, 80)
+    elif mode == "largest":
+        assert kinds == ["poly", "poly"] and tr["polygon_parts_shrunk"] == 1
+        assert any(o.poly == codec.encode_xy([10, 10, 40, 10, 40, 40, 10, 40], 100, 80) for o in objs)
+    else:
+        assert kinds == ["poly"] and tr["rejects"] == {"multi_part_polygon": 1}
+
+
+def test_sparse_category_ids_unicode_names_and_negative_images(tmp_path):
+    """Category ids need not be contiguous, names may be any Unicode, and an image without annotations is kept
+    as a negative (an empty answer) and counted."""
+    cats = [{"id": 7, "name": "chat noir"}, {"id": 1042, "name": "信号機"}, {"id": 90, "name": "Ölfass ⛽"}]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 1042, "bbox": [10, 10, 20, 20]},
+        {"id": 2, "image_id": 1, "category_id": 90, "bbox": [50, 40, 20, 20]},
+    ]
+    root = _one_image(tmp_path, anns, cats)
+    _png(root / "img" / "empty.png")
+    data = json.loads((root / "train.json").read_text())
+    data["images"].append({"id": 2, "file_name": "empty.png", "width": 100, "height": 80})
+    (root / "train.json").write_text(json.dumps(data, ensure_ascii=False))
+    m = run(_params(root), root=root)
+    recs = {r.id: r for r in read_jsonl(root / "out" / "train.jsonl")}
+    assert sorted(o.desc for o in recs[1].objects) == ["Ölfass ⛽", "信号機"]
+    assert recs[2].objects == [] and m["splits"]["train"]["negative_images"] == 1
+    assert json.loads((root / "reports" / "metrics" / "preprocess.json").read_text())["negative_images"] == 1
 
 
 def test_records_are_ordered_and_encoded(dataset):

@@ -67,6 +67,16 @@ class PreprocessConfig(_Section):
     """What to do with an RLE segmentation: keep the object as its box, or reject it."""
     min_box_side: float = Field(default=1.0, gt=0)
     """Boxes narrower or shorter than this (pixels) are degenerate and rejected."""
+    border_tolerance: float = Field(default=1.0, ge=0)
+    """Pixels a coordinate may lie past the image border and still be kept: it is clamped onto the border and
+    the object counted (``border_clamped``). Real exports put edges a fraction of a pixel past the border
+    through float rounding; an object further out is rejected as ``outside_image``."""
+    polygon_parts: Literal["box", "largest", "reject"] = "box"
+    """What a polygon annotation of several parts becomes. ``box`` (the default): a ``bbox_2d`` over every
+    part, the annotation's own extent, so the ground truth the evaluation scores against is never smaller than
+    the object (bbox AP is the headline metric); ``largest``: its largest part as a ``poly``, which keeps a
+    shape to learn but can shrink the extent (counted as ``polygon_parts_shrunk``); ``reject``: the object is
+    rejected (``multi_part_polygon``). Multi-part polygons are counted (``multi_part_polygons``) whatever this is."""
 
     @model_validator(mode="after")
     def _needs_train_and_val(self) -> PreprocessConfig:

@@ -3,9 +3,13 @@
 What becomes what:
 
 * an annotation with a ``line`` list (x, y pairs; the embedded data's extension) -> ``line``;
-* a polygon ``segmentation`` -> ``poly`` (the part with the largest area when there are several);
+* a polygon ``segmentation`` -> ``poly``; one of several parts -> as ``preprocess.polygon_parts`` says (a box over
+  every part by default, or the largest part, or a reject), counted either way;
 * an RLE ``segmentation`` -> ``bbox_2d`` from its box (``rle: bbox``) or a reject (``rle: reject``);
 * anything else -> ``bbox_2d`` from the COCO ``bbox`` (x, y, w, h).
+
+A coordinate up to ``preprocess.border_tolerance`` pixels past the border (float rounding in real exports) is
+clamped onto it and the object counted (``border_clamped``); further out the object is rejected.
 
 Nothing is dropped silently: every object or image that does not make it is written to
 ``rejects.jsonl`` with its reason and counted in ``reports/preprocess_counts.json``. An image
@@ -51,6 +55,10 @@ class SplitStats:
     geometry: Counter = field(default_factory=Counter)
     rejects: Counter = field(default_factory=Counter)
     clamped_coords: int = 0
+    border_clamped: int = 0
+    multi_part_polygons: int = 0
+    polygon_parts_shrunk: int = 0
+    negative_images: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +69,10 @@ class SplitStats:
             "geometry": {k: self.geometry.get(k, 0) for k in GEOMETRY_KEYS},
             "rejects": dict(sorted(self.rejects.items())),
             "clamped_coords": self.clamped_coords,
+            "border_clamped": self.border_clamped,
+            "multi_part_polygons": self.multi_part_polygons,
+            "polygon_parts_shrunk": self.polygon_parts_shrunk,
+            "negative_images": self.negative_images,
         }
 
 
@@ -77,8 +89,8 @@ def load_coco(path: Path) -> dict[str, Any]:
     return data
 
 
-def _geometry(ann: dict[str, Any], cfg: PreprocessConfig) -> tuple[str, list[float]] | str:
-    """(kind, flat pixel values) of an annotation, or the reason it is rejected."""
+def _geometry(ann: dict[str, Any], cfg: PreprocessConfig, stats: SplitStats) -> tuple[str, list[float]] | str:
+    """(kind, flat pixel values) of an annotation, or the reason it is rejected; counts multi-part polygons."""
     if ann.get("line") is not None:
         line = ann["line"]
         if not isinstance(line, list) or len(line) < 4 or len(line) % 2:
@@ -92,7 +104,17 @@ def _geometry(ann: dict[str, Any], cfg: PreprocessConfig) -> tuple[str, list[flo
         parts = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
         if not parts:
             return "degenerate_polygon"
-        return "poly", [float(v) for v in max(parts, key=polygon_area)]
+        if len(parts) == 1:
+            return "poly", [float(v) for v in parts[0]]
+        stats.multi_part_polygons += 1
+        every = [float(v) for p in parts for v in p]
+        if cfg.polygon_parts == "reject":
+            return "multi_part_polygon"
+        if cfg.polygon_parts == "box":
+            return "bbox_2d", list(_extent(every))
+        kept = [float(v) for v in max(parts, key=polygon_area)]
+        stats.polygon_parts_shrunk += _extent(kept) != _extent(every)
+        return "poly", kept
     bbox = ann.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4:
         return "missing_bbox"
@@ -128,6 +150,21 @@ def canonical_points(kind: str, values: list[float]) -> list[float]:
 def _extent(values: list[float]) -> tuple[float, float, float, float]:
     xs, ys = values[0::2], values[1::2]
     return min(xs), min(ys), max(xs), max(ys)
+
+
+def _onto_border(values: list[float], width: int, height: int, tol: float) -> list[float] | None:
+    """``values`` with every coordinate that lies at most ``tol`` pixels past the image clamped onto the border,
+    or None when one lies further out (then the object is ``outside_image``). A hair past (1e-6, round-off)
+    is left for :func:`_check_geometry` and the final clip, as it always was."""
+    out = []
+    for i, v in enumerate(values):
+        side = float(width if i % 2 == 0 else height)
+        if v < -1e-6 or v > side + 1e-6:
+            if v < -tol - 1e-6 or v > side + tol + 1e-6:
+                return None
+            v = min(max(v, 0.0), side)
+        out.append(v)
+    return out
 
 
 def _check_geometry(kind: str, values: list[float], width: int, height: int, cfg: PreprocessConfig) -> str | None:
@@ -254,13 +291,21 @@ def convert_split(
             elif ann.get("category_id") not in categories or not categories[ann.get("category_id")]:
                 reason = "unknown_category"
             if reason is None:
-                geom = _geometry(ann, cfg)
+                geom = _geometry(ann, cfg, stats)
                 if isinstance(geom, str):
                     reason = geom
                 else:
                     kind, values = geom
                     # check against the original image, then rescale
-                    reason = _check_geometry(kind, values, round(width / sx), round(height / sy), cfg)
+                    ow, oh = round(width / sx), round(height / sy)
+                    if all(np.isfinite(values)):
+                        inside = _onto_border(values, ow, oh, cfg.border_tolerance)
+                        if inside is None:
+                            reason = "outside_image"
+                        elif inside != values:
+                            stats.border_clamped += 1
+                            values = inside
+                    reason = reason or _check_geometry(kind, values, ow, oh, cfg)
             if reason is not None:
                 stats.rejects[reason] += 1
                 rejects.append({"split": name, "image_id": img["id"], "ann_id": _ann_id(ann), "reason": reason})
@@ -284,6 +329,7 @@ def convert_split(
                 }
             )
             continue
+        stats.negative_images += not anns
         objects = _order(objects, cfg, seed, img["id"])
         rec = Record.model_validate(
             {
@@ -340,8 +386,20 @@ def _clip(obj: dict[str, Any], width: int, height: int) -> dict[str, Any]:
     return {"desc": obj["desc"], kind: vals}
 
 
-TOTAL_METRICS: tuple[str, ...] = ("records_in", "records_out", "objects_in", "objects_out", "rejects")
-"""The DVC metrics of ``reports/metrics/preprocess.json``: totals over the splits."""
+TOTAL_METRICS: tuple[str, ...] = (
+    "records_in",
+    "records_out",
+    "objects_in",
+    "objects_out",
+    "rejects",
+    "negative_images",
+    "border_clamped",
+    "multi_part_polygons",
+    "polygon_parts_shrunk",
+)
+"""The DVC metrics of ``reports/metrics/preprocess.json``: totals over the splits, among them what was kept
+but changed (clamped onto the border, multi-part polygons, shrunk by keeping one part) and the images kept as
+negatives (no annotation: an empty answer)."""
 
 PREPROCESS_COUNTS = "reports/preprocess_counts.json"
 """Every count (per split, per geometry, per reject reason), a DVC output that is not a metric."""
@@ -388,7 +446,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         raise
     totals: Counter = Counter()
     for s in metrics["splits"].values():
-        totals.update({k: s[k] for k in ("records_in", "records_out", "objects_in", "objects_out")})
+        totals.update({k: s[k] for k in TOTAL_METRICS if k != "rejects"})
         totals.update({f"rejects.{k}": v for k, v in s["rejects"].items()})
     metrics["total"] = dict(sorted(totals.items()))
     metrics["total"]["rejects"] = len(rejects)
