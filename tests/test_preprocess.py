@@ -381,3 +381,22 @@ def test_stage_logs_its_outputs_as_mlflow_datasets(dataset, monkeypatch):
             "mlflow.data.context": context,
             "coordexp.records": str(metrics["splits"][split]["records_out"]),
         }
+
+
+def test_an_image_claiming_a_huge_size_is_refused_by_name(tmp_path, monkeypatch):
+    """A decompression bomb (a header claiming more pixels than Pillow decodes) is a reject naming the file, not
+    a crash or a hang; the other image of the split is kept. Pillow's limit is lowered so a tiny file claims
+    too much, as a 100k x 100k header would against the real one."""
+    from PIL import Image as PILImage
+
+    root = _one_image(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]}])
+    _png(root / "img" / "bomb.png", 300, 300)
+    data = json.loads((root / "train.json").read_text())
+    data["images"].append({"id": 2, "file_name": "bomb.png", "width": 300, "height": 300})
+    data["annotations"].append({"id": 2, "image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]})
+    (root / "train.json").write_text(json.dumps(data))
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 20_000)  # 100 x 80 is under it, 300 x 300 over twice it
+    m = run(_params(root), root=root)
+    assert m["splits"]["train"]["records_out"] == 1 and m["splits"]["train"]["rejects"] == {"image_too_large": 1}
+    (rej,) = [json.loads(x) for x in (root / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert rej["reason"] == "image_too_large" and "bomb.png" in rej["detail"] and rej["objects_lost"] == 1

@@ -272,7 +272,10 @@ def convert_split(
         )
         try:
             width, height, sx, sy = _place_image(src, dst, cfg.max_side)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except Image.DecompressionBombError as exc:  # the header claims more pixels than Pillow will decode
+            reject_image("image_too_large", f"{src}: {exc}")
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             reject_image("unreadable_image", f"{src}: {exc}")
             continue
         if (img.get("width"), img.get("height")) not in ((None, None), (round(width / sx), round(height / sy))):
