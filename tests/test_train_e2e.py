@@ -439,3 +439,44 @@ def test_vit_lr_reaches_the_optimizer(tmp_path_factory):
     assert all(torch.equal(base[k], final[k]) for k in tower)
     assert any(not torch.equal(base[k], final[k]) for k in merger)
     assert any(not torch.equal(base[k], final[k]) for k in decoder)
+
+
+@pytest.mark.slow
+def test_frozen_decoder_trains_its_coord_rows_alone(tmp_path_factory):
+    """``train.freeze: {vit, llm}``: the vision tower and the decoder stay bit-identical to the base, the
+    original vocabulary rows of the (tied) embeddings / head too, while the merger and the coord rows learn;
+    the trainable count reaches MLflow."""
+    from safetensors.torch import load_file
+
+    from coordexp.core.vocab import coord_id_map
+
+    root = _trained(
+        tmp_path_factory,
+        "freeze",
+        **{
+            "train.freeze.vit": True,
+            "train.freeze.llm": True,
+            "train.max_steps": 5,
+            "train.eval_steps": 5,
+            "train.save_steps": 5,
+        },
+    )
+    base_dir = root / "artifacts" / "base"
+    base = load_file(str(base_dir / "model.safetensors"))
+    final = load_file(str(root / "artifacts" / "train" / "final" / "model.safetensors"))
+    assert set(base) == set(final)
+    rows = [k for k in base if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    merger = [k for k in base if ".visual.merger" in k or "deepstack_merger" in k]
+    assert rows and merger
+    coord = coord_id_map(base_dir) >= 0
+    for k in rows:
+        keep = coord[: base[k].shape[0]]
+        assert torch.equal(base[k][~keep], final[k][~keep]), k
+        assert not torch.equal(base[k][keep], final[k][keep]), k
+    assert all(torch.equal(base[k], final[k]) for k in base if k not in rows and k not in merger)
+    assert any(not torch.equal(base[k], final[k]) for k in merger)
+    _, run = _run(root)
+    summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert run.data.metrics["train_summary.trainable_params"] == summary["trainable_params"]
+    assert 0 < run.data.metrics["train_summary.trainable_share"] < 1

@@ -197,6 +197,22 @@ class TokenTypeMetricsConfig(_Section):
     """Log loss and accuracy per token type (description, structure, coord)."""
 
 
+class FreezeConfig(_Section):
+    """Which parts of the model full training leaves as built (ms-swift ``--freeze_vit`` / ``--freeze_aligner`` /
+    ``--freeze_llm``). The 1000 coord rows of the input embeddings and of the output head train whatever these
+    say: they are what a base checkpoint with new coord tokens has not learnt yet."""
+
+    vit: bool = False
+    """Freeze the vision tower: a pretrained encoder keeps what it already sees, and its gradients and optimizer
+    state cost nothing."""
+    aligner: bool = False
+    """Freeze the merger that maps visual tokens into the decoder (and its deepstack mergers)."""
+    llm: bool = False
+    """Freeze the decoder and its LM head, all but their coord rows: the original vocabulary rows stay
+    bit-identical to the base while the coord rows learn (the trainer zeroes the other rows' gradients), so the
+    model keeps its text abilities and learns only to place coordinates."""
+
+
 class TrainConfig(_Section):
     out_dir: str = "artifacts/train"
     """ms-swift output folder: checkpoints and logs."""
@@ -268,6 +284,30 @@ class TrainConfig(_Section):
     training process: your callbacks, metrics or loss wrappers. Paths relative to the project root."""
     log_checkpoint: Literal["reference", "full"] = "reference"
     """Log the final checkpoint to MLflow as a path reference (tag) or upload it as artifacts."""
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    """Parts of the model that full training leaves as built."""
+
+    @property
+    def coord_rows_only(self) -> bool:
+        """Whether the input embeddings and the LM head train their coord rows alone (the rest of the decoder
+        is frozen), so that the trainer masks their gradients to those rows."""
+        return self.freeze.llm
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> TrainConfig:
+        f = self.freeze
+        if f.vit and f.aligner and f.llm:
+            raise ValueError(
+                "freeze: vit, aligner and llm all true freeze the whole model: set at least one of "
+                "train.freeze.vit / train.freeze.aligner / train.freeze.llm to false"
+            )
+        if self.coord_rows_only and self.weight_decay > 0:
+            raise ValueError(
+                f"weight_decay: {self.weight_decay} with train.freeze.llm: true would move the frozen vocabulary "
+                "rows of the embeddings and LM head (AdamW decays every row, gradient or not): set "
+                "train.weight_decay: 0 or train.freeze.llm: false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fused_needs_stage1(self) -> TrainConfig:

@@ -46,6 +46,7 @@ from coordexp.core.errors import MissingInputError, StageError, UserError
 from coordexp.core.io import atomic_open, write_json, write_jsonl
 from coordexp.core.template import build_messages
 from coordexp.pipeline import tracking
+from coordexp.train.swift_config import TRAINABLE_FILE
 from coordexp.train.swift_plugin import LOSS_NAME, PLUGIN_FILE
 
 
@@ -119,9 +120,9 @@ def swift_cli_args(
         "loss_type": LOSS_NAME,
         "tuner_type": "full",
         "torch_dtype": t.dtype,
-        "freeze_vit": "false",
-        "freeze_aligner": "false",
-        "freeze_llm": "false",
+        "freeze_vit": str(t.freeze.vit).lower(),
+        "freeze_aligner": str(t.freeze.aligner).lower(),
+        "freeze_llm": str(t.freeze.llm).lower(),
         "dataset": train_rows,
         "val_dataset": val_rows,
         "split_dataset_ratio": 0,
@@ -359,6 +360,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         "token_type_metrics": params.train.token_type_metrics.enabled,
         "fused_loss": params.train.fused_loss,
         "coord_diag": params.train.coord_diag,
+        "coord_rows_only": params.train.coord_rows_only,
         "train_rows": str(data_dir / "train.jsonl"),
     }
     write_json(out / "coordexp_plugin.json", plugin_cfg)
@@ -434,6 +436,9 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         metrics = summary(rows, throughput)
         metrics["final_checkpoint"] = str(final.relative_to(root)) if final.is_relative_to(root) else str(final)
         metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+        trainable = swift_out / TRAINABLE_FILE
+        if trainable.is_file():  # the trainer's count: what the optimizer moves (coord rows only where masked)
+            metrics.update(json.loads(trainable.read_text()))
         write_json(paths.metrics_dir(root) / "train.json", metrics)
         hist = paths.resolve(params.report.out_dir, root) / "train_history.csv"
         write_history_csv(rows, hist)

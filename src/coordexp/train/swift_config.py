@@ -20,6 +20,10 @@ from coordexp.core.vocab import coord_id_map_from_vocab
 
 CONFIG_ENV = "COORDEXP_TRAIN_CONFIG"
 
+TRAINABLE_FILE = "coordexp_trainable.json"
+"""What the trainer trains (``trainable_params``, ``total_params``, ``trainable_share``), written by the trainer
+into the ms-swift output folder; the stage logs it to MLflow and ``train.json``."""
+
 
 def plugin_config() -> dict[str, Any]:
     """The settings the train stage wrote for this run (see the module docstring)."""
