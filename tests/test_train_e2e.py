@@ -480,3 +480,46 @@ def test_frozen_decoder_trains_its_coord_rows_alone(tmp_path_factory):
     assert 0 < summary["trainable_params"] < summary["total_params"]
     assert run.data.metrics["train_summary.trainable_params"] == summary["trainable_params"]
     assert 0 < run.data.metrics["train_summary.trainable_share"] < 1
+
+
+@pytest.mark.slow
+def test_lora_trains_merges_and_evaluates(tmp_path_factory):
+    """``train.tuner: lora``: adapters on the decoder's linear layers plus the coord rows, merged into a
+    standalone ``final`` that ``evaluate`` loads as it is; the vision tower, the merger, the norms and every
+    original vocabulary row stay bit-identical to the base."""
+    from safetensors.torch import load_file
+
+    from coordexp.core.vocab import coord_id_map
+
+    root = _trained(
+        tmp_path_factory,
+        "lora",
+        **{
+            "train.tuner": "lora",
+            "train.max_steps": 5,
+            "train.eval_steps": 5,
+            "train.save_steps": 5,
+            "evaluate.limit": 4,
+            "evaluate.max_new_tokens": 32,
+        },
+    )
+    base_dir, final_dir = root / "artifacts" / "base", root / "artifacts" / "train" / "final"
+    base = load_file(str(base_dir / "model.safetensors"))
+    final = load_file(str(final_dir / "model.safetensors"))
+    assert set(base) == set(final)  # a plain checkpoint: no adapter weights left
+    assert json.loads((final_dir / "args.json").read_text())["tuner_type"] == "full"
+    assert (final_dir / "coord_vocab.json").is_file() and (final_dir / "tokenizer.json").is_file()
+    rows = [k for k in base if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    adapted = [k for k in base if ".language_model.layers." in k and k.endswith("proj.weight")]
+    assert rows and adapted
+    coord = coord_id_map(base_dir) >= 0
+    for k in rows:
+        keep = coord[: base[k].shape[0]]
+        assert torch.equal(base[k][~keep], final[k][~keep]), k
+        assert not torch.equal(base[k][keep], final[k][keep]), k
+    assert all(not torch.equal(base[k], final[k]) for k in adapted)
+    assert all(torch.equal(base[k], final[k]) for k in base if k not in rows and k not in adapted)
+    summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
+    assert 0 < summary["trainable_share"] < 0.5
+    run_stage(root, "evaluate")
+    assert json.loads((root / "reports" / "metrics" / "eval.json").read_text())

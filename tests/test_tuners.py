@@ -35,6 +35,26 @@ def test_freeze_switches_reach_swift(tmp_path):
     assert (args["freeze_vit"], args["freeze_aligner"], args["freeze_llm"]) == ("true", "false", "true")
 
 
+def test_lora_reaches_swift(tmp_path):
+    from coordexp.train.stage import swift_cli_args
+
+    args = _cli(tmp_path, tuner="lora")
+    assert (args["tuner_type"], args["lora_rank"], args["lora_alpha"], args["lora_dropout"]) == (
+        "lora",
+        "8",
+        "32.0",
+        "0.05",
+    )
+    # ms-swift picks the adapters' target layers from its freeze switches: the decoder only, by default
+    assert (args["freeze_vit"], args["freeze_aligner"], args["freeze_llm"]) == ("true", "true", "false")
+    lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"], "vit": True, "llm": False}
+    args = _cli(tmp_path, tuner="lora", lora=lora)
+    assert (args["lora_rank"], args["freeze_vit"], args["freeze_llm"]) == ("4", "false", "true")
+    base = tmp_path / "base"
+    cli = swift_cli_args(Params.model_validate({"train": {"tuner": "lora", "lora": lora}}), base, base, base, base)
+    assert cli[cli.index("--target_modules") :][:3] == ["--target_modules", "q_proj", "v_proj"]
+
+
 def test_freeze_refuses_what_cannot_train():
     with pytest.raises(ConfigError, match=r"train\.freeze\.vit / train\.freeze\.aligner / train\.freeze\.llm"):
         validate_params({"train": {"freeze": {"vit": True, "aligner": True, "llm": True}}})
@@ -43,6 +63,13 @@ def test_freeze_refuses_what_cannot_train():
     with pytest.raises(ConfigError, match="freeze"):
         validate_params({"train": {"freeze": {"decoder": True}}})
     assert validate_params({"train": {"freeze": {"llm": True}}}).train.coord_rows_only
+    assert not validate_params({}).train.coord_rows_only
+    with pytest.raises(ConfigError, match=r"train\.lora\.vit / train\.lora\.aligner / train\.lora\.llm"):
+        validate_params({"train": {"tuner": "lora", "lora": {"llm": False}}})
+    with pytest.raises(ConfigError, match=r"train\.freeze applies to full training"):
+        validate_params({"train": {"tuner": "lora", "freeze": {"vit": True}}})
+    with pytest.raises(ConfigError, match=r"train\.tuner: lora would move"):
+        validate_params({"train": {"tuner": "lora", "weight_decay": 0.1}})
 
 
 class _LM(torch.nn.Module):

@@ -20,6 +20,8 @@ ms-swift's ``causal_lm`` trainer. On top of ms-swift's own trainer it keeps
 (g) with the decoder frozen (``train.freeze.llm``), the coord rows of the input embeddings and of the
     LM head still train: their weights are made trainable again and a gradient hook zeroes every other
     row (:func:`train_coord_rows_only`), so the original vocabulary stays bit-identical to the base;
+    With LoRA the adapter file holds the adapters alone, so each checkpoint also gets the coord rows
+    (:data:`COORD_ROWS_FILE`), read back on resume and merged by the stage;
 (h) the trainable parameter count and its share of all parameters, printed once and written to
     :data:`TRAINABLE_FILE` (the stage logs them to MLflow and ``train.json``).
 
@@ -49,7 +51,8 @@ from swift.optimizers.multimodal import get_param_startswith
 from swift.trainers import Seq2SeqTrainer
 
 from coordexp.train.loss import GlobalCounts, global_counts
-from coordexp.train.swift_config import TRAINABLE_FILE, coord_id_map, plugin_config
+from coordexp.train.merge import load_coord_rows, save_coord_rows
+from coordexp.train.swift_config import COORD_ROWS_FILE, TRAINABLE_FILE, coord_id_map, plugin_config
 from coordexp.train.token_types import TokenTyper
 
 LR_KEYS = {"llm": "learning_rate", "vit": "learning_rate/vit", "aligner": "learning_rate/aligner"}
@@ -73,6 +76,7 @@ class CoordExpTrainer(Seq2SeqTrainer):
         rows_only = (
             train_coord_rows_only(self.model, self._cmap_cpu) if self.coordexp_cfg.get("coord_rows_only") else []
         )
+        self._rows_only = rows_only
         self.coordexp_trainable = trainable_counts(self.model, rows_only, int((self._cmap_cpu >= 0).sum()))
         if self.is_world_process_zero():
             c = self.coordexp_trainable
@@ -115,6 +119,23 @@ class CoordExpTrainer(Seq2SeqTrainer):
         except AssertionError:  # DeepSpeed's dynamic loss scale before its first step (as in the HF trainer)
             pass
         return {LR_KEYS[part]: float(rates[i]) for part, i in self._lr_groups.items() if i < len(rates)}
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self._rows_only and not self._saves_whole_model():
+            save_coord_rows(self.model, self._cmap_cpu, Path(output_dir or self.args.output_dir) / COORD_ROWS_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        rows = Path(resume_from_checkpoint) / COORD_ROWS_FILE
+        if self._rows_only and rows.is_file():  # the adapter file does not hold them
+            load_coord_rows(self.accelerator.unwrap_model(model or self.model), rows)
+
+    def _saves_whole_model(self) -> bool:
+        """Whether a checkpoint holds every weight (full training) rather than an adapter's alone."""
+        from peft import PeftModel
+
+        return not isinstance(self.accelerator.unwrap_model(self.model), PeftModel)
 
     def _prepare_inputs(self, inputs: Any) -> Any:
         inputs = super()._prepare_inputs(inputs)
