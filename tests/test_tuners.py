@@ -70,6 +70,8 @@ def test_freeze_refuses_what_cannot_train():
         validate_params({"train": {"tuner": "lora", "freeze": {"vit": True}}})
     with pytest.raises(ConfigError, match=r"train\.tuner: lora would move"):
         validate_params({"train": {"tuner": "lora", "weight_decay": 0.1}})
+    with pytest.raises(ConfigError, match=r"evaluate\.checkpoints: last"):  # the checkpoints are adapters
+        validate_params({"train": {"tuner": "lora"}, "evaluate": {"checkpoints": "all"}})
 
 
 class _LM(torch.nn.Module):
@@ -119,3 +121,45 @@ def test_coord_rows_alone_train(tied):
     for k in ("embed.weight", "head.weight"):
         assert torch.equal(after[k][:8], before[k][:8]), k  # the original vocabulary: bit-identical
         assert not torch.equal(after[k][8:], before[k][8:]), k  # the coord rows learn
+
+
+def test_merge_lora_writes_the_adapters_and_coord_rows_into_a_full_checkpoint(tmp_path):
+    """A peft adapter plus the trained coord rows -> the merged model, as a plain checkpoint with the base's
+    tokenizer and processor files; the other vocabulary rows are the base's."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from test_build_base import SMALL, write_dataset
+    from transformers import AutoModelForImageTextToText
+
+    from coordexp.build_base.tiny import build_tiny
+    from coordexp.core.vocab import coord_id_map
+    from coordexp.train.merge import merge_lora, save_coord_rows
+    from coordexp.train.swift_config import COORD_ROWS_FILE
+
+    base = build_tiny(write_dataset(tmp_path / "data", n=4), tmp_path / "base", **SMALL)
+    cmap = coord_id_map(base)
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter (peft starts B at zero)
+        emb = lora.get_input_embeddings().weight
+        emb[cmap >= 0] += 1.0  # trained coord rows
+    ckpt = tmp_path / "checkpoint-1"
+    lora.save_pretrained(ckpt)
+    save_coord_rows(lora, cmap, ckpt / COORD_ROWS_FILE)
+    want = {k: v.clone() for k, v in lora.merge_and_unload().state_dict().items()}
+
+    final = tmp_path / "final"
+    merge_lora(base, ckpt, final, "float32")
+    got = load_file(str(final / "model.safetensors"))
+    before = load_file(str(base / "model.safetensors"))
+    assert set(got) == set(before)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    key = next(k for k in got if k.endswith("embed_tokens.weight"))
+    assert torch.equal(got[key][cmap < 0], before[key][cmap < 0])
+    assert torch.equal(got[key][cmap >= 0], before[key][cmap >= 0] + 1.0)
+    assert {"tokenizer.json", "config.json", "coord_vocab.json"} <= {p.name for p in final.iterdir()}
+    assert not (final / "build_info.json").exists() and not (final / "adapter_config.json").exists()

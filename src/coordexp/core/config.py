@@ -475,6 +475,16 @@ class Params(_Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     """papermill reports and figures."""
 
+    @model_validator(mode="after")
+    def _lora_evaluates_the_merge(self) -> Params:
+        if self.train.tuner == "lora" and self.evaluate.checkpoints == "all":
+            raise ValueError(
+                "evaluate.checkpoints: all reads every ms-swift checkpoint, and with train.tuner: lora those are "
+                "adapters; only artifacts/train/final is merged into a model: set evaluate.checkpoints: last "
+                "or train.tuner: full"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # loading and error messages
