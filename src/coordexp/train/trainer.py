@@ -17,10 +17,10 @@ ms-swift's ``causal_lm`` trainer. On top of ms-swift's own trainer it keeps
     every other trainable parameter outside the vision tower and merger), ``learning_rate/vit`` the
     vision tower's and ``learning_rate/aligner`` the merger's; a part with no trainable parameters
     is not logged. Only the logged numbers change: the optimizer and its scheduler are ms-swift's;
-(g) with the decoder frozen (``train.freeze.llm``), the coord rows of the input embeddings and of the
-    LM head still train: their weights are made trainable again and a gradient hook zeroes every other
-    row (:func:`train_coord_rows_only`), so the original vocabulary stays bit-identical to the base;
-    With LoRA the adapter file holds the adapters alone, so each checkpoint also gets the coord rows
+(g) with the decoder frozen (``train.freeze.llm``) or adapted (``train.tuner: lora``), the coord rows of
+    the input embeddings and of the LM head still train: their weights are made trainable again and a
+    gradient hook zeroes every other row (:func:`train_coord_rows_only`), so the original vocabulary
+    stays bit-identical to the base. With LoRA the adapter file holds the adapters alone, so each checkpoint also gets the coord rows
     (:data:`COORD_ROWS_FILE`), read back on resume and merged by the stage;
 (h) the trainable parameter count and its share of all parameters, printed once and written to
     :data:`TRAINABLE_FILE` (the stage logs them to MLflow and ``train.json``).
