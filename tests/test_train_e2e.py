@@ -523,3 +523,26 @@ def test_lora_trains_merges_and_evaluates(tmp_path_factory):
     assert 0 < summary["trainable_share"] < 0.5
     run_stage(root, "evaluate")
     assert json.loads((root / "reports" / "metrics" / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_lora_resume_restores_the_coord_rows(tmp_path_factory):
+    """An interrupted LoRA run resumes from its last checkpoint with the coord rows it had trained (the adapter
+    file does not hold them): the merged model is the uninterrupted run's."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root = _trained(
+        tmp_path_factory,
+        "lora_resume",
+        **{"train.tuner": "lora", "train.max_steps": 4, "train.eval_steps": 4, "train.save_steps": 2},
+    )
+    train = root / "artifacts" / "train"
+    straight = load_file(str(train / "final" / "model.safetensors"))
+    state = json.loads((train / "state.json").read_text())
+    (train / "state.json").write_text(json.dumps({**state, "status": "running"}))  # as a kill leaves it
+    shutil.rmtree(train / "swift" / "checkpoint-4")  # killed between its two checkpoints
+    assert "resuming run" in run_stage(root, "train").stdout
+    resumed = load_file(str(train / "final" / "model.safetensors"))
+    assert all(torch.allclose(resumed[k], straight[k], rtol=0, atol=1e-6) for k in straight)
