@@ -6,6 +6,10 @@ selects a ZeRO stage. The project's template, trainer and loss reach it through
 ``--external_plugins`` (:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in
 ``COORDEXP_TRAIN_CONFIG``.
 
+``train.tuner`` picks full training (``train.freeze`` leaves parts as built) or LoRA adapters; with LoRA the
+stage merges the last checkpoint's adapters and coord rows into the base (:mod:`coordexp.train.merge`), so
+``artifacts/train/final`` is a standalone checkpoint either way.
+
 MLflow: the stage creates the run (tags, params, dataset inputs, the launcher's arguments as
 ``config/swift_args.json``), hands its id to the trainer's MLflow callback through the environment
 of :func:`coordexp.pipeline.tracking.trainer_env` (metrics only, under the same run name), and,
