@@ -439,3 +439,110 @@ def test_vit_lr_reaches_the_optimizer(tmp_path_factory):
     assert all(torch.equal(base[k], final[k]) for k in tower)
     assert any(not torch.equal(base[k], final[k]) for k in merger)
     assert any(not torch.equal(base[k], final[k]) for k in decoder)
+
+
+@pytest.mark.slow
+def test_frozen_decoder_trains_its_coord_rows_alone(tmp_path_factory):
+    """``train.freeze: {vit, llm}``: the vision tower and the decoder stay bit-identical to the base, the
+    original vocabulary rows of the (tied) embeddings / head too, while the merger and the coord rows learn;
+    the trainable count reaches MLflow."""
+    from safetensors.torch import load_file
+
+    from coordexp.core.vocab import coord_id_map
+
+    root = _trained(
+        tmp_path_factory,
+        "freeze",
+        **{
+            "train.freeze.vit": True,
+            "train.freeze.llm": True,
+            "train.max_steps": 5,
+            "train.eval_steps": 5,
+            "train.save_steps": 5,
+        },
+    )
+    base_dir = root / "artifacts" / "base"
+    base = load_file(str(base_dir / "model.safetensors"))
+    final = load_file(str(root / "artifacts" / "train" / "final" / "model.safetensors"))
+    assert set(base) == set(final)
+    rows = [k for k in base if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    merger = [k for k in base if ".visual.merger" in k or "deepstack_merger" in k]
+    assert rows and merger
+    coord = coord_id_map(base_dir) >= 0
+    for k in rows:
+        keep = coord[: base[k].shape[0]]
+        assert torch.equal(base[k][~keep], final[k][~keep]), k
+        assert not torch.equal(base[k][keep], final[k][keep]), k
+    assert all(torch.equal(base[k], final[k]) for k in base if k not in rows and k not in merger)
+    assert any(not torch.equal(base[k], final[k]) for k in merger)
+    _, run = _run(root)
+    summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert run.data.metrics["train_summary.trainable_params"] == summary["trainable_params"]
+    assert 0 < run.data.metrics["train_summary.trainable_share"] < 1
+
+
+@pytest.mark.slow
+def test_lora_trains_merges_and_evaluates(tmp_path_factory):
+    """``train.tuner: lora``: adapters on the decoder's linear layers plus the coord rows, merged into a
+    standalone ``final`` that ``evaluate`` loads as it is; the vision tower, the merger, the norms and every
+    original vocabulary row stay bit-identical to the base."""
+    from safetensors.torch import load_file
+
+    from coordexp.core.vocab import coord_id_map
+
+    root = _trained(
+        tmp_path_factory,
+        "lora",
+        **{
+            "train.tuner": "lora",
+            "train.max_steps": 5,
+            "train.eval_steps": 5,
+            "train.save_steps": 5,
+            "evaluate.limit": 4,
+            "evaluate.max_new_tokens": 32,
+        },
+    )
+    base_dir, final_dir = root / "artifacts" / "base", root / "artifacts" / "train" / "final"
+    base = load_file(str(base_dir / "model.safetensors"))
+    final = load_file(str(final_dir / "model.safetensors"))
+    assert set(base) == set(final)  # a plain checkpoint: no adapter weights left
+    assert json.loads((final_dir / "args.json").read_text())["tuner_type"] == "full"
+    assert (final_dir / "coord_vocab.json").is_file() and (final_dir / "tokenizer.json").is_file()
+    rows = [k for k in base if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    adapted = [k for k in base if ".language_model.layers." in k and k.endswith("proj.weight")]
+    assert rows and adapted
+    coord = coord_id_map(base_dir) >= 0
+    for k in rows:
+        keep = coord[: base[k].shape[0]]
+        assert torch.equal(base[k][~keep], final[k][~keep]), k
+        assert not torch.equal(base[k][keep], final[k][keep]), k
+    assert all(not torch.equal(base[k], final[k]) for k in adapted)
+    assert all(torch.equal(base[k], final[k]) for k in base if k not in rows and k not in adapted)
+    summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
+    assert 0 < summary["trainable_share"] < 0.5
+    run_stage(root, "evaluate")
+    assert json.loads((root / "reports" / "metrics" / "eval.json").read_text())
+
+
+@pytest.mark.slow
+def test_lora_resume_restores_the_coord_rows(tmp_path_factory):
+    """An interrupted LoRA run resumes from its last checkpoint with the coord rows it had trained (the adapter
+    file does not hold them): the merged model is the uninterrupted run's."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root = _trained(
+        tmp_path_factory,
+        "lora_resume",
+        **{"train.tuner": "lora", "train.max_steps": 4, "train.eval_steps": 4, "train.save_steps": 2},
+    )
+    train = root / "artifacts" / "train"
+    straight = load_file(str(train / "final" / "model.safetensors"))
+    state = json.loads((train / "state.json").read_text())
+    (train / "state.json").write_text(json.dumps({**state, "status": "running"}))  # as a kill leaves it
+    shutil.rmtree(train / "swift" / "checkpoint-4")  # killed between its two checkpoints
+    assert "resuming run" in run_stage(root, "train").stdout
+    resumed = load_file(str(train / "final" / "model.safetensors"))
+    assert all(torch.allclose(resumed[k], straight[k], rtol=0, atol=1e-6) for k in straight)

@@ -207,6 +207,45 @@ class TokenTypeMetricsConfig(_Section):
     """Log loss and accuracy per token type (description, structure, coord)."""
 
 
+class FreezeConfig(_Section):
+    """Which parts of the model full training leaves as built (ms-swift ``--freeze_vit`` / ``--freeze_aligner`` /
+    ``--freeze_llm``). The 1000 coord rows of the input embeddings and of the output head train whatever these
+    say: they are what a base checkpoint with new coord tokens has not learnt yet."""
+
+    vit: bool = False
+    """Freeze the vision tower: a pretrained encoder keeps what it already sees, and its gradients and optimizer
+    state cost nothing."""
+    aligner: bool = False
+    """Freeze the merger that maps visual tokens into the decoder (and its deepstack mergers)."""
+    llm: bool = False
+    """Freeze the decoder and its LM head, all but their coord rows: the original vocabulary rows stay
+    bit-identical to the base while the coord rows learn (the trainer zeroes the other rows' gradients), so the
+    model keeps its text abilities and learns only to place coordinates."""
+
+
+class LoraConfig(_Section):
+    """LoRA through ms-swift (``--tuner_type lora``, peft): low-rank adapters on the linear layers of the parts
+    switched in, the coord rows of the embeddings and head trained beside them, everything else frozen; the
+    stage merges the adapters into a standalone checkpoint at the end."""
+
+    rank: int = Field(default=8, ge=1)
+    """Rank of each adapter (``--lora_rank``): its capacity, and its parameter count, grow with it."""
+    alpha: float = Field(default=32.0, gt=0)
+    """Scale numerator (``--lora_alpha``): an adapter's update is multiplied by ``alpha / rank``."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapters' inputs (``--lora_dropout``), a regulariser for small data."""
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    """Which layers get adapters (``--target_modules``): ``all-linear`` is every linear layer of the parts switched
+    in below (the LM head excluded), or module names such as ``q_proj``, ``v_proj``."""
+    vit: bool = False
+    """Adapt the vision tower (ms-swift's ``--freeze_vit false``); off, it stays as built, the usual choice for a
+    pretrained encoder."""
+    aligner: bool = False
+    """Adapt the merger that maps visual tokens into the decoder (``--freeze_aligner false``)."""
+    llm: bool = True
+    """Adapt the decoder (``--freeze_llm false``): where the model learns to write the answers."""
+
+
 class TrainConfig(_Section):
     out_dir: str = "artifacts/train"
     """ms-swift output folder: checkpoints and logs."""
@@ -278,6 +317,56 @@ class TrainConfig(_Section):
     training process: your callbacks, metrics or loss wrappers. Paths relative to the project root."""
     log_checkpoint: Literal["reference", "full"] = "reference"
     """Log the final checkpoint to MLflow as a path reference (tag) or upload it as artifacts."""
+    tuner: Literal["full", "lora"] = "full"
+    """``full``: every weight of the parts not frozen (``freeze``) trains; ``lora``: adapters (``lora``) on a
+    frozen model, merged into a standalone checkpoint at the end, a fraction of the trainable parameters and
+    optimizer memory. Either way the coord rows of the embeddings and head train."""
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    """Parts of the model that full training leaves as built."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """The adapters of ``tuner: lora``."""
+
+    @property
+    def coord_rows_only(self) -> bool:
+        """Whether the input embeddings and the LM head train their coord rows alone (the decoder is frozen or
+        adapted), so that the trainer masks their gradients to those rows."""
+        return self.tuner == "lora" or self.freeze.llm
+
+    @property
+    def frozen(self) -> FreezeConfig:
+        """The parts ms-swift leaves as built (``--freeze_*``): ``freeze`` for full training; the parts not
+        adapted for LoRA (ms-swift picks the adapters' target layers from the same switches)."""
+        if self.tuner == "lora":
+            return FreezeConfig(vit=not self.lora.vit, aligner=not self.lora.aligner, llm=not self.lora.llm)
+        return self.freeze
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> TrainConfig:
+        f = self.freeze
+        if self.tuner == "lora" and (f.vit or f.aligner or f.llm):
+            raise ValueError(
+                "freeze: train.freeze applies to full training; with train.tuner: lora choose the adapted parts "
+                "with train.lora.vit / train.lora.aligner / train.lora.llm and leave train.freeze all false"
+            )
+        if self.tuner == "lora" and not (self.lora.vit or self.lora.aligner or self.lora.llm):
+            raise ValueError(
+                "lora: vit, aligner and llm all false adapt nothing: set at least one of "
+                "train.lora.vit / train.lora.aligner / train.lora.llm to true"
+            )
+        if f.vit and f.aligner and f.llm:
+            raise ValueError(
+                "freeze: vit, aligner and llm all true freeze the whole model: set at least one of "
+                "train.freeze.vit / train.freeze.aligner / train.freeze.llm to false"
+            )
+        if self.coord_rows_only and self.weight_decay > 0:
+            why = "train.tuner: lora" if self.tuner == "lora" else "train.freeze.llm: true"
+            undo = "train.tuner: full" if self.tuner == "lora" else "train.freeze.llm: false"
+            raise ValueError(
+                f"weight_decay: {self.weight_decay} with {why} would move the frozen vocabulary rows of the "
+                f"embeddings and LM head (AdamW decays every row, gradient or not): set train.weight_decay: 0 "
+                f"or {undo}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fused_needs_stage1(self) -> TrainConfig:
@@ -395,6 +484,16 @@ class Params(_Section):
     """Offline detection evaluation."""
     report: ReportConfig = Field(default_factory=ReportConfig)
     """papermill reports and figures."""
+
+    @model_validator(mode="after")
+    def _lora_evaluates_the_merge(self) -> Params:
+        if self.train.tuner == "lora" and self.evaluate.checkpoints == "all":
+            raise ValueError(
+                "evaluate.checkpoints: all reads every ms-swift checkpoint, and with train.tuner: lora those are "
+                "adapters; only artifacts/train/final is merged into a model: set evaluate.checkpoints: last "
+                "or train.tuner: full"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------

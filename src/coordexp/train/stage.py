@@ -6,6 +6,10 @@ selects a ZeRO stage. The project's template, trainer and loss reach it through
 ``--external_plugins`` (:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in
 ``COORDEXP_TRAIN_CONFIG``.
 
+``train.tuner`` picks full training (``train.freeze`` leaves parts as built) or LoRA adapters; with LoRA the
+stage merges the last checkpoint's adapters and coord rows into the base (:mod:`coordexp.train.merge`), so
+``artifacts/train/final`` is a standalone checkpoint either way.
+
 MLflow: the stage creates the run (tags, params, dataset inputs, the launcher's arguments as
 ``config/swift_args.json``), hands its id to the trainer's MLflow callback through the environment
 of :func:`coordexp.pipeline.tracking.trainer_env` (metrics only, under the same run name), and,
@@ -46,6 +50,8 @@ from coordexp.core.errors import MissingInputError, StageError, UserError
 from coordexp.core.io import atomic_open, write_json, write_jsonl
 from coordexp.core.template import build_messages
 from coordexp.pipeline import tracking
+from coordexp.train.merge import merge_lora
+from coordexp.train.swift_config import TRAINABLE_FILE
 from coordexp.train.swift_plugin import LOSS_NAME, PLUGIN_FILE
 
 
@@ -117,11 +123,11 @@ def swift_cli_args(
         "template": SUPPORTED_MODEL_TYPES[mtype].template,
         "external_plugins": PLUGIN_FILE,
         "loss_type": LOSS_NAME,
-        "tuner_type": "full",
+        "tuner_type": t.tuner,
         "torch_dtype": t.dtype,
-        "freeze_vit": "false",
-        "freeze_aligner": "false",
-        "freeze_llm": "false",
+        "freeze_vit": str(t.frozen.vit).lower(),
+        "freeze_aligner": str(t.frozen.aligner).lower(),
+        "freeze_llm": str(t.frozen.llm).lower(),
         "dataset": train_rows,
         "val_dataset": val_rows,
         "split_dataset_ratio": 0,
@@ -155,6 +161,8 @@ def swift_cli_args(
         "attn_impl": "flash_attn" if t.packing else "sdpa",
         "run_name": tracking.run_name(params, "train"),  # HF's MLflow callback renames the run to this
     }
+    if t.tuner == "lora":
+        args.update(lora_rank=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout)
     if t.save_total_limit:
         args["save_total_limit"] = t.save_total_limit
     for key in ("vit_lr", "aligner_lr"):  # ms-swift then builds its multimodal optimizer (param groups)
@@ -176,6 +184,8 @@ def swift_cli_args(
         cli += [f"--{k}", str(v)]
         if k == "external_plugins":  # the user's plugins load after the project's
             cli += [str(paths.resolve(p, root)) for p in t.swift_plugins]
+    if t.tuner == "lora":
+        cli += ["--target_modules", *t.lora.target_modules]
     return cli
 
 
@@ -268,7 +278,10 @@ def _write_model_args(ckpt: Path, final: Path) -> None:
     src = ckpt / "args.json"
     if src.is_file():
         args = json.loads(src.read_text(encoding="utf-8"))
-        write_json(final / "args.json", {k: args[k] for k in MODEL_ARGS if k in args})
+        kept = {k: args[k] for k in MODEL_ARGS if k in args}
+        if "tuner_type" in kept:  # a LoRA run's final checkpoint is merged: a full model to whatever loads it
+            kept["tuner_type"] = "full"
+        write_json(final / "args.json", kept)
 
 
 def summary(rows: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str, Any]:
@@ -359,6 +372,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         "token_type_metrics": params.train.token_type_metrics.enabled,
         "fused_loss": params.train.fused_loss,
         "coord_diag": params.train.coord_diag,
+        "coord_rows_only": params.train.coord_rows_only,
         "train_rows": str(data_dir / "train.jsonl"),
     }
     write_json(out / "coordexp_plugin.json", plugin_cfg)
@@ -428,12 +442,19 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         if ckpt is None:
             raise TrainingError(f"{swift_out}: training ended without a checkpoint")
         final = out / FINAL_DIR
-        _link_model(ckpt, final)
+        if t.tuner == "lora":  # a standalone checkpoint, so evaluate, predict and report load it like a full one
+            print(f"[train] merging the LoRA adapters of {ckpt.name} into {final}", flush=True)
+            merge_lora(base, ckpt, final, t.dtype)
+        else:
+            _link_model(ckpt, final)
         _write_model_args(ckpt, final)
         shutil.copy2(base / "coord_vocab.json", final / "coord_vocab.json")
         metrics = summary(rows, throughput)
         metrics["final_checkpoint"] = str(final.relative_to(root)) if final.is_relative_to(root) else str(final)
         metrics["train_samples"], metrics["val_samples"] = n_train, n_val
+        trainable = swift_out / TRAINABLE_FILE
+        if trainable.is_file():  # the trainer's count: what the optimizer moves (coord rows only where masked)
+            metrics.update(json.loads(trainable.read_text()))
         write_json(paths.metrics_dir(root) / "train.json", metrics)
         hist = paths.resolve(params.report.out_dir, root) / "train_history.csv"
         write_history_csv(rows, hist)

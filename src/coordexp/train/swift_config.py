@@ -20,6 +20,14 @@ from coordexp.core.vocab import coord_id_map_from_vocab
 
 CONFIG_ENV = "COORDEXP_TRAIN_CONFIG"
 
+TRAINABLE_FILE = "coordexp_trainable.json"
+"""What the trainer trains (``trainable_params``, ``total_params``, ``trainable_share``), written by the trainer
+into the ms-swift output folder; the stage logs it to MLflow and ``train.json``."""
+
+COORD_ROWS_FILE = "coordexp_coord_rows.safetensors"
+"""A LoRA checkpoint's trained coord rows (``coord_ids``, ``input_embeddings``, and ``output_embeddings`` for an
+untied head), beside the adapter, which holds only the adapters' own weights; the merge writes them back."""
+
 
 def plugin_config() -> dict[str, Any]:
     """The settings the train stage wrote for this run (see the module docstring)."""

@@ -16,7 +16,14 @@ ms-swift's ``causal_lm`` trainer. On top of ms-swift's own trainer it keeps
     (the vision tower's) as ``learning_rate``. Here ``learning_rate`` is the decoder's (the LLM and
     every other trainable parameter outside the vision tower and merger), ``learning_rate/vit`` the
     vision tower's and ``learning_rate/aligner`` the merger's; a part with no trainable parameters
-    is not logged. Only the logged numbers change: the optimizer and its scheduler are ms-swift's.
+    is not logged. Only the logged numbers change: the optimizer and its scheduler are ms-swift's;
+(g) with the decoder frozen (``train.freeze.llm``) or adapted (``train.tuner: lora``), the coord rows of
+    the input embeddings and of the LM head still train: their weights are made trainable again and a
+    gradient hook zeroes every other row (:func:`train_coord_rows_only`), so the original vocabulary
+    stays bit-identical to the base. With LoRA the adapter file holds the adapters alone, so each checkpoint also gets the coord rows
+    (:data:`COORD_ROWS_FILE`), read back on resume and merged by the stage;
+(h) the trainable parameter count and its share of all parameters, printed once and written to
+    :data:`TRAINABLE_FILE` (the stage logs them to MLflow and ``train.json``).
 
 Counting happens in ``_get_num_items_in_batch``, which the HF trainer calls on every rank once
 per optimizer step with all of that step's micro-batches: the all-reduce inside
@@ -44,7 +51,8 @@ from swift.optimizers.multimodal import get_param_startswith
 from swift.trainers import Seq2SeqTrainer
 
 from coordexp.train.loss import GlobalCounts, global_counts
-from coordexp.train.swift_config import coord_id_map, plugin_config
+from coordexp.train.merge import load_coord_rows, save_coord_rows
+from coordexp.train.swift_config import COORD_ROWS_FILE, TRAINABLE_FILE, coord_id_map, plugin_config
 from coordexp.train.token_types import TokenTyper
 
 LR_KEYS = {"llm": "learning_rate", "vit": "learning_rate/vit", "aligner": "learning_rate/aligner"}
@@ -65,6 +73,20 @@ class CoordExpTrainer(Seq2SeqTrainer):
         self._lr_groups: dict[str, int] | None = None
         if self.coordexp_cfg.get("token_type_metrics"):
             self.token_typer = TokenTyper(self.template.tokenizer, self._cmap_cpu)
+        rows_only = (
+            train_coord_rows_only(self.model, self._cmap_cpu) if self.coordexp_cfg.get("coord_rows_only") else []
+        )
+        self._rows_only = rows_only
+        self.coordexp_trainable = trainable_counts(self.model, rows_only, int((self._cmap_cpu >= 0).sum()))
+        if self.is_world_process_zero():
+            c = self.coordexp_trainable
+            print(
+                f"[coordexp] trainable parameters: {c['trainable_params']:,} of {c['total_params']:,} "
+                f"({100 * c['trainable_share']:.2f}%)",
+                flush=True,
+            )
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.args.output_dir) / TRAINABLE_FILE).write_text(json.dumps(c, indent=2))
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         n = super()._get_num_items_in_batch(batch_samples, device)
@@ -97,6 +119,23 @@ class CoordExpTrainer(Seq2SeqTrainer):
         except AssertionError:  # DeepSpeed's dynamic loss scale before its first step (as in the HF trainer)
             pass
         return {LR_KEYS[part]: float(rates[i]) for part, i in self._lr_groups.items() if i < len(rates)}
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self._rows_only and not self._saves_whole_model():
+            save_coord_rows(self.model, self._cmap_cpu, Path(output_dir or self.args.output_dir) / COORD_ROWS_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        rows = Path(resume_from_checkpoint) / COORD_ROWS_FILE
+        if self._rows_only and rows.is_file():  # the adapter file does not hold them
+            load_coord_rows(self.accelerator.unwrap_model(model or self.model), rows)
+
+    def _saves_whole_model(self) -> bool:
+        """Whether a checkpoint holds every weight (full training) rather than an adapter's alone."""
+        from peft import PeftModel
+
+        return not isinstance(self.accelerator.unwrap_model(self.model), PeftModel)
 
     def _prepare_inputs(self, inputs: Any) -> Any:
         inputs = super()._prepare_inputs(inputs)
@@ -168,3 +207,37 @@ def lr_groups(model: Any, param_groups: list[dict[str, Any]]) -> dict[str, int]:
         for p in group["params"]:
             out.setdefault(part.get(id(p), "llm"), i)
     return dict(sorted(out.items(), key=lambda kv: list(LR_KEYS).index(kv[0])))
+
+
+def train_coord_rows_only(model: Any, cmap: torch.Tensor) -> list[torch.nn.Parameter]:
+    """Make the input embeddings and the LM head trainable in their coord rows alone; returns their weights.
+
+    The weights get ``requires_grad`` back (ms-swift's ``--freeze_llm`` froze them with the decoder) and a
+    gradient hook that zeroes every row outside ``cmap``'s coord ids, so that the optimizer never moves an
+    original vocabulary row (Adam's moments of those rows stay zero; weight decay is refused by the config).
+    A tied head is the embedding's own weight: one hook, not two."""
+    weights: list[torch.nn.Parameter] = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.nn.Parameter) and all(w is not x for x in weights):
+            weights.append(w)
+    ids = torch.nonzero(cmap >= 0).flatten()
+    for w in weights:
+        keep = torch.zeros(w.shape[0], 1, dtype=torch.bool)
+        keep[ids[ids < w.shape[0]]] = True
+        w.requires_grad_(True)
+        w.register_hook(lambda g, keep=keep: g.masked_fill(~keep.to(g.device), 0))
+    return weights
+
+
+def trainable_counts(model: Any, rows_only: list[torch.nn.Parameter], n_coord: int) -> dict[str, Any]:
+    """``trainable_params`` (a coord-rows-only weight counts its coord rows), ``total_params`` (tied weights
+    once) and ``trainable_share`` of the model as the trainer will optimise it."""
+    total = trainable = 0
+    for p in model.parameters():  # each shared (tied) parameter once
+        total += p.numel()
+        if any(p is w for w in rows_only):
+            trainable += min(n_coord, p.shape[0]) * (p.numel() // p.shape[0])
+        elif p.requires_grad:
+            trainable += p.numel()
+    return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(total, 1)}
