@@ -441,14 +441,24 @@ def test_vit_lr_reaches_the_optimizer(tmp_path_factory):
     assert any(not torch.equal(base[k], final[k]) for k in decoder)
 
 
+def _assert_only_coord_rows_moved(base: dict, final: dict, rows: list[str], base_dir: Path) -> None:
+    """Every original vocabulary row of the embedding / head weights ``rows`` is bit-identical to the base, and
+    the coord rows are not."""
+    from coordexp.core.vocab import coord_id_map
+
+    coord = coord_id_map(base_dir) >= 0
+    for k in rows:
+        keep = coord[: base[k].shape[0]]
+        assert torch.equal(base[k][~keep], final[k][~keep]), k
+        assert not torch.equal(base[k][keep], final[k][keep]), k
+
+
 @pytest.mark.slow
 def test_frozen_decoder_trains_its_coord_rows_alone(tmp_path_factory):
     """``train.freeze: {vit, llm}``: the vision tower and the decoder stay bit-identical to the base, the
     original vocabulary rows of the (tied) embeddings / head too, while the merger and the coord rows learn;
     the trainable count reaches MLflow."""
     from safetensors.torch import load_file
-
-    from coordexp.core.vocab import coord_id_map
 
     root = _trained(
         tmp_path_factory,
@@ -468,11 +478,7 @@ def test_frozen_decoder_trains_its_coord_rows_alone(tmp_path_factory):
     rows = [k for k in base if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
     merger = [k for k in base if ".visual.merger" in k or "deepstack_merger" in k]
     assert rows and merger
-    coord = coord_id_map(base_dir) >= 0
-    for k in rows:
-        keep = coord[: base[k].shape[0]]
-        assert torch.equal(base[k][~keep], final[k][~keep]), k
-        assert not torch.equal(base[k][keep], final[k][keep]), k
+    _assert_only_coord_rows_moved(base, final, rows, base_dir)
     assert all(torch.equal(base[k], final[k]) for k in base if k not in rows and k not in merger)
     assert any(not torch.equal(base[k], final[k]) for k in merger)
     _, run = _run(root)
@@ -488,8 +494,6 @@ def test_lora_trains_merges_and_evaluates(tmp_path_factory):
     standalone ``final`` that ``evaluate`` loads as it is; the vision tower, the merger, the norms and every
     original vocabulary row stay bit-identical to the base."""
     from safetensors.torch import load_file
-
-    from coordexp.core.vocab import coord_id_map
 
     root = _trained(
         tmp_path_factory,
@@ -512,11 +516,7 @@ def test_lora_trains_merges_and_evaluates(tmp_path_factory):
     rows = [k for k in base if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
     adapted = [k for k in base if ".language_model.layers." in k and k.endswith("proj.weight")]
     assert rows and adapted
-    coord = coord_id_map(base_dir) >= 0
-    for k in rows:
-        keep = coord[: base[k].shape[0]]
-        assert torch.equal(base[k][~keep], final[k][~keep]), k
-        assert not torch.equal(base[k][keep], final[k][keep]), k
+    _assert_only_coord_rows_moved(base, final, rows, base_dir)
     assert all(not torch.equal(base[k], final[k]) for k in adapted)
     assert all(torch.equal(base[k], final[k]) for k in base if k not in rows and k not in adapted)
     summary = json.loads((root / "reports" / "metrics" / "train.json").read_text())
