@@ -82,6 +82,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "gate_1": {"train.coord_soft_ce_w1.gate_weight": 1.0},
     "gate_0.5": {"train.coord_soft_ce_w1.gate_weight": 0.5},
     "ddp_2": {"train.nproc_per_node": 2, "train.per_device_train_batch_size": 4},  # same global batch of 8
+    "lora": {"train.tuner": "lora"},
+    "freeze_vit": {"train.freeze.vit": True},
+    "text_gate_0.5": {"train.coord_soft_ce_w1.text_gate_weight": 0.5},
+    "coord_ce_0.2": {"train.coord_soft_ce_w1.coord_ce_weight": 0.2},
 }
 """name -> dotted params.yaml keys to change. Names join with ``+`` (``coord_weights_0.25+steps_3000``)."""
 
