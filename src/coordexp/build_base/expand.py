@@ -10,7 +10,9 @@ Statistics use the rows of *real* tokens (``id < len(tokenizer)`` before expansi
 the untrained padding rows that Qwen checkpoints carry.
 
 A checkpoint that already has all coord tokens in order is accepted as is (copied, no
-resize); a partial or misordered set is an error. Nothing is ever downloaded: a missing or
+resize); a partial or misordered set is an error. A source that asks for remote code (``auto_map``) is loaded
+natively with a warning, and the base is written without ``auto_map`` or ``.py`` files
+(:mod:`coordexp.core.checkpoint`). Nothing is ever downloaded: a missing or
 wrong directory fails at once, naming what to place where.
 """
 
@@ -25,7 +27,14 @@ import transformers
 from transformers import AutoConfig, AutoProcessor
 
 from coordexp.build_base.coord_rows import add_coord_tokens, init_coord_rows, padded_vocab_size
-from coordexp.core.checkpoint import SUPPORTED_MODEL_TYPES, CheckpointError, check_model_type, read_config
+from coordexp.core.checkpoint import (
+    SUPPORTED_MODEL_TYPES,
+    CheckpointError,
+    check_model_type,
+    read_config,
+    strip_remote_code,
+    warn_remote_code,
+)
 from coordexp.core.codec import K
 from coordexp.core.vocab import check_coord_tokens_atomic, find_coord_token_ids, write_coord_vocab
 
@@ -85,6 +94,7 @@ def expand_checkpoint(
     if not ordinal_scale >= 0:
         raise ValueError(f"ordinal_scale must be >= 0, got {ordinal_scale}")
     model_type = check_source(source)
+    warn_remote_code(source)
     src, out = Path(source).resolve(), Path(out_dir)
     if out.resolve() == src:
         raise ValueError(f"out_dir {out} must differ from the source checkpoint")
@@ -96,7 +106,8 @@ def expand_checkpoint(
         check_coord_tokens_atomic(tokenizer, existing)
         vocab = _text_vocab_size(_load_config(src))
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, out, dirs_exist_ok=True)
+        shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.py"))
+        strip_remote_code(out)
         write_coord_vocab(tokenizer, vocab, out)
         _write_info(out, src, model_type, init, ordinal_scale, resized=False, vocab=vocab, tok_len=len(tokenizer))
         return out
@@ -124,6 +135,7 @@ def expand_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    strip_remote_code(out)  # a source's auto_map, saved back with its config, would reach ms-swift in training
     write_coord_vocab(tokenizer, vocab, out)
     _write_info(
         out,

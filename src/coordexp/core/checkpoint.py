@@ -4,12 +4,24 @@ One list of supported Qwen-VL model types serves ``build_base`` (expand), the co
 ``train`` and ``evaluate``: a base that one stage builds is a base every other stage accepts.
 The train stage's output layout (``swift/checkpoint-N``, ``final``, the MLflow run id file) is
 named here too, because ``evaluate`` and ``report`` read it.
+
+A checkpoint folder is data, never code. A folder whose ``config.json``, ``tokenizer_config.json``,
+``preprocessor_config.json`` or ``processor_config.json`` asks for remote code (``auto_map``, usually with a ``.py``
+file beside it) is loaded with transformers' native classes for its ``model_type`` and the request is ignored, with
+a :class:`RemoteCodeIgnored` warning naming the folder and the entries (:func:`warn_remote_code`): ``evaluate``,
+``coordexp predict``, the served MLflow model, ``build_base`` expand and the LoRA merge. ms-swift is another
+matter: its model-info step calls ``AutoConfig.from_pretrained(..., trust_remote_code=True)`` whatever it is told,
+so a folder that asks for remote code is refused before ms-swift sees it (:func:`refuse_remote_code`: training, the
+reports), and ``build_base`` writes every base without ``auto_map`` or ``.py`` files (:func:`strip_remote_code`).
+Nothing in the project passes ``trust_remote_code=True``; ms-swift's loaders, which default to it, are switched off
+it as well (:func:`swift_loads_natively`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,6 +64,118 @@ def read_config(checkpoint_dir: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+REMOTE_CODE_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+"""The files of a checkpoint folder where transformers looks for an ``auto_map`` (a request to run the folder's
+own Python classes)."""
+
+
+class RemoteCodeIgnored(UserWarning):
+    """A checkpoint folder asks for its own code to be run; it is loaded with the native classes instead."""
+
+
+def remote_code_requests(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """``{file name: its auto_map}`` for each of :data:`REMOTE_CODE_FILES` that asks for remote code (``{file name}
+    {section}`` for a section of it, such as ``processor_config.json``'s ``image_processor``)."""
+    found: dict[str, Any] = {}
+    for name in REMOTE_CODE_FILES:
+        path = Path(checkpoint_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # not ours to judge here: the loader that reads the file says what is wrong with it
+        if not isinstance(data, dict):
+            continue
+        if data.get("auto_map"):
+            found[name] = data["auto_map"]
+        for key, sub in data.items():  # processor_config.json nests the image and video processors' settings
+            if isinstance(sub, dict) and sub.get("auto_map"):
+                found[f"{name} {key}"] = sub["auto_map"]
+    return found
+
+
+def warn_remote_code(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Warn (:class:`RemoteCodeIgnored`) when the folder asks for remote code, naming the folder, the ignored
+    ``auto_map`` entries and the ``.py`` files beside them; returns :func:`remote_code_requests`.
+
+    Every loader of a checkpoint folder calls it before loading, so a user who brings a folder made for
+    ``trust_remote_code=True`` learns that its code did not run and that the native classes serve it.
+    """
+    found = remote_code_requests(checkpoint_dir)
+    if found:
+        warnings.warn(
+            f"{_describe(checkpoint_dir, found)}; ignored: the workbench never runs a checkpoint's own code and loads it with transformers' native "
+            "classes for its model_type. Remove auto_map from those files to silence this",
+            RemoteCodeIgnored,
+            stacklevel=2,
+        )
+    return found
+
+
+def _describe(checkpoint_dir: str | Path, found: dict[str, Any]) -> str:
+    entries = "; ".join(f"{name} auto_map {json.dumps(m, sort_keys=True)}" for name, m in found.items())
+    code = sorted(p.name for p in Path(checkpoint_dir).glob("*.py"))
+    return f"{checkpoint_dir}: asks for remote code ({entries}{'; code files: ' + ', '.join(code) if code else ''})"
+
+
+def refuse_remote_code(checkpoint_dir: str | Path, *, stage: str) -> None:
+    """A :class:`CheckpointError` when the folder asks for remote code, before ms-swift is given it.
+
+    ms-swift (``swift.model.model_meta._get_model_info``) loads every folder's config with
+    ``trust_remote_code=True``, hard-coded, so warning and going on would run the folder's code; the folder is
+    refused instead, saying how to get a clean one.
+    """
+    found = remote_code_requests(checkpoint_dir)
+    if found:
+        raise CheckpointError(
+            f"{_describe(checkpoint_dir, found)}; refused: {stage} loads checkpoints through ms-swift, which would run "
+            "that code. Rebuild the base with the build_base stage (it writes a copy without auto_map or .py files) "
+            "or delete the auto_map entries from those files"
+        )
+
+
+def strip_remote_code(checkpoint_dir: str | Path) -> list[str]:
+    """Remove every ``auto_map`` (:func:`remote_code_requests`) and the top-level ``.py`` files from a folder this
+    project wrote, so that nothing downstream (ms-swift above all) is asked to run them; returns what was removed."""
+    folder = Path(checkpoint_dir)
+    removed = [f"{name} auto_map" for name in remote_code_requests(folder)]
+    for name in REMOTE_CODE_FILES:
+        path = folder / name
+        if not path.is_file() or not any(r.split(" ")[0] == name for r in removed):
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.pop("auto_map", None)
+        for sub in data.values():
+            if isinstance(sub, dict):
+                sub.pop("auto_map", None)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for py in sorted(folder.glob("*.py")):
+        py.unlink()
+        removed.append(py.name)
+    return removed
+
+
+def swift_loads_natively() -> None:
+    """Make ms-swift load checkpoints without ``trust_remote_code``.
+
+    ms-swift's model loaders pass ``trust_remote_code=True`` to transformers by default (their
+    ``default_trust_remote_code`` class attribute), which would import and run a folder's ``auto_map`` code
+    during training. The supported model types all have native transformers classes, so the project turns that
+    default off wherever it registers its template with ms-swift (the train stage's plugin, :func:`load_template`).
+    Its model-info step does not read that default (see :func:`refuse_remote_code`).
+    """
+    from swift.model.register import ModelLoader
+
+    ModelLoader.default_trust_remote_code = False
 
 
 def check_model_type(model_type: Any, where: str | Path) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from coordexp.core import codec
+from coordexp.core import codec, paths
 from coordexp.core.errors import UserError
 from coordexp.core.geometry import GEOMETRY_KEYS
 
@@ -157,12 +157,9 @@ def read_jsonl(path: str | Path, mode: Mode = "coord", *, allow_empty: bool = Fa
 
 
 def image_path(record: Record, jsonl_path: str | Path) -> Path:
-    """Absolute path of a record's image; refuses paths that escape the JSONL folder."""
-    root = Path(jsonl_path).resolve().parent
-    p = (root / record.images[0]).resolve()
-    if root not in p.parents:
-        raise ContractError(f"{jsonl_path}: record {record.id}: image {record.images[0]!r} escapes {root}")
-    return p
+    """Absolute path of a record's image; refuses paths that escape the JSONL folder, symlinks included
+    (:class:`coordexp.core.paths.PathEscapeError`)."""
+    return paths.inside(Path(jsonl_path).parent, record.images[0], where=f"{jsonl_path}: record {record.id}: image")
 
 
 def to_coord_mode(record: Record) -> Record:

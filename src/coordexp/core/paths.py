@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from coordexp.core.errors import UserError
+
 _PACKAGE_ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -38,3 +40,25 @@ def params_file(root: Path | None = None) -> Path:
 
 def metrics_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "reports" / "metrics"
+
+
+class PathEscapeError(UserError, ValueError):
+    """A path written inside a data file that leads out of the folder it must stay in."""
+
+
+def inside(root: str | Path, rel: str | Path, *, where: str) -> Path:
+    """``root / rel`` resolved (symlinks followed) if it stays inside ``root``; else a :class:`PathEscapeError`.
+
+    The one guard for every path a data file names (a COCO ``file_name``, a contract record's image, a checkpoint
+    reference's file): such a path is data, not a way to reach whatever file the process may read. An absolute
+    path, ``..`` parts or a symlink that lead out of ``root`` are refused; ``where`` (file, line, record or image
+    id) starts the message. Paths the user names on a command line are theirs to choose and do not come here.
+    """
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if base not in target.parents:
+        raise PathEscapeError(
+            f"{where}: path {str(rel)!r} leads out of {base} (to {target}); a path inside a data file must stay "
+            "inside its folder (no absolute path, no '..', no symlink to elsewhere): copy the file into the folder"
+        )
+    return target

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from coordexp.core.checkpoint import SUPPORTED_MODEL_TYPES, CheckpointError
+from coordexp.core import paths
+from coordexp.core.checkpoint import SUPPORTED_MODEL_TYPES, CheckpointError, refuse_remote_code, swift_loads_natively
 from coordexp.core.checkpoint import model_type as checkpoint_model_type
 from coordexp.core.contract import render_answer
 
@@ -57,12 +58,12 @@ def build_messages(record: Any, image_root: str | Path, with_answer: bool) -> di
     images = list(_field(record, "images"))
     if len(images) != 1:
         raise ValueError(f"record {_field(record, 'id')!r}: expected exactly one image, got {len(images)}")
-    image = Path(images[0])
-    path = image if image.is_absolute() else Path(image_root) / image
+    # held to image_root: a symlink or path that leads elsewhere is refused (PathEscapeError), in train and evaluate
+    path = paths.inside(image_root, images[0], where=f"record {_field(record, 'id')!r}: image")
     messages: list[dict[str, str]] = [{"role": "user", "content": IMAGE_TAG + PROMPT}]
     if with_answer:
         messages.append({"role": "assistant", "content": render_answer(list(_field(record, "objects")))})
-    return {"messages": messages, "images": [str(Path(path).resolve())]}
+    return {"messages": messages, "images": [str(path)]}
 
 
 def to_hf_messages(row: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -154,6 +155,7 @@ def register_swift_template() -> str:
     from swift.template import TEMPLATE_MAPPING, register_template
     from swift.template.templates.qwen import QwenTemplateMeta
 
+    swift_loads_natively()  # wherever swift meets the project, a checkpoint's auto_map code stays unrun
     if TEMPLATE_NAME in TEMPLATE_MAPPING and TEMPLATE_NAME_QWEN2_5_VL in TEMPLATE_MAPPING:
         return TEMPLATE_NAME
     qwen3, qwen2_5 = _template_classes()
@@ -183,6 +185,7 @@ def load_template(
 
     checkpoint_dir = Path(checkpoint_dir).resolve()
     model_type = checkpoint_model_type(checkpoint_dir)
+    refuse_remote_code(checkpoint_dir, stage="loading a template")
     name = SUPPORTED_MODEL_TYPES[model_type].template
     register_swift_template()
     processor = get_processor(str(checkpoint_dir), model_type=model_type, download_model=False)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
-from coordexp.core.checkpoint import CheckpointError, read_config
+from coordexp.core.checkpoint import CheckpointError, read_config, warn_remote_code
 from coordexp.core.template import build_messages, to_hf_messages
 from coordexp.core.vocab import find_coord_token_ids
 from coordexp.evaluate.parse import ParseResult, parse_prediction
@@ -189,6 +189,7 @@ def check_checkpoint(path: Path) -> None:
             f"{path}: no such checkpoint directory; train first (dvc repro train) or pass a local checkpoint folder"
         )
     read_config(path)
+    warn_remote_code(path)
 
 
 class Detector:

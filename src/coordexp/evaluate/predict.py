@@ -25,10 +25,14 @@ model emitted; with the other readouts they are continuous (floats between bins)
 the answer parsed cleanly (:attr:`coordexp.evaluate.parse.ParseResult.ok`); ``problems`` lists what was
 wrong with it otherwise.
 
-An input that cannot be read (missing, a directory, not an image, corrupt or truncated) is refused
-with one line on stderr and listed under ``refused``; the other inputs go on. Only errors about the
-input (Pillow's decoding errors, OSErrors while reading it) are refusals; anything else is a bug and
-raises.
+An input that cannot be read (missing, a directory, not an image, corrupt or truncated, or a header that
+claims more pixels than Pillow decodes: a decompression bomb) is refused with one line on stderr and listed
+under ``refused``; the other inputs go on. Only errors about the input (Pillow's decoding errors, OSErrors while
+reading it) are refusals; anything else is a bug and raises.
+
+The inputs are the files named on the command line, read wherever they are (symlinks included): the user chose
+them, so no base folder applies. Paths *inside* data files are another matter and are held to their folder
+(:func:`coordexp.core.paths.inside`).
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
-from coordexp.core import codec
+from coordexp.core import codec, images
 from coordexp.core.contract import Record
 from coordexp.core.geometry import geometry_of
 from coordexp.core.io import write_json
@@ -58,9 +62,6 @@ COORDINATES = (
     f"a continuous value for expectation, median and local_expectation); the bins are under 'bins', with the "
     f"same geometry key"
 )
-
-# Pillow's decoding errors that are not OSErrors (a decompression bomb; a few plugins' SyntaxError)
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, Image.DecompressionBombError, SyntaxError)
 
 
 def to_pixels(objects: list[dict[str, Any]], width: int, height: int) -> list[dict[str, Any]]:
@@ -106,20 +107,13 @@ def read_image(path: Path) -> Image.Image | str:
 def open_image(source: Path | BinaryIO) -> Image.Image | str:
     """The decoded image (RGB) of a file or a byte stream, or why it cannot be used as an input image.
 
-    One home for what counts as a readable input, shared by ``coordexp predict`` (files) and the served
-    MLflow model (request bytes), so both refuse the same inputs with the same reasons.
+    Shared by ``coordexp predict`` (files) and the served MLflow model (request bytes); what is refused, a
+    decompression bomb included, is decided by :mod:`coordexp.core.images` for every stage alike.
     """
     try:
-        with Image.open(source) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except UnidentifiedImageError:
-        return "not an image (Pillow cannot identify its format)"
-    except _DECODE_ERRORS as exc:
-        return f"unreadable or corrupt image ({type(exc).__name__}: {exc})"
-    if min(rgb.size) < 2:
-        return f"image is {rgb.width}x{rgb.height} pixels; at least 2x2 are needed"
-    return rgb
+        return images.load_rgb(source)
+    except images.ImageRefused as exc:
+        return str(exc)
 
 
 def detect(

@@ -20,11 +20,11 @@ from typing import Any
 import mlflow
 from tqdm import tqdm
 
-from coordexp.core import paths
+from coordexp.core import images, paths
 from coordexp.core.checkpoint import FINAL_DIR, SWIFT_DIR, checkpoint_step, list_checkpoints
 from coordexp.core.config import Params
-from coordexp.core.contract import read_jsonl, record_to_json
-from coordexp.core.errors import MissingInputError
+from coordexp.core.contract import image_path, read_jsonl, record_to_json
+from coordexp.core.errors import MissingInputError, StageError
 from coordexp.core.geometry import geometry_of
 from coordexp.core.io import write_json, write_jsonl
 from coordexp.evaluate import grammar as grammar_mod
@@ -270,6 +270,23 @@ def evaluate_checkpoint(
     return metrics, preds, raw, images_per_second
 
 
+def check_images(records: list[Any], jsonl: Path) -> None:
+    """Refuse the evaluation, before any model is loaded, when an image of the split leaves the split's folder
+    (:func:`coordexp.core.paths.inside`) or is one Pillow refuses (a decompression bomb: its header claims more
+    pixels than Pillow decodes; :mod:`coordexp.core.images`). Only headers are read. Skipping the image instead
+    would score a different split than the one named, so the message names the record and says what to do."""
+    for rec in records:
+        path = image_path(rec, jsonl)
+        try:
+            images.check_header(path)
+        except images.ImageRefused as exc:
+            raise StageError(
+                f"{jsonl}: record {rec.id}: image {path}: {exc}; nothing was evaluated. Run preprocess again on the "
+                f"source data (it rejects such an image as {exc.reason}, counted in reports/preprocess_counts.json) "
+                "or remove the record from the split"
+            ) from None
+
+
 def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     root = root or paths.project_root()
     cfg = params.evaluate
@@ -277,6 +294,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     records = read_jsonl(jsonl)
     if cfg.limit:
         records = records[: cfg.limit]
+    check_images(records, jsonl)
     gt_records = [record_to_json(r) for r in records]
     out_dir = paths.resolve(cfg.out_dir, root)
     tracking.check_reachable(tracking.tracking_uri(params))

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from coordexp.core import paths
+from coordexp.core import images, paths
 from coordexp.core.config import Params, PreprocessConfig
 from coordexp.core.contract import Record, record_to_json, to_coord_mode
 from coordexp.core.errors import UserError
@@ -198,8 +198,7 @@ def _order(objects: list[dict[str, Any]], cfg: PreprocessConfig, seed: int, imag
 
 def _place_image(src: Path, dst: Path, max_side: int | None) -> tuple[int, int, float, float]:
     """Copy or resize one image; returns the new size and the x/y scale factors."""
-    with Image.open(src) as im:
-        im.load()
+    with images.load(src) as im:  # refuses a decompression bomb or an unreadable file (ImageRefused)
         w, h = im.size
         dst.parent.mkdir(parents=True, exist_ok=True)
         if max_side is None or max(w, h) <= max_side:
@@ -257,9 +256,10 @@ def convert_split(
         if not isinstance(file_name, str) or not isinstance(img.get("id"), int):
             reject_image("bad_image_entry", "image entry needs an int 'id' and a 'file_name'")
             continue
-        src = (image_dir / file_name).resolve()
-        if image_dir.resolve() not in src.parents:
-            reject_image("image_path_escapes_root", f"{file_name!r} escapes {image_dir}")
+        try:
+            src = paths.inside(image_dir, file_name, where=f"{ann_file}: image id {img['id']}")
+        except paths.PathEscapeError as exc:
+            reject_image("image_path_escapes_root", str(exc))
             continue
         if not src.is_file():
             reject_image("missing_image", str(src))
@@ -272,11 +272,8 @@ def convert_split(
         )
         try:
             width, height, sx, sy = _place_image(src, dst, cfg.max_side)
-        except Image.DecompressionBombError as exc:  # the header claims more pixels than Pillow will decode
-            reject_image("image_too_large", f"{src}: {exc}")
-            continue
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            reject_image("unreadable_image", f"{src}: {exc}")
+        except images.ImageRefused as exc:  # image_too_large (a decompression bomb) or unreadable_image
+            reject_image(exc.reason, f"{src}: {exc}")
             continue
         if (img.get("width"), img.get("height")) not in ((None, None), (round(width / sx), round(height / sy))):
             dst.unlink()

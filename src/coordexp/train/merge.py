@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from coordexp.core.checkpoint import warn_remote_code
 from coordexp.train.swift_config import COORD_ROWS_FILE
 
 BASE_ONLY = ("build_info.json",)
@@ -57,6 +58,7 @@ def merge_lora(base: Path, adapter: Path, out: Path, dtype: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
+    warn_remote_code(base)  # loaded natively below: an auto_map in the base is ignored, and said so
     rows = adapter / COORD_ROWS_FILE
     if not rows.is_file():
         raise FileNotFoundError(f"{rows}: missing; the LoRA checkpoint has no trained coord rows to merge")

@@ -42,6 +42,7 @@ from coordexp.core.checkpoint import (
     SWIFT_DIR,
     last_checkpoint,
     model_type,
+    refuse_remote_code,
     weights_digest,
 )
 from coordexp.core.config import Params
@@ -117,6 +118,7 @@ def swift_cli_args(
 ) -> list[str]:
     t = params.train
     mtype = model_type(base)
+    refuse_remote_code(base, stage="training")
     args: dict[str, Any] = {
         "model": base,
         "model_type": mtype,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from coordexp.core.checkpoint import swift_loads_natively
 from coordexp.core.template import register_swift_template
 
 LOSS_NAME = "coordexp_stage1"
@@ -41,6 +42,7 @@ def register() -> None:
     # lazy: swift_loss imports swift at its top (see above)
     from coordexp.train.swift_loss import Stage1SwiftLoss
 
+    swift_loads_natively()  # before ms-swift loads the model: a checkpoint's auto_map code never runs
     if LOSS_NAME in loss_map:
         return
     register_swift_template()
