@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from test_build_base import SMALL, write_dataset
 
-from coordexp.core import codec, images, paths
+from coordexp.core import codec, imaging, paths
 from coordexp.core.checkpoint import RemoteCodeIgnored, remote_code_requests
 from coordexp.core.config import Params
 from coordexp.core.errors import StageError
@@ -122,16 +122,16 @@ def test_contract_and_template_refuse_a_symlinked_image_that_leaves(tmp_path):
 def test_one_image_check_refuses_a_bomb_from_the_header(tmp_path, small_pillow_limit):
     bomb = _png(tmp_path / "bomb.png", 300, 300)
     ok = _png(tmp_path / "ok.png")
-    assert images.check_header(ok) == (100, 80)
-    for call in (images.check_header, images.load, images.load_rgb):
-        with pytest.raises(images.ImageRefused, match="decompression bomb") as exc:
+    assert imaging.check_header(ok) == (100, 80)
+    for call in (imaging.check_header, imaging.load, imaging.load_rgb):
+        with pytest.raises(imaging.ImageRefused, match="decompression bomb") as exc:
             call(bomb)
-        assert exc.value.reason == images.TOO_LARGE
+        assert exc.value.reason == imaging.TOO_LARGE
     notes = tmp_path / "notes.png"
     notes.write_text("hello")
-    with pytest.raises(images.ImageRefused, match="not an image") as exc:
-        images.load(notes)
-    assert exc.value.reason == images.UNREADABLE
+    with pytest.raises(imaging.ImageRefused, match="not an image") as exc:
+        imaging.load(notes)
+    assert exc.value.reason == imaging.UNREADABLE
 
 
 def test_predict_and_the_served_model_refuse_a_bomb_by_name(tmp_path, small_pillow_limit):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from coordexp.core import images, paths
+from coordexp.core import imaging, paths
 from coordexp.core.codec import K, parse_coord_token
 
 
@@ -119,7 +119,7 @@ def warm_up_vision(
         """(pixels, grid, token classes, token boxes, on-object mask) of record i; not cached, so memory
         stays flat whatever the data set's size (decoding is a small part of a step)."""
         rec = records[i]
-        with images.load(paths.inside(root, rec.images[0], where=f"record {rec.id}: image")) as im:
+        with imaging.load(paths.inside(root, rec.images[0], where=f"record {rec.id}: image")) as im:
             enc = processor.image_processor(images=[im.convert("RGB")], return_tensors="pt")
         grid = enc["image_grid_thw"]
         merge = vision.spatial_merge_size

@@ -45,7 +45,7 @@ from typing import Any, BinaryIO, Literal
 
 from PIL import Image, ImageDraw
 
-from coordexp.core import codec, images
+from coordexp.core import codec, imaging
 from coordexp.core.contract import Record
 from coordexp.core.geometry import geometry_of
 from coordexp.core.io import write_json
@@ -108,11 +108,11 @@ def open_image(source: Path | BinaryIO) -> Image.Image | str:
     """The decoded image (RGB) of a file or a byte stream, or why it cannot be used as an input image.
 
     Shared by ``coordexp predict`` (files) and the served MLflow model (request bytes); what is refused, a
-    decompression bomb included, is decided by :mod:`coordexp.core.images` for every stage alike.
+    decompression bomb included, is decided by :mod:`coordexp.core.imaging` for every stage alike.
     """
     try:
-        return images.load_rgb(source)
-    except images.ImageRefused as exc:
+        return imaging.load_rgb(source)
+    except imaging.ImageRefused as exc:
         return str(exc)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import mlflow
 from tqdm import tqdm
 
-from coordexp.core import images, paths
+from coordexp.core import imaging, paths
 from coordexp.core.checkpoint import FINAL_DIR, SWIFT_DIR, checkpoint_step, list_checkpoints
 from coordexp.core.config import Params
 from coordexp.core.contract import image_path, read_jsonl, record_to_json
@@ -273,13 +273,13 @@ def evaluate_checkpoint(
 def check_images(records: list[Any], jsonl: Path) -> None:
     """Refuse the evaluation, before any model is loaded, when an image of the split leaves the split's folder
     (:func:`coordexp.core.paths.inside`) or is one Pillow refuses (a decompression bomb: its header claims more
-    pixels than Pillow decodes; :mod:`coordexp.core.images`). Only headers are read. Skipping the image instead
+    pixels than Pillow decodes; :mod:`coordexp.core.imaging`). Only headers are read. Skipping the image instead
     would score a different split than the one named, so the message names the record and says what to do."""
     for rec in records:
         path = image_path(rec, jsonl)
         try:
-            images.check_header(path)
-        except images.ImageRefused as exc:
+            imaging.check_header(path)
+        except imaging.ImageRefused as exc:
             raise StageError(
                 f"{jsonl}: record {rec.id}: image {path}: {exc}; nothing was evaluated. Run preprocess again on the "
                 f"source data (it rejects such an image as {exc.reason}, counted in reports/preprocess_counts.json) "

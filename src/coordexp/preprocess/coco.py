@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from coordexp.core import images, paths
+from coordexp.core import imaging, paths
 from coordexp.core.config import Params, PreprocessConfig
 from coordexp.core.contract import Record, record_to_json, to_coord_mode
 from coordexp.core.errors import UserError
@@ -198,7 +198,7 @@ def _order(objects: list[dict[str, Any]], cfg: PreprocessConfig, seed: int, imag
 
 def _place_image(src: Path, dst: Path, max_side: int | None) -> tuple[int, int, float, float]:
     """Copy or resize one image; returns the new size and the x/y scale factors."""
-    with images.load(src) as im:  # refuses a decompression bomb or an unreadable file (ImageRefused)
+    with imaging.load(src) as im:  # refuses a decompression bomb or an unreadable file (ImageRefused)
         w, h = im.size
         dst.parent.mkdir(parents=True, exist_ok=True)
         if max_side is None or max(w, h) <= max_side:
@@ -272,7 +272,7 @@ def convert_split(
         )
         try:
             width, height, sx, sy = _place_image(src, dst, cfg.max_side)
-        except images.ImageRefused as exc:  # image_too_large (a decompression bomb) or unreadable_image
+        except imaging.ImageRefused as exc:  # image_too_large (a decompression bomb) or unreadable_image
             reject_image(exc.reason, f"{src}: {exc}")
             continue
         if (img.get("width"), img.get("height")) not in ((None, None), (round(width / sx), round(height / sy))):

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib import patheffects
 from matplotlib.patches import Polygon, Rectangle
 
-from coordexp.core import images, paths
+from coordexp.core import imaging, paths
 from coordexp.core.codec import decode_xy, parse_coord_token
 from coordexp.core.geometry import geometry_of
 from coordexp.evaluate.metrics import HEADLINE_METRICS, match_image
@@ -226,7 +226,7 @@ def plot_predictions_grid(
         return fig
     for ax, rec in zip(axes, recs):
         w, h = rec["width"], rec["height"]
-        with images.load(paths.inside(image_root, rec["images"][0], where=f"record {rec['id']}: image")) as im:
+        with imaging.load(paths.inside(image_root, rec["images"][0], where=f"record {rec['id']}: image")) as im:
             ax.imshow(np.asarray(im.convert("RGB")), extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
         for o in rec["objects"]:
             kind, bins = object_bins(o)
