@@ -379,3 +379,14 @@ def test_ms_swift_is_switched_to_native_loading():
     ModelLoader.default_trust_remote_code = True
     register()
     assert Qwen3VLLoader.default_trust_remote_code is False
+
+
+def test_a_model_reference_names_only_files_of_its_checkpoint_folder(tmp_path):
+    """``checkpoint_ref.json`` of a logged model lists the checkpoint's files; a name that leads out of the folder
+    (a tampered artifact) is refused instead of being read or linked."""
+    from coordexp.evaluate.mlflow_model import resolve_reference
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "secret").write_text("x")
+    with pytest.raises(paths.PathEscapeError, match=r"checkpoint_ref\.json: files: path '\.\./secret' leads out"):
+        resolve_reference({"checkpoint": "ck", "files": {"../secret": "0" * 32}}, root=tmp_path)

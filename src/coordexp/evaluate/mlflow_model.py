@@ -284,8 +284,13 @@ def reference(checkpoint: Path, root: Path) -> dict[str, Any]:
     }
 
 
+def _in(folder: Path, name: str) -> Path:
+    """A file a reference names, held to the checkpoint folder: a tampered ``checkpoint_ref.json`` reaches no other."""
+    return paths.inside(folder, name, where=f"{REF_FILE}: files")
+
+
 def _matches(folder: Path, files: Mapping[str, str]) -> bool:
-    return folder.is_dir() and all((folder / n).is_file() and _md5(folder / n) == h for n, h in files.items())
+    return folder.is_dir() and all(_in(folder, n).is_file() and _md5(_in(folder, n)) == h for n, h in files.items())
 
 
 def _dvc_cache(root: Path) -> Path:
@@ -322,7 +327,7 @@ def resolve_reference(ref: Mapping[str, Any], root: Path | None = None) -> Path:
         if all(p.is_file() for p in cached.values()):
             staged = Path(tempfile.mkdtemp(prefix="coordexp-model-"))
             for n, p in cached.items():
-                os.symlink(p, staged / n)
+                os.symlink(p, _in(staged, n))
             return staged
     states = [
         f"{r}: {'holds other weights' if paths.resolve(ref['checkpoint'], r).is_dir() else 'does not exist'}"
