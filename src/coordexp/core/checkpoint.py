@@ -113,8 +113,9 @@ def warn_remote_code(checkpoint_dir: str | Path) -> dict[str, Any]:
     found = remote_code_requests(checkpoint_dir)
     if found:
         warnings.warn(
-            f"{_describe(checkpoint_dir, found)}; ignored: the workbench never runs a checkpoint's own code and loads it with transformers' native "
-            "classes for its model_type. Remove auto_map from those files to silence this",
+            f"{_describe(checkpoint_dir, found)}; ignored: the workbench never runs a checkpoint's own code and "
+            "loads it with transformers' native classes for its model_type. Remove auto_map from those files to "
+            "silence this",
             RemoteCodeIgnored,
             stacklevel=2,
         )
