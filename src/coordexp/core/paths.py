@@ -38,3 +38,9 @@ def params_file(root: Path | None = None) -> Path:
 
 def metrics_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "reports" / "metrics"
+
+
+def lvis_fields_file(out_dir: Path, split: str) -> Path:
+    """Where ``preprocess`` writes an LVIS split's federated fields beside its JSONL, and ``evaluate`` reads them
+    (:mod:`coordexp.preprocess.lvis`)."""
+    return Path(out_dir) / f"{split}.lvis.json"
