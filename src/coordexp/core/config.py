@@ -400,6 +400,12 @@ class EvaluateConfig(_Section):
     """Which preprocessed split to evaluate."""
     limit: int | None = Field(default=None, ge=1)
     """Evaluate only the first N records (``null``: all)."""
+    metrics: Literal["coco", "lvis"] = "coco"
+    """``coco``: COCO mAP (pycocotools) and the rest of ``eval.json``. ``lvis``: besides those, the LVIS federated
+    protocol through the ``lvis`` package (bbox: ``lvis_AP``, ``lvis_AP50``, ``lvis_AP75``, ``lvis_APs/m/l``,
+    ``lvis_APr/c/f``, ``lvis_AR``; at most 300 detections per image; a detection of a category neither present
+    nor checked absent in its image is not scored), from the ``<split>.lvis.json`` that ``preprocess`` writes for
+    an LVIS split (:func:`coordexp.evaluate.metrics.lvis_map`). The COCO ``bbox_mAP`` still picks the checkpoint."""
     readout: Literal["argmax", "expectation", "median", "local_expectation"] = "median"
     """How each coordinate is read from the coord distribution at its slot (:mod:`coordexp.evaluate.readout`) for
     the headline metrics, ``predict`` and the MLflow model: the emitted ``argmax`` bin, the ``expectation``, the

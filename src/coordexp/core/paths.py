@@ -42,6 +42,12 @@ def metrics_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "reports" / "metrics"
 
 
+def lvis_fields_file(out_dir: Path, split: str) -> Path:
+    """Where ``preprocess`` writes an LVIS split's federated fields beside its JSONL, and ``evaluate`` reads them
+    (:mod:`coordexp.preprocess.lvis`)."""
+    return Path(out_dir) / f"{split}.lvis.json"
+
+
 class PathEscapeError(UserError, ValueError):
     """A path written inside a data file that leads out of the folder it must stay in."""
 

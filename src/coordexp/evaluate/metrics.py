@@ -1,4 +1,5 @@
-"""Detection metrics for coord-token answers: COCO mAP (pycocotools), Hungarian F1, summaries.
+"""Detection metrics for coord-token answers: COCO mAP (pycocotools), LVIS federated AP (the ``lvis`` package),
+Hungarian F1, summaries.
 
 Inputs are data-contract records (:mod:`coordexp.core.contract`)::
 
@@ -22,6 +23,9 @@ Choices (each one a reasonable convention, written down so numbers are comparabl
 * segm mAP uses polygons only: GT and predicted ``poly`` objects. Boxes carry no shape beyond
   bbox mAP, and lines have no area, so mixing them in would just repeat bbox mAP. Pass
   ``box_as_polygon=True`` to also count boxes as 4-corner polygons.
+* LVIS AP (:func:`lvis_map`) scores the same boxes as COCO mAP with the ``lvis`` package's federated rules
+  (300 detections per image; detections of categories neither present nor checked absent in an image are not
+  scored); its categories are the LVIS file's, by name, so a description outside them is dropped and counted.
 * Predictions for images not in the GT are dropped and counted (``unknown_image``);
   non-finite scores are replaced by 0.0 (COCO sorts by score) and counted in
   :func:`summarize` (``nan_scores``).
@@ -31,10 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
+import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -44,6 +51,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
 from coordexp.core.codec import decode_xy
+from coordexp.core.errors import UserError
 from coordexp.core.geometry import enclosing_box, geometry_of, polygon_area
 from coordexp.evaluate.parse import ParseResult
 
@@ -341,6 +349,101 @@ def coco_map(
         n_gt=n_gt,
         n_results=len(results),
     )
+
+
+# ----------------------------------------------------------------------------------------
+# LVIS federated AP
+
+
+LVIS_STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+"""The bbox AP figures of ``LVISEval.results`` reported as ``lvis_<name>`` (plus ``lvis_AR``, its ``AR@300``)."""
+
+
+class LvisInputError(UserError, ValueError):
+    """The LVIS fields do not fit the evaluated records (an image without its federated lists)."""
+
+
+def to_lvis_gt(records: Sequence[Mapping[str, Any]], lvis_fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An LVIS ground-truth dict from contract records and their split's ``<split>.lvis.json``
+    (:func:`coordexp.preprocess.lvis.sidecar`).
+
+    The boxes and areas are :func:`to_coco_gt`'s (so COCO and LVIS score the same ground truth); the categories
+    are the LVIS file's own, all of them, with their ids and frequency groups (a description is its category's
+    name); each image carries its ``neg_category_ids`` and ``not_exhaustive_category_ids``."""
+    cats = [dict(c) for c in lvis_fields["categories"]]
+    cat_id = {c["name"]: c["id"] for c in cats}
+    lists = {int(im["id"]): im for im in lvis_fields["images"]}
+    coco = to_coco_gt(records, "bbox")
+    local = {c["id"]: c["name"] for c in coco["categories"]}
+    unknown = sorted(set(local.values()) - set(cat_id))
+    if unknown:
+        raise LvisInputError(f"ground-truth descriptions {unknown[:5]} are not categories of the LVIS file")
+    images = []
+    for im in coco["images"]:
+        fed = lists.get(im["id"])
+        if fed is None:
+            raise LvisInputError(
+                f"image id {im['id']} has no neg_category_ids / not_exhaustive_category_ids in the LVIS fields; "
+                "rerun `dvc repro preprocess` so that the JSONL and its .lvis.json come from one run"
+            )
+        images.append(
+            {
+                **im,
+                "neg_category_ids": fed["neg_category_ids"],
+                "not_exhaustive_category_ids": fed["not_exhaustive_category_ids"],
+            }
+        )
+    anns = [{**a, "category_id": cat_id[local[a["category_id"]]]} for a in coco["annotations"]]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+@contextlib.contextmanager
+def lvis_numpy_compat() -> Iterator[None]:
+    """``np.float`` while the ``lvis`` package runs: its last release (0.5.3) casts with that alias of ``float``,
+    which NumPy 1.24 removed; the alias is taken away again afterwards (left alone where NumPy has it)."""
+    added = not hasattr(np, "float")
+    if added:
+        np.float = float  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if added:
+            del np.float  # type: ignore[attr-defined]
+
+
+def lvis_map(gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """bbox AP of ``results`` (COCO results, as :func:`build_coco_results` makes against ``gt``) under the LVIS
+    federated protocol: the ``lvis`` package's ``LVISEval`` on ``gt`` (:func:`to_lvis_gt`), which keeps the 300
+    best detections of each image and ignores those of categories neither present nor checked absent there.
+
+    Returns ``LVISEval.results`` under :data:`LVIS_STAT_NAMES` and ``AR`` (``AR@300``): the package's ``-1``
+    (no ground truth in that group or area range) is NaN, except for ``AP``, ``AP50`` and ``AP75``, which are
+    0.0 when there is ground truth and nothing usable was detected, as :func:`coco_map` reports. The package
+    reads files, so ``gt`` and ``results`` are written to a temporary folder first."""
+    from lvis import LVISEval  # the package draws in matplotlib and OpenCV: loaded when LVIS is asked for
+
+    results = [dict(r) for r in results]
+    if not results:
+        # LVISResults cannot read an empty list; a detection of a category the ground truth does not have is
+        # never loaded by LVISEval (it evaluates the ground truth's categories), so every AP is the empty set's
+        absent = max((c["id"] for c in gt["categories"]), default=0) + 1
+        first = gt["images"][0]["id"] if gt["images"] else 0
+        results = [{"image_id": first, "category_id": absent, "bbox": [0.0, 0.0, 1.0, 1.0], "score": 0.0}]
+    with tempfile.TemporaryDirectory(prefix="coordexp-lvis-") as tmp:
+        gt_path, res_path = Path(tmp) / "lvis_gt.json", Path(tmp) / "lvis_results.json"
+        gt_path.write_text(json.dumps(gt), encoding="utf-8")
+        res_path.write_text(json.dumps(results), encoding="utf-8")
+        ev = LVISEval(str(gt_path), str(res_path), iou_type="bbox")
+        with lvis_numpy_compat():
+            ev.run()
+    n_gt = len(gt["annotations"])
+    out: dict[str, float] = {}
+    for name in LVIS_STAT_NAMES:
+        v = float(ev.results[name])
+        out[name] = _headline(v, n_gt) if name in ("AP", "AP50", "AP75") else (math.nan if v == -1 else v)
+    ar = float(ev.results[f"AR@{ev.params.max_dets}"])
+    out["AR"] = math.nan if ar == -1 else ar
+    return out
 
 
 # ----------------------------------------------------------------------------------------

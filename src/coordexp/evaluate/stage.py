@@ -8,10 +8,15 @@ under every readout (``eval.json`` ``readouts``) and every score definition (``s
 score's calibration is measured (``calibration``, :mod:`coordexp.evaluate.calibration`). Checkpoints are compared by ``bbox_mAP`` (never by token accuracy).
 The evaluated checkpoint becomes the run's MLflow model (:mod:`coordexp.evaluate.mlflow_model`), so what was
 measured is what ``mlflow models serve`` answers with; it touches no DVC output.
+
+With ``evaluate.metrics: lvis`` the same answers are also scored by the LVIS federated protocol (``lvis_AP``,
+``lvis_APr`` ..., :func:`coordexp.evaluate.metrics.lvis_map`) against the split's ``<split>.lvis.json``; the
+COCO keys stay, so runs on COCO and LVIS data share one table, and ``bbox_mAP`` still picks the checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -37,8 +42,10 @@ from coordexp.evaluate.metrics import (
     build_coco_results,
     coco_map,
     f1_at_iou,
+    lvis_map,
     summarize,
     to_coco_gt,
+    to_lvis_gt,
 )
 from coordexp.evaluate.readout import READOUTS
 from coordexp.evaluate.scoring import SCORES
@@ -144,6 +151,7 @@ def compute_metrics(
     decoding: str = "free",
     calibration_bins: int = 10,
     calibration_fit: str = "isotonic",
+    lvis_fields: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The metrics of ``eval.json``, named as MLflow logs them (``f1_at_0.5``: MLflow forbids ``@``),
     so ``dvc metrics``, the MLflow UI and the reports show one name for one number.
@@ -151,7 +159,9 @@ def compute_metrics(
     ``preds`` hold the headline (``readout``, ``score``) coordinates and scores, which give the headline
     keys; ``readouts`` and ``scores`` re-measure the same answers under every readout (scored by ``score``)
     and every score definition (coordinates by ``readout``), and ``calibration`` is the headline score's.
-    The names ``readout``, ``score`` and ``decoding`` say what was run."""
+    The names ``readout``, ``score`` and ``decoding`` say what was run. With ``lvis_fields`` (the split's
+    ``<split>.lvis.json``) the headline answers are also scored by the LVIS protocol: ``lvis_AP`` ... and
+    ``lvis_unknown_desc``, the predicted objects whose description is no LVIS category (not scored)."""
     gt_box = to_coco_gt(records, "bbox")
     box = coco_map(gt_box, build_coco_results(preds, gt_box, "bbox").results, "bbox", all_areas=False)
     gt_seg = to_coco_gt(records, "segm")
@@ -196,6 +206,11 @@ def compute_metrics(
         sm = head if name == score else _box_metrics(gt_box, _variant(preds, score=name), gt_boxes, f1=False)
         m["scores"][name] = {"bbox_mAP": sm["bbox_mAP"], "bbox_mAP50": sm["bbox_mAP50"]}
     m["calibration"] = calibration_report(records, preds, n_bins=calibration_bins, fit=calibration_fit)
+    if lvis_fields is not None:
+        gt_lvis = to_lvis_gt(records, lvis_fields)
+        res = build_coco_results(preds, gt_lvis, "bbox")
+        m.update({f"lvis_{k}": v for k, v in lvis_map(gt_lvis, res.results).items()})
+        m["lvis_unknown_desc"] = res.unknown_desc
     return {k: _clean_tree(v) for k, v in m.items()}
 
 
@@ -230,6 +245,21 @@ def checkpoints_to_evaluate(params: Params, root: Path) -> list[tuple[int | None
     return [(checkpoint_step(p), p) for p in ckpts]
 
 
+def load_lvis_fields(params: Params, root: Path) -> dict[str, Any] | None:
+    """The evaluated split's ``<split>.lvis.json`` when ``evaluate.metrics`` is ``lvis`` (None for ``coco``)."""
+    if params.evaluate.metrics != "lvis":
+        return None
+    path = paths.lvis_fields_file(paths.resolve(params.preprocess.out_dir, root), params.evaluate.split)
+    if not path.is_file():
+        raise MissingInputError(
+            f"evaluate.metrics is lvis but {path} does not exist: preprocess writes it only for an LVIS file "
+            f"(per-image neg_category_ids / not_exhaustive_category_ids, category frequency); point "
+            f"preprocess.splits.{params.evaluate.split}.annotations at the LVIS annotations and rerun "
+            "`dvc repro preprocess`, or set evaluate.metrics: coco"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def evaluate_checkpoint(
     params: Params, root: Path, ckpt: Path, records: list[Any]
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], float]:
@@ -238,6 +268,7 @@ def evaluate_checkpoint(
     score definition measured from it. The stage and the benches that compare checkpoints share it."""
     cfg = params.evaluate
     split_dir = paths.resolve(params.preprocess.out_dir, root)
+    lvis_fields = load_lvis_fields(params, root)
     det = Detector(ckpt, local_window=cfg.local_window)
     grammar = grammar_mod.for_detector(det, cfg, split_dir / "train.jsonl")
     t0 = time.time()
@@ -262,10 +293,14 @@ def evaluate_checkpoint(
         decoding=cfg.decoding,
         calibration_bins=cfg.calibration_bins,
         calibration_fit=cfg.calibration_fit,
+        lvis_fields=lvis_fields,
+    )
+    lvis_note = (
+        f" lvis_AP={metrics['lvis_AP']:.4f}" if lvis_fields is not None and metrics["lvis_AP"] is not None else ""
     )
     print(
         f"[evaluate] {ckpt.name}: bbox_mAP={metrics['bbox_mAP']:.4f} mAP50={metrics['bbox_mAP50']:.4f} "
-        f"parse_rate={metrics['parse_rate']:.3f} ({images_per_second:.1f} img/s, {cfg.decoding} decoding)"
+        f"parse_rate={metrics['parse_rate']:.3f}{lvis_note} ({images_per_second:.1f} img/s, {cfg.decoding} decoding)"
     )
     return metrics, preds, raw, images_per_second
 
@@ -309,6 +344,13 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     write_jsonl(out_dir / "predictions.jsonl", raw)
     write_json(out_dir / "coco_gt.json", gt_box, indent=None)
     write_json(out_dir / "coco_results.json", build_coco_results(preds, gt_box, "bbox").results, indent=None)
+    artifacts = ["predictions.jsonl", "coco_gt.json", "coco_results.json"]
+    lvis_fields = load_lvis_fields(params, root)
+    if lvis_fields is not None:  # the files the lvis package scored, to rescore or inspect them
+        gt_lvis = to_lvis_gt(gt_records, lvis_fields)
+        write_json(out_dir / "lvis_gt.json", gt_lvis, indent=None)
+        write_json(out_dir / "lvis_results.json", build_coco_results(preds, gt_lvis, "bbox").results, indent=None)
+        artifacts += ["lvis_gt.json", "lvis_results.json"]
     if len(results) > 1:
         metrics["best_step"] = step
         metrics["by_step"] = {str(s): m["bbox_mAP"] for s, m, *_ in results}
@@ -327,6 +369,6 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         for s, m, *_ in results:
             if s is not None and m["bbox_mAP"] is not None:
                 mlflow.log_metric("ckpt_bbox_mAP", m["bbox_mAP"], step=s)
-        for name in ("predictions.jsonl", "coco_gt.json", "coco_results.json"):
+        for name in artifacts:
             mlflow.log_artifact(str(out_dir / name), "eval")
     return {**metrics, "images_per_second": images_per_second}

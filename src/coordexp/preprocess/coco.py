@@ -17,6 +17,11 @@ whose annotations were *all* rejected is rejected as well (``no_valid_objects``)
 as an "empty" example that would teach the model to see nothing; an image that never had
 annotations is kept, with an empty answer.
 
+An LVIS file (detected from its keys, :mod:`coordexp.preprocess.lvis`) is read the same way; its federated
+fields (per-image ``neg_category_ids`` / ``not_exhaustive_category_ids``, category frequencies) go to
+``<out_dir>/<split>.lvis.json`` for the evaluation. An image without ``file_name`` is found by the last part
+of its ``coco_url`` (LVIS names its images that way); nothing is downloaded.
+
 Images are copied (or resized, with coordinates rescaled) into ``<out_dir>/images/<split>/`` so
 that the output folder is self-contained and record image paths are relative to it.
 """
@@ -29,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
@@ -40,6 +46,7 @@ from coordexp.core.contract import Record, record_to_json, to_coord_mode
 from coordexp.core.errors import UserError
 from coordexp.core.geometry import GEOMETRY_KEYS, geometry_of, polygon_area
 from coordexp.core.io import atomic_dir, write_json, write_jsonl
+from coordexp.preprocess import lvis
 
 
 class CocoFormatError(UserError, ValueError):
@@ -59,9 +66,11 @@ class SplitStats:
     multi_part_polygons: int = 0
     polygon_parts_shrunk: int = 0
     negative_images: int = 0
+    lvis: dict[str, Any] | None = None
+    """What an LVIS split's federated fields hold (:func:`coordexp.preprocess.lvis.counts`); None for COCO."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "records_in": self.records_in,
             "records_out": self.records_out,
             "objects_in": self.objects_in,
@@ -74,6 +83,9 @@ class SplitStats:
             "polygon_parts_shrunk": self.polygon_parts_shrunk,
             "negative_images": self.negative_images,
         }
+        if self.lvis is not None:
+            out["lvis"] = self.lvis
+        return out
 
 
 def load_coco(path: Path) -> dict[str, Any]:
@@ -183,6 +195,17 @@ def _check_geometry(kind: str, values: list[float], width: int, height: int, cfg
     return None
 
 
+def image_file_name(img: dict[str, Any]) -> Any:
+    """The image's ``file_name``, or else the last part of its ``coco_url`` (LVIS v1 lists
+    ``http://images.cocodataset.org/train2017/000000391895.jpg`` for the file ``000000391895.jpg`` of the images
+    folder); never fetched."""
+    name = img.get("file_name")
+    url = img.get("coco_url")
+    if name is None and isinstance(url, str) and url.strip():
+        return Path(urlparse(url.strip()).path).name or None
+    return name
+
+
 def _order(objects: list[dict[str, Any]], cfg: PreprocessConfig, seed: int, image_id: int) -> list[dict[str, Any]]:
     if cfg.object_ordering == "random":
         perm = np.random.default_rng([seed, image_id]).permutation(len(objects))
@@ -218,9 +241,14 @@ def convert_split(
     cfg: PreprocessConfig,
     seed: int,
     rejects: list[dict[str, Any]],
+    lvis_fields: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], SplitStats]:
+    """The split's contract records and counts. When ``ann_file`` is LVIS, ``lvis_fields`` (if given) is filled
+    with the sidecar content (:func:`coordexp.preprocess.lvis.sidecar`) of the images kept."""
     coco = load_coco(ann_file)
     stats = SplitStats()
+    lvis_categories = lvis.check_categories(coco, ann_file) if lvis.is_lvis(coco) else None
+    lvis_images: dict[int, dict[str, list[int]]] = {}
     categories = {c.get("id"): c.get("name") for c in coco["categories"] if isinstance(c, dict)}
     by_image: dict[Any, list[dict[str, Any]]] = {}
     for ann in coco["annotations"]:
@@ -245,16 +273,20 @@ def convert_split(
                 {
                     "split": name,
                     "image_id": img.get("id"),
-                    "file_name": img.get("file_name"),
+                    "file_name": image_file_name(img),
                     "reason": reason,
                     "detail": detail,
                     "objects_lost": len(anns),
                 }
             )
 
-        file_name = img.get("file_name")
+        file_name = image_file_name(img)
         if not isinstance(file_name, str) or not isinstance(img.get("id"), int):
-            reject_image("bad_image_entry", "image entry needs an int 'id' and a 'file_name'")
+            reject_image("bad_image_entry", "image entry needs an int 'id' and a 'file_name' (or a 'coco_url')")
+            continue
+        federated = lvis.image_lists(img) if lvis_categories is not None else None
+        if isinstance(federated, str):
+            reject_image("bad_lvis_image", federated)
             continue
         try:
             src = paths.inside(image_dir, file_name, where=f"{ann_file}: image id {img['id']}")
@@ -330,6 +362,8 @@ def convert_split(
             )
             continue
         stats.negative_images += not anns
+        if isinstance(federated, dict):
+            lvis_images[img["id"]] = federated
         objects = _order(objects, cfg, seed, img["id"])
         rec = Record.model_validate(
             {
@@ -347,6 +381,10 @@ def convert_split(
         stats.objects_out += len(objects)
         for o in rec.objects:
             stats.geometry[o.kind] += 1
+    if lvis_categories is not None:
+        stats.lvis = lvis.counts(lvis_categories, lvis_images)
+        if lvis_fields is not None:
+            lvis_fields.update(lvis.sidecar(lvis_categories, lvis_images, ann_file.name))
     return out, stats
 
 
@@ -424,13 +462,16 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         with atomic_dir(out_dir) as tmp:
             for name, src in cfg.splits.items():
                 ann_file = paths.resolve(src.annotations, root)
+                lvis_fields: dict[str, Any] = {}
                 records, stats = convert_split(
-                    name, ann_file, paths.resolve(src.images, root), tmp, cfg, params.seed, rejects
+                    name, ann_file, paths.resolve(src.images, root), tmp, cfg, params.seed, rejects, lvis_fields
                 )
                 if not records:
                     empty.append(f"preprocess.splits.{name}: no record survived: {_reasons(stats, ann_file)}")
                     continue  # the other splits' rejects belong in the file too
                 write_jsonl(tmp / f"{name}.jsonl", records)
+                if lvis_fields:
+                    write_json(paths.lvis_fields_file(tmp, name), lvis_fields, indent=None)
                 metrics["splits"][name] = stats.as_dict()
             if empty:
                 raise CocoFormatError(

@@ -34,6 +34,7 @@ ABLATION_PARAMS: tuple[str, ...] = (
     "cfg.train.coord_soft_ce_w1.target_sigma",
     "cfg.train.coord_soft_ce_w1.target_truncate",
     "cfg.preprocess.object_ordering",
+    "cfg.train.tuner",
 )
 """Params shown in the runs table even when they do not vary (the knobs of the Stage-1 ablation)."""
 

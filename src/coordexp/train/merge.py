@@ -21,8 +21,9 @@ BASE_ONLY = ("build_info.json",)
 """Files of the base checkpoint that describe how it was built, not the trained model."""
 
 
-def _row_weights(model: Any) -> dict[str, torch.nn.Parameter]:
-    """``input_embeddings`` and, where the head is not tied to them, ``output_embeddings``."""
+def row_weights(model: Any) -> dict[str, torch.nn.Parameter]:
+    """``input_embeddings`` and, where the head is not tied to them, ``output_embeddings``: the weights that
+    hold coord rows, each once."""
     w_in = model.get_input_embeddings().weight
     out = {"input_embeddings": w_in}
     head = model.get_output_embeddings()
@@ -36,7 +37,7 @@ def save_coord_rows(model: Any, cmap: torch.Tensor, path: Path) -> None:
     from safetensors.torch import save_file
 
     ids = torch.nonzero(cmap >= 0).flatten()
-    rows = {k: w.detach()[ids.to(w.device)].cpu().contiguous() for k, w in _row_weights(model).items()}
+    rows = {k: w.detach()[ids.to(w.device)].cpu().contiguous() for k, w in row_weights(model).items()}
     save_file({"coord_ids": ids, **rows}, str(path))
 
 
@@ -47,7 +48,7 @@ def load_coord_rows(model: Any, path: Path) -> None:
 
     saved = load_file(str(path))
     ids = saved.pop("coord_ids")
-    for k, w in _row_weights(model).items():
+    for k, w in row_weights(model).items():
         if k in saved:
             w[ids.to(w.device)] = saved[k].to(w.device, w.dtype)
 

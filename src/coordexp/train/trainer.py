@@ -51,7 +51,7 @@ from swift.optimizers.multimodal import get_param_startswith
 from swift.trainers import Seq2SeqTrainer
 
 from coordexp.train.loss import GlobalCounts, global_counts
-from coordexp.train.merge import load_coord_rows, save_coord_rows
+from coordexp.train.merge import load_coord_rows, row_weights, save_coord_rows
 from coordexp.train.swift_config import COORD_ROWS_FILE, TRAINABLE_FILE, coord_id_map, plugin_config
 from coordexp.train.token_types import TokenTyper
 
@@ -216,11 +216,7 @@ def train_coord_rows_only(model: Any, cmap: torch.Tensor) -> list[torch.nn.Param
     gradient hook that zeroes every row outside ``cmap``'s coord ids, so that the optimizer never moves an
     original vocabulary row (Adam's moments of those rows stay zero; weight decay is refused by the config).
     A tied head is the embedding's own weight: one hook, not two."""
-    weights: list[torch.nn.Parameter] = []
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        w = getattr(module, "weight", None)
-        if isinstance(w, torch.nn.Parameter) and all(w is not x for x in weights):
-            weights.append(w)
+    weights = list(row_weights(model).values())
     ids = torch.nonzero(cmap >= 0).flatten()
     for w in weights:
         keep = torch.zeros(w.shape[0], 1, dtype=torch.bool)
