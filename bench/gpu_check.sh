@@ -40,11 +40,6 @@ fi
 BIN="$(dirname "$PY")"
 export PATH="$BIN:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 
-mkdir -p "$OUT_DIR"
-OUT_DIR="$(cd "$OUT_DIR" && pwd)"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/coordexp-gpu-check.XXXXXX")"
-STEPS="$OUT_DIR/steps.jsonl"
-: > "$STEPS"
 FALLBACKS=()
 FAILED=0
 T_START=$(date +%s)
@@ -86,6 +81,11 @@ if ! "$PY" -m coordexp.cli rehearsal-checkpoint --help > /dev/null 2>&1; then
   echo "error: \`coordexp rehearsal-checkpoint\` is missing from this checkout (issue 22 item 1); update it first" >&2
   exit 2
 fi
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/coordexp-gpu-check.XXXXXX")"
+STEPS="$OUT_DIR/steps.jsonl"
+: > "$STEPS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT_DIR/gpu.txt" 2>&1 || true
 say "GPU: $(cat "$OUT_DIR/gpu.txt")"
 
