@@ -170,7 +170,9 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(tmp_path):
     for name in ("preprocess", "build_base"):
         run_stage(root, name)
     set_params(root, {"train.nproc_per_node": 2})
+    t0 = time.time()
     run_stage(root, "train")
+    print(f"one-node run: {time.time() - t0:.1f}s")
     reference = _losses(root)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
