@@ -56,6 +56,13 @@ def test_one_node_of_several_processes_gets_a_free_port():
         sock.bind(("127.0.0.1", int(env["MASTER_PORT"])))
 
 
+def test_deepspeed_on_one_process_goes_through_torchrun():
+    """DeepSpeed initialises a process group even alone: torchrun gives it the rank and rendezvous variables."""
+    env = launch_settings(_params(deepspeed="zero2"), {}).env()
+    assert (env["NPROC_PER_NODE"], env["NNODES"], env["NODE_RANK"]) == ("1", "1", "0")
+    assert int(env["MASTER_PORT"]) > 0
+
+
 def test_several_nodes_get_every_launcher_variable():
     p = _params(nproc_per_node=4, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=29400)
     launch = launch_settings(p, {})

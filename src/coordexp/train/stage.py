@@ -106,10 +106,17 @@ class Launch:
     node_rank: int
     master_addr: str | None
     master_port: int | None
+    deepspeed: bool = False
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
+
+    @property
+    def torchrun(self) -> bool:
+        """Whether ms-swift starts torchrun: several processes, or DeepSpeed, which initialises a process group
+        even for one process and needs the rank and rendezvous variables torchrun sets."""
+        return self.world_size > 1 or self.deepspeed
 
     @property
     def is_main(self) -> bool:
@@ -118,9 +125,9 @@ class Launch:
         return self.node_rank == 0
 
     def env(self) -> dict[str, str]:
-        """The launcher's variables: all five for a distributed run, none for one process (a stray ``NNODES``
-        would otherwise make ms-swift start torchrun for a single process)."""
-        if self.world_size == 1:
+        """The launcher's variables: all five under torchrun, none for one plain process (a stray ``NNODES``
+        would otherwise make ms-swift start torchrun for it)."""
+        if not self.torchrun:
             return {}
         out = {"NPROC_PER_NODE": str(self.nproc_per_node), "NNODES": str(self.nnodes), "NODE_RANK": str(self.node_rank)}
         if self.master_addr is not None:
@@ -188,9 +195,9 @@ def launch_settings(params: Params, environ: Mapping[str, str]) -> Launch:
             )
         if port is None:
             port = TORCHRUN_PORT
-    elif t.nproc_per_node > 1 and port is None:
+    elif (t.nproc_per_node > 1 or t.deepspeed) and port is None:
         port = _free_port()  # two runs side by side on one machine must not collide
-    return Launch(t.nproc_per_node, nnodes, rank, values["master_addr"], port)
+    return Launch(t.nproc_per_node, nnodes, rank, values["master_addr"], port, deepspeed=t.deepspeed is not None)
 
 
 def rank_threads(params: Params) -> int | None:
