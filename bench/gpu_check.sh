@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU path of the pipeline end to end on one CUDA GPU, within about 8 minutes.
 #
-#   bench/gpu_check.sh [--out DIR] [--wheelhouse DIR] [--python PY]
+#   bench/gpu_check.sh [--out DIR] [--wheelhouse DIR] [--python PY] [--budget SECONDS]
+#
+# Every step has its own timeout, cut to what is left of --budget (default 480 s: the 8 minutes); a step past the
+# budget is skipped and recorded so.
 #
 # 1. installs what the GPU path needs and CI does not: deepspeed, liger-kernel, flash-attn (from --wheelhouse
 #    when given, the machine may be offline; flash-attn only where a wheel exists). A package that does not
 #    install is recorded, and the run falls back: no flash-attn -> packing off and sdpa attention; no
-#    deepspeed -> plain DDP; no liger-kernel -> its timing row is skipped;
-# 2. builds the rehearsal checkpoint at full depth (Qwen3-VL-2B's widths, random weights, the real vocabulary):
+#    deepspeed -> no DeepSpeed; no liger-kernel -> its timing row is skipped;
+# 2. times the fused Stage-1 loss against Liger's fused linear cross-entropy and torch's cross-entropy on
+#    materialised logits at N = 8192, V = 151936, D = 2048, fwd + bwd, bf16 (bench/gpu_loss_timing.py);
+# 3. builds the rehearsal checkpoint at full depth (Qwen3-VL-2B's widths, random weights, the real vocabulary):
 #    `coordexp rehearsal-checkpoint --arch qwen3_vl --out DIR --layers 28 --vision-depth 24`;
-# 3. runs preprocess -> build_base (expand, on that checkpoint) -> train (20 steps, bfloat16, deepspeed zero2,
+# 4. runs preprocess -> build_base (expand, on that checkpoint) -> train (20 steps, bfloat16, deepspeed zero2,
 #    packing, fused loss, one process) -> evaluate (32 val images, batch 32) on a copy of this repository
-#    (this working tree and its MLflow store are left alone);
-# 4. times the fused Stage-1 loss against Liger's fused linear cross-entropy and torch's cross-entropy on
-#    materialised logits at N = 8192, V = 151936, D = 2048, fwd + bwd, bf16 (bench/gpu_loss_timing.py).
+#    (this working tree and its MLflow store are left alone).
 #
 # It writes one results file, DIR/gpu_check.json (DIR: --out, else $OUT, else bench/gpu_check_out), with every
 # step's status, seconds and log file, the fallbacks taken, the train/eval figures and the loss timing, and prints
@@ -25,15 +28,18 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${OUT:-$HERE/bench/gpu_check_out}"
 WHEELHOUSE=""
 PY="${PYTHON:-}"
+BUDGET_S=480
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT_DIR="$2"; shift 2 ;;
     --wheelhouse) WHEELHOUSE="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --budget) BUDGET_S="$2"; shift 2 ;;
+    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+[[ "$BUDGET_S" =~ ^[0-9]+$ ]] || { echo "error: --budget $BUDGET_S: a whole number of seconds" >&2; exit 2; }
 if [[ -z "$PY" ]]; then
   if [[ -x "$HERE/.venv/bin/python" ]]; then PY="$HERE/.venv/bin/python"; else PY="$(command -v python3)"; fi
 fi
@@ -49,7 +55,14 @@ say() { echo "[gpu_check $(($(date +%s) - T_START))s] $*"; }
 # step NAME TIMEOUT_S CMD...: runs CMD under a timeout, its output in OUT_DIR/NAME.log, one line in steps.jsonl
 step() {
   local name="$1" limit="$2"; shift 2
-  local log="$OUT_DIR/$name.log" t0 rc status
+  local log="$OUT_DIR/$name.log" t0 rc status left
+  left=$((BUDGET_S - ($(date +%s) - T_START)))
+  if ((left < 10)); then
+    say "$name: skipped, the ${BUDGET_S}s budget is spent"
+    printf '{"step": "%s", "status": "skipped", "rc": -1, "seconds": 0, "log": null}\n' "$name" >> "$STEPS"
+    return 1
+  fi
+  if ((limit > left)); then limit=$left; fi
   say "$name (at most ${limit}s): $*"
   t0=$(date +%s)
   set +e
@@ -103,14 +116,18 @@ if ! have flash_attn; then  # a wheel or nothing: no source build (it takes an h
 fi
 PACKING=true DEEPSPEED=zero2
 if ! have flash_attn; then PACKING=false; fi
-if ! have deepspeed; then DEEPSPEED=null; FALLBACKS+=("deepspeed: missing; plain DDP instead of zero2"); fi
+if ! have deepspeed; then DEEPSPEED=null; FALLBACKS+=("deepspeed: missing; trained without DeepSpeed"); fi
 
-# --- 2. the rehearsal checkpoint at full depth -----------------------------------------------------------------
+# --- 2. the loss timing (first: the cheapest figures) ---------------------------------------------------------
+step loss_timing 180 "$PY" "$HERE/bench/gpu_loss_timing.py" --device cuda --dtype bfloat16 \
+  --n 8192 --vocab 151936 --dim 2048 --out "$OUT_DIR/loss_timing.json" || FAILED=1
+
+# --- 3. the rehearsal checkpoint at full depth -----------------------------------------------------------------
 CKPT="$WORK/qwen3_vl_rehearsal"
 step rehearsal_checkpoint 240 "$PY" -m coordexp.cli rehearsal-checkpoint --arch qwen3_vl --out "$CKPT" \
   --layers 28 --vision-depth 24 || FAILED=1
 
-# --- 3. the pipeline on a copy of the repository ---------------------------------------------------------------
+# --- 4. the pipeline on a copy of the repository ---------------------------------------------------------------
 REPO="$WORK/repo"
 if [[ "$FAILED" == 0 ]]; then
   "$PY" - "$HERE" "$REPO" "$CKPT" "$PACKING" "$DEEPSPEED" <<'EOF'
@@ -154,10 +171,6 @@ for stage_and_limit in preprocess:90 build_base:180 train:360 evaluate:240; do
   name="${stage_and_limit%%:*}"
   step "$name" "${stage_and_limit##*:}" bash -c "cd '$REPO' && '$PY' stages/$name.py" || FAILED=1
 done
-
-# --- 4. the loss timing -----------------------------------------------------------------------------------------
-step loss_timing 180 "$PY" "$HERE/bench/gpu_loss_timing.py" --device cuda --dtype bfloat16 \
-  --n 8192 --vocab 151936 --dim 2048 --out "$OUT_DIR/loss_timing.json" || FAILED=1
 
 # --- the results file -------------------------------------------------------------------------------------------
 "$PY" - "$OUT_DIR" "$REPO" "$FAILED" "$(($(date +%s) - T_START))" "${FALLBACKS[@]+"${FALLBACKS[@]}"}" <<'EOF'
