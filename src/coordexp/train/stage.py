@@ -4,9 +4,9 @@ Training runs through ms-swift's own command line (``swift sft``), which is also
 out: with ``train.nproc_per_node > 1`` it launches torchrun itself, and ``train.deepspeed``
 selects a ZeRO stage. Across machines every node runs this stage with the same params
 (``train.nnodes``, ``master_addr``, ``master_port``; ``node_rank`` or ``NODE_RANK`` per node, see
-:func:`launch_settings`); node 0 writes the outputs and the MLflow run, the other nodes only train. The project's template, trainer and loss reach it through
-``--external_plugins`` (:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in
-``COORDEXP_TRAIN_CONFIG``.
+:func:`launch_settings`); node 0 writes the outputs and the MLflow run, the other nodes only train.
+The project's template, trainer and loss reach it through ``--external_plugins``
+(:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in ``COORDEXP_TRAIN_CONFIG``.
 
 ``train.tuner`` picks full training (``train.freeze`` leaves parts as built) or LoRA adapters; with LoRA the
 stage merges the last checkpoint's adapters and coord rows into the base (:mod:`coordexp.train.merge`), so
@@ -515,7 +515,8 @@ def _run_other_node(params: Params, root: Path, launch: Launch, pre_dir: Path, b
     builds ``artifacts/train``, the reports and the MLflow run. This node reads its own ``artifacts/preprocess``
     and ``artifacts/base`` (the same params give the same files) and writes its training rows and plugin config
     to a temporary folder, so a shared ``artifacts/`` sees no second writer. ms-swift's ``--output_dir`` is node
-    0's path: DeepSpeed ranks save their optimizer shards there, which resuming needs on a shared filesystem."""
+    0's path: every rank saves its RNG state there and DeepSpeed its optimizer shards, which resuming needs on a
+    shared filesystem."""
     t = params.train
     resume = resumable(out, params)  # node 0's state where artifacts/ is shared; read only
     with tempfile.TemporaryDirectory(prefix=f"coordexp-train-node{launch.node_rank}-") as tmp:
