@@ -289,6 +289,19 @@ class TrainConfig(_Section):
     """Model dtype; the loss is computed in fp32 whatever this is."""
     nproc_per_node: int = Field(default=1, ge=1)
     """GPUs per node; more than one launches through ms-swift's torchrun path."""
+    nnodes: int = Field(default=1, ge=1)
+    """Machines of one training run (torchrun ``--nnodes``); every node runs the ``train`` stage with the same
+    params, ``nproc_per_node`` processes each. The ``NNODES`` environment variable fills it in when left at 1."""
+    node_rank: int = Field(default=0, ge=0)
+    """This machine's place among ``nnodes`` (0 .. nnodes - 1). Node 0 writes the pipeline's outputs and the
+    MLflow run; the others only train. ``NODE_RANK`` fills it in when left at 0, so every node can share one
+    ``params.yaml``."""
+    master_addr: str | None = None
+    """Address of node 0 that every node reaches (torchrun ``--master_addr``); null: ``MASTER_ADDR``, else
+    127.0.0.1 on one node. Needed for ``nnodes > 1``."""
+    master_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of node 0 for the rendezvous (torchrun ``--master_port``); null: ``MASTER_PORT``, else a free port on
+    one node (two runs side by side must not collide) and torchrun's 29500 on several."""
     deepspeed: Literal["zero0", "zero1", "zero2", "zero3"] | None = None
     """DeepSpeed ZeRO stage through ms-swift (GPU only)."""
     packing: bool = False
@@ -365,6 +378,15 @@ class TrainConfig(_Section):
                 f"weight_decay: {self.weight_decay} with {why} would move the frozen vocabulary rows of the "
                 f"embeddings and LM head (AdamW decays every row, gradient or not): set train.weight_decay: 0 "
                 f"or {undo}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _node_rank_in_range(self) -> TrainConfig:
+        if self.nnodes > 1 and self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"node_rank: {self.node_rank} is not a node of nnodes: {self.nnodes}: set train.node_rank to "
+                f"0 .. {self.nnodes - 1} (0 on the node at train.master_addr)"
             )
         return self
 

@@ -2,9 +2,11 @@
 
 Training runs through ms-swift's own command line (``swift sft``), which is also what scales
 out: with ``train.nproc_per_node > 1`` it launches torchrun itself, and ``train.deepspeed``
-selects a ZeRO stage. The project's template, trainer and loss reach it through
-``--external_plugins`` (:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in
-``COORDEXP_TRAIN_CONFIG``.
+selects a ZeRO stage. Across machines every node runs this stage with the same params
+(``train.nnodes``, ``master_addr``, ``master_port``; ``node_rank`` or ``NODE_RANK`` per node, see
+:func:`launch_settings`); node 0 writes the outputs and the MLflow run, the other nodes only train.
+The project's template, trainer and loss reach it through ``--external_plugins``
+(:mod:`coordexp.train.swift_plugin`), configured by a JSON file named in ``COORDEXP_TRAIN_CONFIG``.
 
 ``train.tuner`` picks full training (``train.freeze`` leaves parts as built) or LoRA adapters; with LoRA the
 stage merges the last checkpoint's adapters and coord rows into the base (:mod:`coordexp.train.merge`), so
@@ -27,7 +29,10 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,11 @@ class HardwareError(UserError, ValueError):
     """A ``train`` setting this machine cannot run (packing, DeepSpeed or bf16 without a GPU, ...)."""
 
 
+class LaunchError(UserError, ValueError):
+    """Launch settings (``train.nnodes``, ``node_rank``, ``master_addr``, ``master_port``, ``nproc_per_node`` and
+    the environment variables ms-swift reads for them) that cannot start a run; the message names the keys."""
+
+
 def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -76,6 +86,119 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+TORCHRUN_PORT = 29500
+"""torchrun's own default ``--master_port``: what every node of a multi-node run agrees on when no port is set
+(a free port picked on one machine would be unknown to the others)."""
+
+LAUNCH_ENV = {"nnodes": "NNODES", "node_rank": "NODE_RANK", "master_addr": "MASTER_ADDR", "master_port": "MASTER_PORT"}
+"""The ``train`` keys and the environment variables ms-swift's launcher (``swift/cli/main.py``) turns into
+torchrun's arguments. A variable fills in its key where ``params.yaml`` leaves the schema's default, so one
+``params.yaml`` serves every node (``NODE_RANK`` per node); a key set in both to different values is refused."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this node's training processes sit in the run: what ms-swift's torchrun launcher is given."""
+
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    master_addr: str | None
+    master_port: int | None
+    deepspeed: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def torchrun(self) -> bool:
+        """Whether ms-swift starts torchrun: several processes, or DeepSpeed, which initialises a process group
+        even for one process and needs the rank and rendezvous variables torchrun sets."""
+        return self.world_size > 1 or self.deepspeed
+
+    @property
+    def is_main(self) -> bool:
+        """Node 0 holds the world's rank 0, the only rank that saves checkpoints and logs (HF and ms-swift
+        alike), so only its stage writes the pipeline's outputs and the MLflow run."""
+        return self.node_rank == 0
+
+    def env(self) -> dict[str, str]:
+        """The launcher's variables: all five under torchrun, none for one plain process (a stray ``NNODES``
+        would otherwise make ms-swift start torchrun for it)."""
+        if not self.torchrun:
+            return {}
+        out = {"NPROC_PER_NODE": str(self.nproc_per_node), "NNODES": str(self.nnodes), "NODE_RANK": str(self.node_rank)}
+        if self.master_addr is not None:
+            out["MASTER_ADDR"] = self.master_addr
+        if self.master_port is not None:
+            out["MASTER_PORT"] = str(self.master_port)
+        return out
+
+
+def _env_value(var: str, raw: str, kind: type) -> Any:
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise LaunchError(f"{var}={raw!r} in the environment is not a whole number; fix or unset it") from None
+    return raw
+
+
+def launch_settings(params: Params, environ: Mapping[str, str]) -> Launch:
+    """The resolved launch of this node: ``params.train``'s launch keys, filled in from ``environ``, checked.
+
+    Why the environment takes part: cluster schedulers and the usual ``torchrun`` recipes hand each node its rank
+    in ``NODE_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``); ms-swift's launcher reads the same variables. Taking
+    them where ``params.yaml`` is silent lets every node share one ``params.yaml`` and one DVC stage definition;
+    refusing a disagreement keeps a stale exported variable from silently moving a node."""
+    t = params.train
+    fields = type(t).model_fields
+    values: dict[str, Any] = {}
+    for key, var in LAUNCH_ENV.items():
+        mine, default = getattr(t, key), fields[key].default
+        raw = environ.get(var)
+        if raw is None or raw == "":
+            values[key] = mine
+            continue
+        theirs = _env_value(var, raw, str if key == "master_addr" else int)
+        if mine == default or mine == theirs:
+            values[key] = theirs
+        else:
+            raise LaunchError(
+                f"train.{key}: {mine} in params.yaml and {var}={raw} in the environment disagree: unset {var}, "
+                f"or set train.{key} to {theirs} (or back to its default {default} so that {var} applies)"
+            )
+    raw = environ.get("NPROC_PER_NODE")
+    if raw and _env_value("NPROC_PER_NODE", raw, int) != t.nproc_per_node:
+        raise LaunchError(
+            f"train.nproc_per_node: {t.nproc_per_node} in params.yaml and NPROC_PER_NODE={raw} in the environment "
+            f"disagree: ms-swift would start NPROC_PER_NODE processes; unset it or set train.nproc_per_node: {raw}"
+        )
+    nnodes, rank = values["nnodes"], values["node_rank"]
+    if nnodes < 1:
+        raise LaunchError(f"NNODES={nnodes}: a run has at least one node; fix or unset NNODES")
+    if not 0 <= rank < nnodes:
+        raise LaunchError(
+            f"train.node_rank (or NODE_RANK) {rank} is not a node of train.nnodes (or NNODES) {nnodes}: "
+            f"give each node its rank 0 .. {nnodes - 1}, 0 on the node at train.master_addr"
+        )
+    port = values["master_port"]
+    if port is not None and not 1 <= port <= 65535:
+        raise LaunchError(f"MASTER_PORT={port}: not a TCP port (1 .. 65535); fix or unset it")
+    if nnodes > 1:
+        if not values["master_addr"]:
+            raise LaunchError(
+                f"train.nnodes: {nnodes} needs the address of node 0 that every node reaches: set "
+                "train.master_addr (or MASTER_ADDR on every node)"
+            )
+        if port is None:
+            port = TORCHRUN_PORT
+    elif (t.nproc_per_node > 1 or t.deepspeed) and port is None:
+        port = _free_port()  # two runs side by side on one machine must not collide
+    return Launch(t.nproc_per_node, nnodes, rank, values["master_addr"], port, deepspeed=t.deepspeed is not None)
 
 
 def rank_threads(params: Params) -> int | None:
@@ -114,9 +237,16 @@ def swift_rows(jsonl: Path, out: Path, limit: int | None = None) -> int:
 
 
 def swift_cli_args(
-    params: Params, base: Path, train_rows: Path, val_rows: Path, out: Path, root: Path | None = None
+    params: Params,
+    base: Path,
+    train_rows: Path,
+    val_rows: Path,
+    out: Path,
+    root: Path | None = None,
+    launch: Launch | None = None,
 ) -> list[str]:
     t = params.train
+    launch = launch or launch_settings(params, {})
     mtype = model_type(base)
     refuse_remote_code(base, stage="training")
     args: dict[str, Any] = {
@@ -174,7 +304,7 @@ def swift_cli_args(
         # the trainer asks the model for one position of logits and the last hidden states
         # (CoordExpTrainer._prepare_inputs); swift's own trimming would cut the labels instead
         args["use_logits_to_keep"] = "false"
-    if t.nproc_per_node > 1 and not _cuda_available():
+    if launch.world_size > 1 and not _cuda_available():
         # without both, transformers sees one process per rank: no gradient sync, every rank saves
         args["use_cpu"], args["ddp_backend"] = "true", "gloo"
     if t.packing:
@@ -320,6 +450,8 @@ def training_fingerprint(params: Params) -> str:
     """Hash of everything that shapes the training run (not evaluate/report knobs)."""
     d = params.model_dump(mode="json")
     keep = {k: d[k] for k in ("seed", "preprocess", "build_base", "train")}
+    for key in ("node_rank", "master_addr", "master_port"):  # where the processes meet, not what they train
+        keep["train"].pop(key)
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -343,9 +475,87 @@ def resumable(out: Path, params: Params) -> tuple[str, Path] | None:
     return state["run_id"], ckpt
 
 
+def _plugin_config(params: Params, base: Path, data_dir: Path) -> dict[str, Any]:
+    t = params.train
+    return {
+        "coord_vocab": str(base / "coord_vocab.json"),
+        "loss": t.coord_soft_ce_w1.model_dump(),
+        "token_type_metrics": t.token_type_metrics.enabled,
+        "fused_loss": t.fused_loss,
+        "coord_diag": t.coord_diag,
+        "coord_rows_only": t.coord_rows_only,
+        "train_rows": str(data_dir / "train.jsonl"),
+    }
+
+
+def swift_env(params: Params, launch: Launch, plugin_file: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of ``swift sft``: this process's, the plugin's config file, ``extra`` (MLflow on node 0),
+    offline switches, and exactly the launcher variables of ``launch`` (inherited ones are dropped, then set)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", *LAUNCH_ENV.values())}
+    env.update(
+        {
+            "COORDEXP_TRAIN_CONFIG": str(plugin_file),
+            **extra,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            **launch.env(),
+        }
+    )
+    threads = rank_threads(params)
+    if threads and "OMP_NUM_THREADS" not in os.environ:  # a user's own setting wins
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _run_other_node(params: Params, root: Path, launch: Launch, pre_dir: Path, base: Path, out: Path) -> dict[str, Any]:
+    """Train on a node other than 0: its processes join node 0's, and nothing of the pipeline is written here.
+
+    Only the world's rank 0 (on node 0) saves checkpoints, ``logging.jsonl`` and MLflow metrics, so node 0's stage
+    builds ``artifacts/train``, the reports and the MLflow run. This node reads its own ``artifacts/preprocess``
+    and ``artifacts/base`` (the same params give the same files) and writes its training rows and plugin config
+    to a temporary folder, so a shared ``artifacts/`` sees no second writer. ms-swift's ``--output_dir`` is node
+    0's path: every rank saves its RNG state there and DeepSpeed its optimizer shards, which resuming needs on a
+    shared filesystem."""
+    t = params.train
+    resume = resumable(out, params)  # node 0's state where artifacts/ is shared; read only
+    with tempfile.TemporaryDirectory(prefix=f"coordexp-train-node{launch.node_rank}-") as tmp:
+        data_dir = Path(tmp) / "data"
+        n_train = swift_rows(pre_dir / "train.jsonl", data_dir / "train.jsonl")
+        n_val = swift_rows(pre_dir / "val.jsonl", data_dir / "val.jsonl", t.eval_samples)
+        plugin_file = Path(tmp) / "coordexp_plugin.json"
+        write_json(plugin_file, _plugin_config(params, base, data_dir))
+        cli = [
+            "swift",
+            "sft",
+            *swift_cli_args(
+                params, base, data_dir / "train.jsonl", data_dir / "val.jsonl", out / SWIFT_DIR, root, launch
+            ),
+        ]
+        if resume is not None:
+            cli += ["--resume_from_checkpoint", str(resume[1])]
+        print(
+            f"[train] node {launch.node_rank} of {launch.nnodes}: joining {launch.master_addr}:{launch.master_port}; "
+            f"node 0 writes the outputs and the MLflow run; launching: {' '.join(cli)}",
+            flush=True,
+        )
+        proc = subprocess.run(cli, env=swift_env(params, launch, plugin_file, {}), cwd=root)
+    if proc.returncode != 0:
+        raise TrainingError(
+            f"ms-swift training failed on node {launch.node_rank} (exit {proc.returncode}): see its output above "
+            f"and node 0's; check that {launch.master_addr}:{launch.master_port} is reachable from this node"
+        )
+    return {"node_rank": launch.node_rank, "nnodes": launch.nnodes, "train_samples": n_train, "val_samples": n_val}
+
+
 def run(params: Params, root: Path | None = None) -> dict[str, Any]:
+    """Train; on node 0 (or alone) build ``artifacts/train``, the train reports and the MLflow run, and return the
+    summary; on another node only train (:func:`_run_other_node`) and return its place and sample counts."""
     root = root or paths.project_root()
     check_hardware(params)
+    launch = launch_settings(params, os.environ)
     t = params.train
     pre_dir = paths.resolve(params.preprocess.out_dir, root)
     base = paths.resolve(params.build_base.out_dir, root)
@@ -355,6 +565,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
             raise MissingInputError(f"{f}: missing; run `dvc repro preprocess` first")
     if not (base / "coord_vocab.json").is_file():
         raise MissingInputError(f"{base}/coord_vocab.json: missing; run `dvc repro build_base` first")
+    if not launch.is_main:
+        return _run_other_node(params, root, launch, pre_dir, base, out)
 
     uri = tracking.tracking_uri(params)
     tracking.check_reachable(uri)  # fail before any work, not after the run
@@ -368,22 +580,13 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     data_dir = out / "data"
     n_train = swift_rows(pre_dir / "train.jsonl", data_dir / "train.jsonl")
     n_val = swift_rows(pre_dir / "val.jsonl", data_dir / "val.jsonl", t.eval_samples)
-    plugin_cfg = {
-        "coord_vocab": str(base / "coord_vocab.json"),
-        "loss": params.train.coord_soft_ce_w1.model_dump(),
-        "token_type_metrics": params.train.token_type_metrics.enabled,
-        "fused_loss": params.train.fused_loss,
-        "coord_diag": params.train.coord_diag,
-        "coord_rows_only": params.train.coord_rows_only,
-        "train_rows": str(data_dir / "train.jsonl"),
-    }
-    write_json(out / "coordexp_plugin.json", plugin_cfg)
+    write_json(out / "coordexp_plugin.json", _plugin_config(params, base, data_dir))
     write_json(out / "resolved_params.json", params.model_dump(mode="json"))
     swift_out = out / SWIFT_DIR
     cli = [
         "swift",
         "sft",
-        *swift_cli_args(params, base, data_dir / "train.jsonl", data_dir / "val.jsonl", swift_out, root),
+        *swift_cli_args(params, base, data_dir / "train.jsonl", data_dir / "val.jsonl", swift_out, root, launch),
     ]
 
     if resume is not None:
@@ -403,22 +606,7 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         tracking.log_dataset(pre_dir / "train.jsonl", "training", records=n_train, root=root)
         tracking.log_dataset(pre_dir / "val.jsonl", "validation", records=n_val, root=root)
         mlflow.log_dict(tracking.repo_relative({"command": cli}, root), "config/swift_args.json")
-        env = {
-            **os.environ,
-            "COORDEXP_TRAIN_CONFIG": str(out / "coordexp_plugin.json"),
-            **tracking.trainer_env(params, run_id),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONUNBUFFERED": "1",
-        }
-        if t.nproc_per_node > 1:
-            env["NPROC_PER_NODE"] = str(t.nproc_per_node)
-            threads = rank_threads(params)
-            if threads and "OMP_NUM_THREADS" not in os.environ:  # a user's own setting wins
-                env["OMP_NUM_THREADS"] = str(threads)
-            env.setdefault("MASTER_PORT", str(_free_port()))  # two runs side by side must not collide
+        env = swift_env(params, launch, out / "coordexp_plugin.json", tracking.trainer_env(params, run_id))
         # the callback must not end our run: it resumes it and we finish it after the artifacts
         mlflow.end_run()  # detach in this process; reopened below
         print(f"[train] {n_train} train / {n_val} val samples; launching: {' '.join(cli)}", flush=True)
