@@ -227,9 +227,9 @@ def build_rehearsal(
 ) -> Path:
     """Write the rehearsal checkpoint of ``arch`` into ``out_dir``; returns ``out_dir``.
 
-    Weights are bfloat16 like the public files (a 2-layer Qwen3-VL-2B shape is about 0.9 GB on disk).
-    ``weights=False`` writes the config, processor and tokenizer only: what the template and ``check-config``
-    level code read, in seconds.
+    Weights are bfloat16 like the public files (the 2-layer Qwen3-VL-2B shape is about 1 GB on disk).
+    ``weights=False`` writes the config, processor and tokenizer only (seconds): all that the template, the
+    processor and the model-type checks read.
     """
     config = rehearsal_config(arch, layers, vision_depth)
     processor = rehearsal_processor(arch)
