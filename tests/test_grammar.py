@@ -1,6 +1,6 @@
 """Grammar-constrained decoding: random logits through the processor always give an answer that parses cleanly.
 
-Tokenizers: the tiny one with and without grammar tokens, and Qwen's real byte-level BPE (tests/qwen_bpe.py),
+Tokenizers: the tiny one with and without grammar tokens, and Qwen's real byte-level BPE (coordexp.build_base.qwen_bpe),
 where quotes merge into neighbouring tokens (``{"``, ``":``, ``",``, ``"}}``). The processor is driven step by
 step the way ``generate`` drives it (the chosen token appended, finished rows padded), with random budgets
 including tight ones.
@@ -61,9 +61,12 @@ def tiny_plain_tok():
 
 @pytest.fixture(scope="module")
 def qwen_tok():
-    from qwen_bpe import qwen_bpe_tokenizer
+    from coordexp.build_base.coord_rows import add_coord_tokens
+    from coordexp.build_base.qwen_bpe import qwen_tokenizer
 
-    return qwen_bpe_tokenizer()
+    tok = qwen_tokenizer("qwen3_vl")
+    add_coord_tokens(tok)  # as build_base's expand does
+    return tok
 
 
 def _eos(tok) -> list[int]:

@@ -1,4 +1,5 @@
-"""The ``coordexp`` command: small user-facing entry points beside the DVC stages."""
+"""The ``coordexp`` command: small user-facing entry points beside the DVC stages (check-config, synth, predict,
+rehearsal-checkpoint)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,26 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rehearsal_checkpoint(args: argparse.Namespace) -> int:
+    from coordexp.build_base.rehearsal import build_rehearsal  # lazy: torch and transformers
+
+    if args.layers < 1 or args.vision_depth < 1:
+        print(
+            f"error: --layers and --vision-depth must be >= 1, got {args.layers} and {args.vision_depth}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"error: {args.out} exists and is not empty; choose a new folder or remove it", file=sys.stderr)
+        return 2
+    out = build_rehearsal(args.arch, args.out, layers=args.layers, vision_depth=args.vision_depth, seed=args.seed)
+    print(
+        f"wrote {out}: a rehearsal checkpoint ({args.arch}, {args.layers} layers, vision depth {args.vision_depth}, "
+        "random weights; not a model). Use it with: build_base.mode=expand build_base.expand.source=" + str(out)
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="coordexp", description="CoordExp workbench utilities")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +124,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("images", nargs="+", type=Path)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser(
+        "rehearsal-checkpoint",
+        help="write a Qwen-VL-shaped checkpoint with the real Qwen vocabulary and widths, reduced depth and random "
+        "weights: a rehearsal of build_base.mode=expand -> train -> evaluate at real scale, never a model",
+    )
+    p.add_argument(
+        "--arch", choices=("qwen3_vl", "qwen2_5_vl"), required=True, help="Qwen3-VL-2B or Qwen2.5-VL-3B shape"
+    )
+    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (the public checkpoints: 28 / 36)")
+    p.add_argument("--vision-depth", type=int, default=2, help="vision blocks (the public checkpoints: 24 / 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(func=_rehearsal_checkpoint)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["synth"]:  # synth's own parser reads all its options (REMAINDER would drop leading ones)

@@ -9,9 +9,13 @@ Only rows of the coord ids are written; every pre-existing token row is left bit
 Statistics use the rows of *real* tokens (``id < len(tokenizer)`` before expansion), not
 the untrained padding rows that Qwen checkpoints carry.
 
+The image processor's pixel bounds are set to the ones ms-swift trains with (:func:`align_pixel_bounds`), so
+evaluation, ``coordexp predict`` and any transformers / vLLM user of the trained checkpoint see each image at the
+size training saw it.
+
 A checkpoint that already has all coord tokens in order is accepted as is (copied, no
-resize); a partial or misordered set is an error. A source that asks for remote code (``auto_map``) is loaded
-natively with a warning, and the base is written without ``auto_map`` or ``.py`` files
+resize, only the pixel bounds aligned); a partial or misordered set is an error. A source that asks for remote
+code (``auto_map``) is loaded natively with a warning, and the base is written without ``auto_map`` or ``.py`` files
 (:mod:`coordexp.core.checkpoint`). Nothing is ever downloaded: a missing or
 wrong directory fails at once, naming what to place where.
 """
@@ -72,6 +76,39 @@ def check_source(source: str | Path) -> str:
     return model_type
 
 
+TRAINING_IMAGE_TOKENS = (4, 16384)
+"""Merged visual tokens per image that ms-swift's Qwen-VL templates resize every image into: ``qwen_vl_utils``'
+``IMAGE_MIN_TOKEN_NUM`` / ``IMAGE_MAX_TOKEN_NUM`` defaults, applied by the template's own resize before the
+processor, which then runs with ``do_resize=False``."""
+
+
+def align_pixel_bounds(processor: Any) -> dict[str, Any] | None:
+    """Give ``processor`` the pixel bounds of ms-swift's training resize; returns the bounds it had if they differed.
+
+    Why: evaluation renders images through the checkpoint's own processor, training through ms-swift's template.
+    Qwen3-VL's published ``preprocessor_config.json`` has ``shortest_edge`` 65536 (at least 64 visual tokens), while
+    ms-swift resizes to at least 4 tokens (4 x 32^2 = 4096 pixels): a 128 px image trains as 16 visual tokens and
+    would be evaluated upscaled to 64, a prompt the model never saw. Qwen2.5-VL's published bounds (3136 ..
+    12845056) already are ms-swift's. Environment overrides of ms-swift's bounds (``IMAGE_MIN_TOKEN_NUM``,
+    ``MAX_PIXELS``, ...) at train time are not seen here.
+    """
+    proc = processor.image_processor
+    factor = int(proc.patch_size) * int(proc.merge_size)
+    lo, hi = (n * factor**2 for n in TRAINING_IMAGE_TOKENS)
+    size = proc.size or {}
+    had = {
+        k: size.get(k) if isinstance(size, dict) else getattr(size, k, None) for k in ("shortest_edge", "longest_edge")
+    }
+    changed = None
+    if (had["shortest_edge"], had["longest_edge"]) != (lo, hi):
+        changed = had
+        proc.size = {"shortest_edge": lo, "longest_edge": hi}
+    return changed
+
+
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
+
+
 def _model_class(model_type: str) -> Any:
     return getattr(transformers, SUPPORTED_MODEL_TYPES[model_type].hf_class)
 
@@ -107,9 +144,16 @@ def expand_checkpoint(
         vocab = _text_vocab_size(_load_config(src))
         out.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.py"))
+        bounds = align_pixel_bounds(processor)
+        if bounds is not None:
+            for name in _PROCESSOR_FILES:
+                (out / name).unlink(missing_ok=True)
+            processor.save_pretrained(out)
         strip_remote_code(out)
         write_coord_vocab(tokenizer, vocab, out)
-        _write_info(out, src, model_type, init, ordinal_scale, resized=False, vocab=vocab, tok_len=len(tokenizer))
+        _write_info(
+            out, src, model_type, init, ordinal_scale, resized=False, vocab=vocab, tok_len=len(tokenizer), bounds=bounds
+        )
         return out
 
     model = _model_class(model_type).from_pretrained(str(src), dtype="auto", local_files_only=True)
@@ -134,6 +178,7 @@ def expand_checkpoint(
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    bounds = align_pixel_bounds(processor)
     processor.save_pretrained(out)
     strip_remote_code(out)  # a source's auto_map, saved back with its config, would reach ms-swift in training
     write_coord_vocab(tokenizer, vocab, out)
@@ -146,6 +191,7 @@ def expand_checkpoint(
         resized=len(tokenizer) > old_rows,
         vocab=vocab,
         tok_len=len(tokenizer),
+        bounds=bounds,
     )
     return out
 
@@ -155,7 +201,16 @@ def _load_config(src: Path) -> Any:
 
 
 def _write_info(
-    out: Path, src: Path, model_type: str, init: str, scale: float, *, resized: bool, vocab: int, tok_len: int
+    out: Path,
+    src: Path,
+    model_type: str,
+    init: str,
+    scale: float,
+    *,
+    resized: bool,
+    vocab: int,
+    tok_len: int,
+    bounds: dict[str, Any] | None,
 ) -> None:
     info = {
         "mode": "expand",
@@ -166,5 +221,6 @@ def _write_info(
         "embeddings_resized": resized,
         "vocab_size": vocab,
         "tokenizer_len": tok_len,
+        "image_size_of_source": bounds,  # the source's pixel bounds, where align_pixel_bounds replaced them
     }
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
