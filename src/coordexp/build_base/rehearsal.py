@@ -182,37 +182,22 @@ def rehearsal_processor(arch: str) -> Any:
     """The processor a user's folder carries: the real tokenizer and chat template, the real image processor
     settings (Qwen3-VL: patch 16, mean/std 0.5, 256^2 .. 4096^2 pixels; Qwen2.5-VL: patch 14, CLIP mean/std,
     56^2 .. 12845056 pixels)."""
-    tokenizer = qwen_tokenizer(arch)
-    if arch == "qwen3_vl":
-        common = dict(
-            patch_size=16,
-            temporal_patch_size=2,
-            merge_size=2,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-            size={"shortest_edge": 65536, "longest_edge": 16777216},
-        )
-        return Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessor(**common),
-            video_processor=Qwen3VLVideoProcessor(**common),
-            tokenizer=tokenizer,
-            chat_template=QWEN3_VL_CHAT_TEMPLATE,
-        )
-    if arch != "qwen2_5_vl":
+    if arch not in ARCHS:
         raise ValueError(f"arch must be one of {list(ARCHS)}, got {arch!r}")
-    common = dict(
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-        size={"shortest_edge": 3136, "longest_edge": 12845056},
-    )
-    return Qwen2_5_VLProcessor(
+    if arch == "qwen3_vl":
+        processor, video, template = Qwen3VLProcessor, Qwen3VLVideoProcessor, QWEN3_VL_CHAT_TEMPLATE
+        patch, mean, std = 16, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+        size = {"shortest_edge": 65536, "longest_edge": 16777216}
+    else:
+        processor, video, template = Qwen2_5_VLProcessor, Qwen2VLVideoProcessor, QWEN2_5_VL_CHAT_TEMPLATE
+        patch, mean, std = 14, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+        size = {"shortest_edge": 3136, "longest_edge": 12845056}
+    common = dict(patch_size=patch, temporal_patch_size=2, merge_size=2, image_mean=mean, image_std=std, size=size)
+    return processor(
         image_processor=Qwen2VLImageProcessor(**common),
-        video_processor=Qwen2VLVideoProcessor(**common),
-        tokenizer=tokenizer,
-        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+        video_processor=video(**common),
+        tokenizer=qwen_tokenizer(arch),
+        chat_template=template,
     )
 
 
