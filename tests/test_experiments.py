@@ -78,20 +78,28 @@ def test_queued_experiments_run_at_once_into_one_store(exp_repo):
     """Two `dvc exp run --queue`, then `dvc queue start --jobs 2`: both train and evaluate at the same time into the
     repository's one SQLite store; both runs end FINISHED with the same metrics and artifacts, none lost to a lock."""
     root = exp_repo
+    # a worker started once on the empty queue leaves the file broker's exchange tables behind: two workers that
+    # create them at the same instant race and the loser dies at start-up (treeverse/dvc-task#73), after which
+    # the experiments run one after the other
+    celery = root / ".dvc" / "tmp" / "exps" / "celery"
+    _sh(["dvc", "queue", "start"], root)
+    deadline = time.time() + 1500
+    while (
+        not (celery / "dvc-exp-worker-1.out").is_file() or " done" not in (celery / "dvc-exp-worker-1.out").read_text()
+    ):
+        assert time.time() < deadline, "the first queue worker did not stop on the empty queue"
+        time.sleep(1)
     lrs = {"lr-low": 0.001, "lr-high": 0.004}
     for name, lr in lrs.items():
         _sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}", "evaluate"], root)
-    # one worker first, the second once the first runs an experiment: celery workers that start at the same instant
-    # race on the file broker's exchange table and the loser dies (treeverse/dvc-task#73); the experiments then run
-    # one after the other
-    _sh(["dvc", "queue", "start"], root)
-    deadline = time.time() + 1500
-    while "Running" not in (status := _sh(["dvc", "queue", "status"], root).stdout) and time.time() < deadline:
-        time.sleep(2)
     _sh(["dvc", "queue", "start", "--jobs", "2"], root)
-    while re.search(r"\b(Queued|Running)\b", status) and time.time() < deadline:
+
+    def done(status):
+        lines = status.splitlines()
+        return all(any(f" {n} " in f" {x} " and re.search(r"\b(Success|Failed)\b", x) for x in lines) for n in lrs)
+
+    while not done(status := _sh(["dvc", "queue", "status"], root).stdout) and time.time() < deadline:
         time.sleep(5)
-        status = _sh(["dvc", "queue", "status"], root).stdout
     for name in lrs:
         line = next((x for x in status.splitlines() if f" {name} " in f" {x} "), "")
         logs = _sh(["dvc", "queue", "logs", name], root, check=False).stdout if "Success" not in line else ""

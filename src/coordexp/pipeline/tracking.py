@@ -23,6 +23,10 @@ The experiment is tagged as a model-training experiment (:data:`EXPERIMENT_KIND`
 opens it on runs and charts, not on the GenAI traces view. Its artifact location follows the
 repository the store lives in (:func:`experiment_id`): a copied repository, ``mlflow.db`` included,
 logs into its own ``mlartifacts/``.
+
+An HTTP server may go away for a while: :func:`retry_env` makes MLflow's own client retries span
+``tracking.outage_limit_s``, and :func:`log_kept_metrics` sends what a training process kept past that limit
+(:mod:`coordexp.train.outage`).
 """
 
 from __future__ import annotations
