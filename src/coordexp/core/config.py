@@ -493,6 +493,11 @@ class TrackingConfig(_Section):
     artifact_location: str | None = None
     """Artifact root for a new experiment; ``null`` means ``<project root>/mlartifacts``, which a copied
     repository's store follows to the copy (``coordexp.pipeline.tracking``)."""
+    outage_limit_s: int = Field(default=300, ge=0, le=1080)
+    """Seconds an HTTP tracking server may stay away during training before the train stage saves a
+    checkpoint and stops, saying how to resume into the same run. Shorter outages (a server restart) only
+    pause training while MLflow's client retries; 300 s rides out a restart or redeploy without leaving a
+    GPU idle for long. At most 1080: MLflow's client retries 10 times, each wait at most 120 s."""
 
 
 class Params(_Section):

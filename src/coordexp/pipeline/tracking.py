@@ -23,6 +23,10 @@ The experiment is tagged as a model-training experiment (:data:`EXPERIMENT_KIND`
 opens it on runs and charts, not on the GenAI traces view. Its artifact location follows the
 repository the store lives in (:func:`experiment_id`): a copied repository, ``mlflow.db`` included,
 logs into its own ``mlartifacts/``.
+
+An HTTP server may go away for a while: :func:`retry_env` makes MLflow's own client retries span
+``tracking.outage_limit_s``, and :func:`log_kept_metrics` sends what a training process kept past that limit
+(:mod:`coordexp.train.outage`).
 """
 
 from __future__ import annotations
@@ -158,6 +162,44 @@ def repo_relative(value: Any, root: Path | None = None) -> Any:
     return value
 
 
+RETRY_LIMIT = 10
+"""Most retries MLflow's HTTP client accepts (``_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT``)."""
+BACKOFF_MAX_S = 120
+"""Longest wait urllib3 puts between two retries (``Retry.DEFAULT_BACKOFF_MAX``)."""
+
+
+def _retry_span(retries: int, factor: int) -> int:
+    """Seconds urllib3 waits in all between the first attempt and the last of ``retries`` retries: nothing
+    before the first retry, then ``factor * 2**k`` (k = 1 ... retries - 1), each at most :data:`BACKOFF_MAX_S`."""
+    return sum(min(BACKOFF_MAX_S, factor * 2**k) for k in range(1, retries))
+
+
+def retry_env(params: Params) -> dict[str, str]:
+    """MLflow's HTTP retry settings that make a client give up after about ``tracking.outage_limit_s``.
+
+    MLflow's client retries every request itself with exponential backoff
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_BACKOFF_FACTOR``; by default about 4 minutes), so a server
+    that restarts only pauses the caller. Here the retries span at least the limit (a shorter outage never
+    fails a request) and at most 10 % more where a choice allows it, with as many retries as possible so a
+    returning server is noticed soon. ``MLFLOW_HTTP_REQUEST_TIMEOUT`` bounds each attempt to its share of
+    the limit, so a server that drops packets instead of refusing them is given up on in time too.
+    Empty for a store that is no HTTP server."""
+    if not tracking_uri(params).startswith(("http://", "https://")):
+        return {}
+    limit = params.tracking.outage_limit_s
+    fits = [(r, f) for r in range(RETRY_LIMIT + 1) for f in range(BACKOFF_MAX_S + 1) if _retry_span(r, f) >= limit]
+    shortest = min(_retry_span(r, f) for r, f in fits)
+    retries, factor = max(
+        ((r, f) for r, f in fits if _retry_span(r, f) <= max(shortest, 1.1 * limit)),
+        key=lambda rf: (rf[0], -_retry_span(*rf)),
+    )
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(factor),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(10, min(120, -(-limit // (retries + 1))))),
+    }
+
+
 def trainer_env(params: Params, run_id: str) -> dict[str, str]:
     """The environment that points HF's ``MLflowCallback`` (in the ms-swift processes) at our run.
 
@@ -165,12 +207,14 @@ def trainer_env(params: Params, run_id: str) -> dict[str, str]:
     ``MLFLOW_MAX_LOG_PARAMS=0`` (the callback's own setting) stops it from logging its ~260
     arguments and model-config entries as params, absolute paths included: the run's params are the
     project's (:func:`mlflow_params`), and the launcher's arguments are an artifact
-    (``config/swift_args.json``)."""
+    (``config/swift_args.json``). With an HTTP server, :func:`retry_env` makes its client wait for a
+    server that went away up to ``tracking.outage_limit_s``."""
     return {
         "MLFLOW_TRACKING_URI": tracking_uri(params),
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_EXPERIMENT_NAME": params.tracking.experiment,
         "MLFLOW_MAX_LOG_PARAMS": "0",
+        **{k: os.environ.get(k, v) for k, v in retry_env(params).items()},  # a user's own setting wins
     }
 
 
@@ -391,3 +435,24 @@ def stage_run(params: Params, stage: str, *, run_id: str | None = None, log_para
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def log_kept_metrics(path: Path, run_id: str) -> int:
+    """Send the metric points a training process kept in ``path`` (one JSON object a line: ``step``,
+    ``timestamp`` in ms, ``metrics``) while the server was away, into run ``run_id``; returns how many.
+
+    The file is removed only once every point has been sent, so a server that fails again keeps them."""
+    from mlflow.entities import Metric
+
+    points = [
+        Metric(key, float(value), int(row["timestamp"]), int(row["step"]))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+        for row in [json.loads(line)]
+        for key, value in row["metrics"].items()
+    ]
+    client = mlflow.MlflowClient()
+    for i in range(0, len(points), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=points[i : i + 1000])
+    path.unlink()
+    return len(points)

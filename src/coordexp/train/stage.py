@@ -57,12 +57,16 @@ from coordexp.core.io import atomic_open, write_json, write_jsonl
 from coordexp.core.template import build_messages
 from coordexp.pipeline import tracking
 from coordexp.train.merge import merge_lora
-from coordexp.train.swift_config import TRAINABLE_FILE
+from coordexp.train.swift_config import KEPT_METRICS_FILE, TRACKING_OUTAGE_FILE, TRAINABLE_FILE
 from coordexp.train.swift_plugin import LOSS_NAME, PLUGIN_FILE
 
 
 class TrainingError(StageError):
     """Training could not start or did not finish; the message says why and what to do."""
+
+
+class TrackingOutage(TrainingError):
+    """The tracking server stayed away past ``tracking.outage_limit_s``: training saved a checkpoint and stopped."""
 
 
 class HardwareError(UserError, ValueError):
@@ -485,6 +489,7 @@ def _plugin_config(params: Params, base: Path, data_dir: Path) -> dict[str, Any]
         "coord_diag": t.coord_diag,
         "coord_rows_only": t.coord_rows_only,
         "train_rows": str(data_dir / "train.jsonl"),
+        "tracking_outage_limit_s": params.tracking.outage_limit_s,
     }
 
 
@@ -550,6 +555,19 @@ def _run_other_node(params: Params, root: Path, launch: Launch, pre_dir: Path, b
     return {"node_rank": launch.node_rank, "nnodes": launch.nnodes, "train_samples": n_train, "val_samples": n_val}
 
 
+def _outage(swift_out: Path, run_id: str) -> TrackingOutage:
+    """The stop the trainer made when the tracking server stayed away (see :mod:`coordexp.train.outage`)."""
+    note = json.loads((swift_out / TRACKING_OUTAGE_FILE).read_text())
+    ckpt = last_checkpoint(swift_out, complete=True)
+    return TrackingOutage(
+        f"the MLflow tracking server at {note['uri']} did not answer for {note['limit_s']} s "
+        f"(tracking.outage_limit_s) at step {note['step']} ({note['error']}). Training stopped and saved "
+        f"{ckpt}; the metric points it could not send are kept in {swift_out / KEPT_METRICS_FILE}. Once the server "
+        f"answers again, run `dvc repro train` (or `python stages/train.py`): training resumes from that checkpoint "
+        f"into the same MLflow run {run_id} and sends the kept points first."
+    )
+
+
 def run(params: Params, root: Path | None = None) -> dict[str, Any]:
     """Train; on node 0 (or alone) build ``artifacts/train``, the train reports and the MLflow run, and return the
     summary; on another node only train (:func:`_run_other_node`) and return its place and sample counts."""
@@ -570,6 +588,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
 
     uri = tracking.tracking_uri(params)
     tracking.check_reachable(uri)  # fail before any work, not after the run
+    for key, value in tracking.retry_env(params).items():  # this process waits for the server as long as training
+        os.environ.setdefault(key, value)
     resume = resumable(out, params)
     if resume is None:
         if out.exists():
@@ -603,6 +623,10 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
                 "coordexp.base_checkpoint": tracking.repo_relative(base, root),
             }
         )
+        kept = swift_out / KEPT_METRICS_FILE
+        if kept.is_file():  # points the trainer kept while the server was away: sent before training goes on
+            print(f"[train] sending {tracking.log_kept_metrics(kept, run_id)} metric point(s) kept during the outage")
+        (swift_out / TRACKING_OUTAGE_FILE).unlink(missing_ok=True)
         tracking.log_dataset(pre_dir / "train.jsonl", "training", records=n_train, root=root)
         tracking.log_dataset(pre_dir / "val.jsonl", "validation", records=n_val, root=root)
         mlflow.log_dict(tracking.repo_relative({"command": cli}, root), "config/swift_args.json")
@@ -613,6 +637,8 @@ def run(params: Params, root: Path | None = None) -> dict[str, Any]:
         t0 = time.time()
         proc = subprocess.run(cli, env=env, cwd=root)
         wall = time.time() - t0
+        if (swift_out / TRACKING_OUTAGE_FILE).is_file():  # the server is away: nothing here may call it
+            raise _outage(swift_out, run_id)
         mlflow.start_run(run_id=run_id)
         resolved = swift_out / "args.json"  # every argument ms-swift and the HF trainer resolved
         if resolved.is_file():

@@ -28,6 +28,14 @@ COORD_ROWS_FILE = "coordexp_coord_rows.safetensors"
 """A LoRA checkpoint's trained coord rows (``coord_ids``, ``input_embeddings``, and ``output_embeddings`` for an
 untied head), beside the adapter, which holds only the adapters' own weights; the merge writes them back."""
 
+TRACKING_OUTAGE_FILE = "coordexp_tracking_outage.json"
+"""Written by the trainer into the ms-swift output folder when the tracking server stayed away past
+``tracking.outage_limit_s`` (step, URI, cause): training saved a checkpoint and stopped; the stage says how to resume."""
+
+KEPT_METRICS_FILE = "coordexp_kept_metrics.jsonl"
+"""The metric points the trainer could not send while the server was away (``step``, ``timestamp``, ``metrics``),
+beside the checkpoint; the resumed stage sends them first (:func:`coordexp.pipeline.tracking.log_kept_metrics`)."""
+
 
 def plugin_config() -> dict[str, Any]:
     """The settings the train stage wrote for this run (see the module docstring)."""

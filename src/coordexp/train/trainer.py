@@ -24,6 +24,9 @@ ms-swift's ``causal_lm`` trainer. On top of ms-swift's own trainer it keeps
     (:data:`COORD_ROWS_FILE`), read back on resume and merged by the stage;
 (h) the trainable parameter count and its share of all parameters, printed once and written to
     :data:`TRAINABLE_FILE` (the stage logs them to MLflow and ``train.json``).
+(i) with an HTTP tracking server, :class:`coordexp.train.outage.OutageAwareMLflowCallback` in place of HF's
+    MLflow callback: a server that stays away past ``tracking.outage_limit_s`` gets a checkpoint and a stop
+    instead of lost points or a crash.
 
 Counting happens in ``_get_num_items_in_batch``, which the HF trainer calls on every rank once
 per optimizer step with all of that step's micro-batches: the all-reduce inside
@@ -41,6 +44,7 @@ dotted name the registration gives).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -49,9 +53,11 @@ import torch
 from swift.metrics import compute_acc
 from swift.optimizers.multimodal import get_param_startswith
 from swift.trainers import Seq2SeqTrainer
+from transformers.integrations import MLflowCallback
 
 from coordexp.train.loss import GlobalCounts, global_counts
 from coordexp.train.merge import load_coord_rows, row_weights, save_coord_rows
+from coordexp.train.outage import OutageAwareMLflowCallback
 from coordexp.train.swift_config import COORD_ROWS_FILE, TRAINABLE_FILE, coord_id_map, plugin_config
 from coordexp.train.token_types import TokenTyper
 
@@ -71,6 +77,12 @@ class CoordExpTrainer(Seq2SeqTrainer):
         self._t0: float | None = None
         self.token_typer = None
         self._lr_groups: dict[str, int] | None = None
+        if os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+            callbacks = self.callback_handler.callbacks
+            for i, cb in enumerate(callbacks):  # in its place: ms-swift's later callbacks round the logs in place
+                if type(cb) is MLflowCallback:
+                    limit = int(self.coordexp_cfg.get("tracking_outage_limit_s", 300))
+                    callbacks[i] = OutageAwareMLflowCallback(self.args.output_dir, limit)
         if self.coordexp_cfg.get("token_type_metrics"):
             self.token_typer = TokenTyper(self.template.tokenizer, self._cmap_cpu)
         rows_only = (
