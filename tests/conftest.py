@@ -1,8 +1,11 @@
-"""Shared fixtures: a temporary copy of the repository, and an isolated MLflow store."""
+"""Shared fixtures: a temporary copy of the repository, an isolated MLflow store, tiny projects (prepared ones
+shared across the slow tests)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +110,35 @@ def run_stage(root: Path, name: str, *, check: bool = True, timeout: int = 900, 
     if check:
         assert res.returncode == 0, f"stage {name} failed:\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}"
     return res
+
+
+TRAIN_ONWARDS = ("train", "evaluate", "report", "compare")
+"""Top-level ``params.yaml`` sections that ``preprocess`` and ``build_base`` do not read."""
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+    """``tiny_prepared(name, n_train=48, n_val=8, **updates)``: a tiny project with ``preprocess`` and ``build_base``
+    already run, under ``tmp_path_factory.mktemp(name)``.
+
+    Each distinct data and base set-up (the sizes and the updates outside :data:`TRAIN_ONWARDS`) runs the two stages
+    once per session; later projects are copies of it, ``artifacts/``, ``mlflow.db`` and ``mlartifacts/`` included,
+    as ``cp -r`` copies a repository (which the workbench supports: the first stage in the copy points the MLflow
+    experiment at the copy's own ``mlartifacts/``). Tests of ``preprocess`` or ``build_base`` themselves, of a
+    fresh clone, or of where those stages log, make their own project with :func:`make_tiny_project`."""
+    made: dict[str, Path] = {}
+
+    def make(name: str, n_train: int = 48, n_val: int = 8, **updates) -> Path:
+        upstream = {k: v for k, v in updates.items() if k.split(".", 1)[0] not in TRAIN_ONWARDS}
+        key = json.dumps([n_train, n_val, upstream], sort_keys=True, default=str)
+        if key not in made:
+            src = make_tiny_project(tmp_path_factory.mktemp("prepared") / "repo", n_train, n_val, **upstream)
+            for stage in ("preprocess", "build_base"):
+                run_stage(src, stage)
+            made[key] = src
+        dest = tmp_path_factory.mktemp(name) / "repo"
+        shutil.copytree(made[key], dest, symlinks=True)
+        set_params(dest, {**TINY_TRAIN, **updates})
+        return dest
+
+    return make

@@ -6,16 +6,21 @@ every 2 steps (plus the first), evaluated every 2. On the MLflow store, at every
 and eval: ``coord_softce_w1/loss == loss`` (``eval_*`` alike) and ``loss == text_ce + soft_ce_weight
 soft_ce + w1_weight w1 + gate_weight gate`` with the params' weights; the decoder's, vision tower's and
 merger's learning rates are logged under their own names and peak at their configured values. The
-in-process version of the same identities is ``tests/test_logged_numbers.py``.
+in-process version of the same identities is ``tests/test_logged_numbers.py``. Last, the same project trains as
+two nodes of one process each on the loopback address and logs the two-process run's losses.
 """
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import make_tiny_project, run_stage, set_params
+from conftest import make_tiny_project, run_stage, set_params, stage_env
 
 LR, VIT_LR, ALIGNER_LR = 2e-3, 1e-4, 5e-4
 SETTINGS = {
@@ -100,3 +105,55 @@ def test_two_processes_with_accumulation_log_the_one_process_loss(logged_runs):
     one, two = (_histories(root, runs[n]) for n in ("one", "two"))
     for key in ("loss", f"{P}loss", f"{P}text_ce", f"{P}soft_ce", f"{P}w1", f"{P}gate"):
         assert two[key][1] == pytest.approx(one[key][1], rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_like_one_node_of_two(logged_runs):
+    """Two stage processes on one machine and one ``artifacts/`` (a shared filesystem, the harder case), the same
+    ``params.yaml``, node 1's rank from ``NODE_RANK``: the loss curve of the one-node two-process run, node 0's
+    outputs and MLflow run alone. It runs last: it replaces ``artifacts/train`` (the tests above read the store)."""
+    root, runs = logged_runs
+    reference = _histories(root, runs["two"])["loss"]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    set_params(
+        root,
+        {
+            **RUNS["two"],
+            "train.nproc_per_node": 1,
+            "train.nnodes": 2,
+            "train.master_addr": "127.0.0.1",
+            "train.master_port": port,
+        },
+    )
+    procs = {
+        rank: subprocess.Popen(
+            [sys.executable, "stages/train.py"],
+            cwd=root,
+            env=stage_env(NODE_RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (1, 0)  # node 1 first: it waits for node 0 at the rendezvous
+    }
+    out = {rank: p.communicate(timeout=900)[0] for rank, p in procs.items()}
+    for rank, p in procs.items():
+        assert p.returncode == 0, f"node {rank}:\n{out[rank][-6000:]}"
+    assert "node 1 of 2: trained" in out[1]
+
+    run_id = (root / "artifacts" / "train" / "mlflow_run_id").read_text().strip()
+    two_nodes = _histories(root, run_id)["loss"]
+    assert sorted(two_nodes) == sorted(reference) == [1, 2, 4]
+    for step, loss in reference.items():
+        assert two_nodes[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+    # node 1 wrote nothing of the pipeline: one new MLflow run (node 0's), no other store, no temporary rows left
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before + 1
+    assert not (root / "mlruns").exists()
+    assert json.loads((root / "reports" / "metrics" / "train.json").read_text())["steps"] == 4
+    assert sorted(p.name for p in (root / "artifacts" / "train").iterdir()) == sorted(
+        ["coordexp_plugin.json", "data", "final", "mlflow_run_id", "resolved_params.json", "state.json", "swift"]
+    )

@@ -1,19 +1,14 @@
 """Multi-node launch: ``train.nnodes``/``node_rank``/``master_addr``/``master_port`` and the environment variables
 ms-swift's launcher reads, resolved, checked and handed to ``swift sft``; and (slow) two stage processes as two
-nodes of one process each on the loopback address, against one node of two processes."""
+nodes of one process each on the loopback address, against one node of two processes, in
+``tests/test_logged_numbers_e2e.py`` (it reuses that module's two-process run)."""
 
 from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import mlflow
 import pytest
-from conftest import make_tiny_project, run_stage, set_params, stage_env
 
 from coordexp.core.config import ConfigError, Params, validate_params
 from coordexp.train import stage as training
@@ -146,78 +141,3 @@ def test_where_the_nodes_meet_is_no_part_of_the_training_fingerprint():
     a = training.training_fingerprint(_params(nnodes=2, master_addr="a", master_port=1))
     assert a == training.training_fingerprint(_params(nnodes=2, node_rank=1, master_addr="b", master_port=2))
     assert a != training.training_fingerprint(_params(nnodes=3, master_addr="a", master_port=1))
-
-
-# ------------------------------------------------------------------------------------------
-# two nodes on the loopback address
-
-SETTINGS = {
-    "train.max_steps": 4,
-    "train.logging_steps": 1,
-    "train.eval_steps": 4,
-    "train.save_steps": 4,
-    "train.eval_samples": 2,
-    "train.per_device_train_batch_size": 2,
-    "train.per_device_eval_batch_size": 2,
-}
-
-
-def _losses(root: Path) -> dict[int, float]:
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    run_id = (root / "artifacts" / "train" / "mlflow_run_id").read_text().strip()
-    return {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
-
-
-@pytest.mark.slow
-def test_two_nodes_of_one_process_train_like_one_node_of_two(tmp_path):
-    """Two stage processes on one machine and one ``artifacts/`` (a shared filesystem, the harder case), the same
-    ``params.yaml``, node 1's rank from ``NODE_RANK``: the loss curve of one node of two processes, node 0's
-    outputs and MLflow run alone."""
-    root = make_tiny_project(tmp_path / "repo", n_train=8, n_val=2, **SETTINGS)
-    for name in ("preprocess", "build_base"):
-        run_stage(root, name)
-    set_params(root, {"train.nproc_per_node": 2})
-    t0 = time.time()
-    run_stage(root, "train")
-    print(f"one-node run: {time.time() - t0:.1f}s")
-    reference = _losses(root)
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    set_params(
-        root,
-        {"train.nproc_per_node": 1, "train.nnodes": 2, "train.master_addr": "127.0.0.1", "train.master_port": port},
-    )
-    t0 = time.time()
-    procs = {
-        rank: subprocess.Popen(
-            [sys.executable, "stages/train.py"],
-            cwd=root,
-            env=stage_env(NODE_RANK=str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (1, 0)  # node 1 first: it waits for node 0 at the rendezvous
-    }
-    out = {rank: p.communicate(timeout=900)[0] for rank, p in procs.items()}
-    for rank, p in procs.items():
-        assert p.returncode == 0, f"node {rank}:\n{out[rank][-6000:]}"
-    print(f"two-node run: {time.time() - t0:.1f}s")
-    assert "node 1 of 2: trained" in out[1]
-
-    two_nodes = _losses(root)
-    assert sorted(two_nodes) == sorted(reference) == [1, 2, 3, 4]
-    for step, loss in reference.items():
-        assert two_nodes[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
-    # node 1 wrote nothing of the pipeline: one new MLflow run (node 0's), no other store, no temporary rows left
-    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before + 1
-    assert not (root / "mlruns").exists()
-    train_json = json.loads((root / "reports" / "metrics" / "train.json").read_text())
-    assert train_json["steps"] == 4
-    assert sorted(p.name for p in (root / "artifacts" / "train").iterdir()) == sorted(
-        ["coordexp_plugin.json", "data", "final", "mlflow_run_id", "resolved_params.json", "state.json", "swift"]
-    )

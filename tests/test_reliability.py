@@ -18,11 +18,6 @@ from conftest import VENV_BIN, make_tiny_project, run_stage, set_params, stage_e
 pytestmark = pytest.mark.slow
 
 
-def _prepare(root: Path) -> None:
-    for stage in ("preprocess", "build_base"):
-        run_stage(root, stage)
-
-
 def _eval_losses(root: Path) -> dict[int, float]:
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     run_id = (root / "artifacts" / "train" / "mlflow_run_id").read_text().strip()
@@ -31,11 +26,10 @@ def _eval_losses(root: Path) -> dict[int, float]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_training_resumes_in_the_same_run(tmp_path, sig):
+def test_killed_training_resumes_in_the_same_run(tiny_prepared, sig):
     """Kill the stage after its first checkpoint; `dvc repro` resumes it; losses match an uninterrupted run."""
     updates = {"train.max_steps": 20, "train.save_steps": 10, "train.eval_steps": 10}
-    root = make_tiny_project(tmp_path / "killed", **updates)
-    _prepare(root)
+    root = tiny_prepared("killed", **updates)
     proc = subprocess.Popen(
         [sys.executable, "stages/train.py"],
         cwd=root,
@@ -71,8 +65,7 @@ def test_killed_training_resumes_in_the_same_run(tmp_path, sig):
     )
     assert [r.info.run_id for r in runs] == [run_id]
 
-    ref = make_tiny_project(tmp_path / "straight", **updates)
-    _prepare(ref)
+    ref = tiny_prepared("straight", **updates)
     run_stage(ref, "train")
     resumed, straight = _eval_losses(root), _eval_losses(ref)
     # Resume restores weights, optimizer, scheduler, RNG and data position from the checkpoint;
@@ -84,10 +77,9 @@ NAN_PLUGIN = Path(__file__).resolve().parent / "plugins" / "nan_at_step.py"
 """Test-only ms-swift plugin: NaN into the Stage-1 loss at the step named in ``COORDEXP_TEST_NAN_AT_STEP``."""
 
 
-def test_nan_stops_training_names_the_step_and_keeps_the_checkpoint(tmp_path):
-    root = make_tiny_project(tmp_path / "repo", **{"train.max_steps": 20, "train.save_steps": 5})
+def test_nan_stops_training_names_the_step_and_keeps_the_checkpoint(tiny_prepared):
+    root = tiny_prepared("nan", **{"train.max_steps": 20, "train.save_steps": 5})
     set_params(root, {"train.swift_plugins": [str(NAN_PLUGIN)]})
-    _prepare(root)
     res = run_stage(root, "train", check=False, COORDEXP_TEST_NAN_AT_STEP="7")
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()[-1]
@@ -106,9 +98,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_tracking_server_fails_before_training(tmp_path):
-    root = make_tiny_project(tmp_path / "repo")
-    _prepare(root)
+def test_unreachable_tracking_server_fails_before_training(tiny_prepared):
+    root = tiny_prepared("unreachable")
     res = run_stage(root, "train", check=False, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}")
     assert res.returncode == 2
     assert "cannot reach the MLflow tracking server" in res.stderr

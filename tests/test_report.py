@@ -321,13 +321,13 @@ def test_path_replacements_cover_the_root_and_the_store_root(tmp_path: Path, mon
 
 
 @pytest.fixture(scope="module")
-def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reported(tiny_prepared) -> Path:
     """A tiny project taken through every stage once, with token-type metrics on so
     the optional figure is exercised too."""
-    from conftest import make_tiny_project, run_stage
+    from conftest import run_stage
 
-    root = make_tiny_project(tmp_path_factory.mktemp("report") / "repo", **{"train.token_type_metrics.enabled": True})
-    for stage in ("preprocess", "build_base", "train", "evaluate", "report", "compare"):
+    root = tiny_prepared("report", **{"train.token_type_metrics.enabled": True})
+    for stage in ("train", "evaluate", "report", "compare"):
         run_stage(root, stage)
     return root
 

@@ -33,21 +33,20 @@ TYPE_KEYS = [
 ]
 
 
-def _trained(tmp_path_factory, name: str, **updates) -> Path:
-    root = make_tiny_project(tmp_path_factory.mktemp(name) / "repo", **updates)
-    for stage in ("preprocess", "build_base", "train"):
-        run_stage(root, stage)
+def _trained(tiny_prepared, name: str, **updates) -> Path:
+    root = tiny_prepared(name, **updates)
+    run_stage(root, "train")
     return root
 
 
 @pytest.fixture(scope="module")
-def stage1_project(tmp_path_factory):
-    return _trained(tmp_path_factory, "stage1", **{"train.token_type_metrics.enabled": True})
+def stage1_project(tiny_prepared):
+    return _trained(tiny_prepared, "stage1", **{"train.token_type_metrics.enabled": True})
 
 
 @pytest.fixture(scope="module")
-def baseline_project(tmp_path_factory):
-    return _trained(tmp_path_factory, "baseline", **{"train.coord_soft_ce_w1.enabled": False})
+def baseline_project(tiny_prepared):
+    return _trained(tiny_prepared, "baseline", **{"train.coord_soft_ce_w1.enabled": False})
 
 
 def _run(root: Path):
@@ -184,10 +183,10 @@ def test_baseline_is_plain_ce_on_every_token(baseline_project):
 
 
 @pytest.fixture(scope="module")
-def ddp_project(tmp_path_factory):
+def ddp_project(tiny_prepared):
     """Two CPU processes of batch 2: the global batch of ``stage1_project``'s single process."""
     return _trained(
-        tmp_path_factory,
+        tiny_prepared,
         "ddp",
         **{"train.token_type_metrics.enabled": True, "train.nproc_per_node": 2, "train.per_device_train_batch_size": 2},
     )
@@ -349,8 +348,8 @@ def test_predict_command_on_a_users_image(stage1_project, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fused_project(tmp_path_factory):
-    return _trained(tmp_path_factory, "fused", **{"train.fused_loss": True})
+def fused_project(tiny_prepared):
+    return _trained(tiny_prepared, "fused", **{"train.fused_loss": True})
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -420,13 +419,13 @@ def test_cpu_processes_are_capped_by_the_cores(monkeypatch):
 
 
 @pytest.mark.slow
-def test_vit_lr_reaches_the_optimizer(tmp_path_factory):
+def test_vit_lr_reaches_the_optimizer(tiny_prepared):
     """``train.vit_lr: 0`` keeps the vision tower exactly as built while the merger and decoder train
     (ms-swift's multimodal optimizer groups, not a frozen module: the tower still gets gradients)."""
     from safetensors.torch import load_file
 
     root = _trained(
-        tmp_path_factory,
+        tiny_prepared,
         "vit_lr",
         **{"train.vit_lr": 0.0, "train.max_steps": 5, "train.eval_steps": 5, "train.save_steps": 5},
     )
@@ -454,14 +453,14 @@ def _assert_only_coord_rows_moved(base: dict, final: dict, rows: list[str], base
 
 
 @pytest.mark.slow
-def test_frozen_decoder_trains_its_coord_rows_alone(tmp_path_factory):
+def test_frozen_decoder_trains_its_coord_rows_alone(tiny_prepared):
     """``train.freeze: {vit, llm}``: the vision tower and the decoder stay bit-identical to the base, the
     original vocabulary rows of the (tied) embeddings / head too, while the merger and the coord rows learn;
     the trainable count reaches MLflow."""
     from safetensors.torch import load_file
 
     root = _trained(
-        tmp_path_factory,
+        tiny_prepared,
         "freeze",
         **{
             "train.freeze.vit": True,
@@ -489,14 +488,14 @@ def test_frozen_decoder_trains_its_coord_rows_alone(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_lora_trains_merges_and_evaluates(tmp_path_factory):
+def test_lora_trains_merges_and_evaluates(tiny_prepared):
     """``train.tuner: lora``: adapters on the decoder's linear layers plus the coord rows, merged into a
     standalone ``final`` that ``evaluate`` loads as it is; the vision tower, the merger, the norms and every
     original vocabulary row stay bit-identical to the base."""
     from safetensors.torch import load_file
 
     root = _trained(
-        tmp_path_factory,
+        tiny_prepared,
         "lora",
         **{
             "train.tuner": "lora",
@@ -526,7 +525,7 @@ def test_lora_trains_merges_and_evaluates(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_lora_resume_restores_the_coord_rows(tmp_path_factory):
+def test_lora_resume_restores_the_coord_rows(tiny_prepared):
     """An interrupted LoRA run resumes from its last checkpoint with the coord rows it had trained (the adapter
     file does not hold them): the merged model is the uninterrupted run's."""
     import shutil
@@ -534,7 +533,7 @@ def test_lora_resume_restores_the_coord_rows(tmp_path_factory):
     from safetensors.torch import load_file
 
     root = _trained(
-        tmp_path_factory,
+        tiny_prepared,
         "lora_resume",
         **{"train.tuner": "lora", "train.max_steps": 4, "train.eval_steps": 4, "train.save_steps": 2},
     )
