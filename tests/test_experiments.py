@@ -1,4 +1,5 @@
-"""`dvc exp run` ablations land in the user's MLflow store, tagged with the experiment name."""
+"""`dvc exp run` ablations land in the user's MLflow store, each its own run tagged and named after its experiment,
+two of them at once from DVC's queue; `dvc repro` in two clones writes the same dvc.lock."""
 
 import re
 import subprocess
@@ -6,7 +7,7 @@ import time
 
 import mlflow
 import pytest
-from conftest import make_tiny_project, stage_env
+from conftest import make_tiny_project, side_by_side, stage_env
 
 
 def _sh(cmd, cwd, check=True):
@@ -38,25 +39,13 @@ def _train_runs(root, exp_names):
 
 
 @pytest.mark.slow
-def test_dvc_experiment_is_its_own_tagged_run(exp_repo):
-    root = exp_repo
-    _sh(["dvc", "exp", "run", "-n", "w1zero", "-S", "train.coord_soft_ce_w1.w1_weight=0", "train"], root)
-    (run,) = _train_runs(root, ["w1zero"])
-    assert run.data.tags["dvc.exp_name"] == "w1zero" and run.info.run_name == "train/w1zero"
-    assert float(run.data.params["cfg.train.coord_soft_ce_w1.w1_weight"]) == 0.0
-    shown = _sh(["dvc", "exp", "show", "--no-pager", "--csv"], root).stdout
-    assert "w1zero" in shown
-
-
-@pytest.mark.slow
 def test_repro_in_two_clones_gives_the_same_dvc_lock(tmp_path):
     """Two copies of the project in different folders, each with its own empty MLflow store: `dvc repro` writes
     the same dvc.lock (every output hashed the same) and the same reports, so a fresh clone's `make repro`
     leaves `git status` clean. Timings, run ids and machine paths would each break it."""
     tiny = {"train.max_steps": 10, "train.eval_steps": 10, "train.save_steps": 10, "evaluate.limit": 4}
     roots = [make_tiny_project(tmp_path / where / "repo", **tiny) for where in ("a", "elsewhere/b")]
-    for root in roots:
-        _sh(["dvc", "repro", "-q"], root)
+    side_by_side(*(lambda r=r: _sh(["dvc", "repro", "-q"], r) for r in roots))
     locks = [(root / "dvc.lock").read_text() for root in roots]
     assert "artifacts/train/final" in locks[0]
     assert locks[0] == locks[1], "\n".join(
@@ -110,6 +99,7 @@ def test_queued_experiments_run_at_once_into_one_store(exp_repo):
     client = mlflow.MlflowClient()
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
+        assert run.info.run_name == f"train/{name}", name  # named after its experiment in the MLflow UI
         assert float(run.data.params["cfg.train.learning_rate"]) == lrs[name]
         assert "coordexp.evaluate.params_hash" in run.data.tags  # evaluate logged into the training run
     a, b = runs.values()
@@ -121,3 +111,5 @@ def test_queued_experiments_run_at_once_into_one_store(exp_repo):
     files = [_artifacts(client, r.info.run_id) for r in (a, b)]
     assert files[0] == files[1]
     assert {"config/swift_args.json", "history/train_history.csv", "eval/coco_results.json"} <= files[0]
+    shown = _sh(["dvc", "exp", "show", "--no-pager", "--csv"], root).stdout
+    assert all(name in shown for name in lrs)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import VENV_BIN, make_tiny_project, run_stage, set_params, stage_env
+from conftest import VENV_BIN, make_tiny_project, run_stage, set_params, side_by_side, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,21 @@ def _eval_losses(root: Path) -> dict[int, float]:
     return {m.step: m.value for m in hist}
 
 
+KILLED = {"train.max_steps": 20, "train.save_steps": 10, "train.eval_steps": 10}
+
+
+@pytest.fixture(scope="module")
+def straight_losses(tiny_prepared) -> dict[int, float]:
+    """The eval losses of the run that nothing interrupts (both signals are checked against it)."""
+    ref = tiny_prepared("straight", **KILLED)
+    run_stage(ref, "train")
+    return _eval_losses(ref)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_training_resumes_in_the_same_run(tiny_prepared, sig):
+def test_killed_training_resumes_in_the_same_run(tiny_prepared, straight_losses, sig):
     """Kill the stage after its first checkpoint; `dvc repro` resumes it; losses match an uninterrupted run."""
-    updates = {"train.max_steps": 20, "train.save_steps": 10, "train.eval_steps": 10}
-    root = tiny_prepared("killed", **updates)
+    root = tiny_prepared("killed", **KILLED)
     proc = subprocess.Popen(
         [sys.executable, "stages/train.py"],
         cwd=root,
@@ -49,8 +59,15 @@ def test_killed_training_resumes_in_the_same_run(tiny_prepared, sig):
     run_id = (root / "artifacts" / "train" / "mlflow_run_id").read_text().strip()
     assert json.loads((root / "artifacts" / "train" / "state.json").read_text())["status"] == "running"
 
+    # --single-item: the upstream stages' outputs are there already (a real project's dvc.lock says so; this
+    # copy has none, and DVC would run them again first)
     res = subprocess.run(
-        ["dvc", "repro", "train"], cwd=root, env=stage_env(), capture_output=True, text=True, timeout=900
+        ["dvc", "repro", "--single-item", "train"],
+        cwd=root,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resuming run {run_id}" in res.stdout
@@ -65,9 +82,7 @@ def test_killed_training_resumes_in_the_same_run(tiny_prepared, sig):
     )
     assert [r.info.run_id for r in runs] == [run_id]
 
-    ref = tiny_prepared("straight", **updates)
-    run_stage(ref, "train")
-    resumed, straight = _eval_losses(root), _eval_losses(ref)
+    resumed, straight = _eval_losses(root), straight_losses
     # Resume restores weights, optimizer, scheduler, RNG and data position from the checkpoint;
     # what remains is float summation order, so 1e-4 relative.
     assert resumed[20] == pytest.approx(straight[20], rel=1e-4)
@@ -175,11 +190,15 @@ def test_pipeline_runs_with_sockets_blocked(tmp_path):
 
 def test_same_seed_same_metrics(tmp_path):
     updates = {"train.max_steps": 10, "train.eval_steps": 10, "train.save_steps": 10}
-    metrics = []
-    for name in ("a", "b"):
-        root = make_tiny_project(tmp_path / name, **updates)
+    roots = [make_tiny_project(tmp_path / name, **updates) for name in ("a", "b")]
+
+    def chain(root: Path) -> None:
         for stage in ("preprocess", "build_base", "train"):
             run_stage(root, stage)
+
+    side_by_side(*(lambda r=r: chain(r) for r in roots))
+    metrics = []
+    for root in roots:
         m = json.loads((root / "reports" / "metrics" / "train.json").read_text())
         metrics.append({k: v for k, v in m.items() if k.startswith("final_")})
         mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")

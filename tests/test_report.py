@@ -388,18 +388,17 @@ def _report_digests(root: Path) -> dict[str, str]:
 def test_report_rerun_is_byte_identical(reported: Path, tmp_path: Path) -> None:
     """Every output of the report stage (git-tracked, hashed by DVC) is the same bytes on a rerun and in a
     copy of the project at another path, and holds no run id, absolute path or time stamp."""
-    from conftest import run_stage
+    from conftest import run_stage, side_by_side
 
     before = _report_digests(reported)
-    run_stage(reported, "report")
+    moved = tmp_path / "elsewhere" / "clone"
+    shutil.copytree(reported, moved, symlinks=True)
+    side_by_side(lambda: run_stage(reported, "report"), lambda: run_stage(moved, "report"))
     after = _report_digests(reported)
     assert before.keys() == after.keys()
     changed = [k for k in before if before[k] != after[k]]
     assert not changed, f"report outputs differ on rerun: {changed}"
 
-    moved = tmp_path / "elsewhere" / "clone"
-    shutil.copytree(reported, moved, symlinks=True)
-    run_stage(moved, "report")
     elsewhere = _report_digests(moved)
     changed = [k for k in before if before[k] != elsewhere.get(k)]
     assert not changed, f"report outputs depend on the project's path: {changed}"

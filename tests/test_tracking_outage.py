@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import VENV_BIN, make_tiny_project, run_stage, set_params, stage_env
+from conftest import VENV_BIN, set_params, stage_env
 
 from coordexp.core.config import Params
 from coordexp.pipeline import tracking
@@ -94,7 +94,7 @@ def test_retries_span_the_outage_limit(monkeypatch):
 
 
 @pytest.mark.slow
-def test_server_away_short_and_long(tmp_path):
+def test_server_away_short_and_long(tmp_path, tiny_prepared):
     """One training run, two outages. (1) Killed past a 3 s limit and left down: the stage saves a checkpoint at
     that step, keeps the unsent points and stops with how to resume. (2) Server back, limit 60 s: the rerun resumes
     into the same run, sends the kept points, rides out a ~5 s kill-and-restart, and ends FINISHED with every
@@ -102,9 +102,8 @@ def test_server_away_short_and_long(tmp_path):
     server = Server(tmp_path)
     server.start()
     upd = {"train.max_steps": STEPS, "train.logging_steps": 1, "train.save_steps": STEPS, "train.eval_steps": STEPS}
-    root = make_tiny_project(tmp_path / "repo", n_train=16, n_val=4, **upd, **{"tracking.outage_limit_s": 3})
-    for stage in ("preprocess", "build_base"):
-        run_stage(root, stage, MLFLOW_TRACKING_URI=server.uri)
+    root = tiny_prepared("outage", **upd)  # its data and base logged locally: only training meets the server
+    set_params(root, {"tracking.outage_limit_s": 3})
     out = root / "artifacts" / "train"
     swift_out = out / "swift"
     try:
